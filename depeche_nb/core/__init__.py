@@ -1,0 +1,1 @@
+"""Plain data types, protocols and errors: no SQLAlchemy, no I/O."""

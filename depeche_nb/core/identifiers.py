@@ -1,0 +1,52 @@
+"""Validation of the names that become parts of SQL identifiers.
+
+Store, aggregated-stream and subscription names are spliced into table,
+function and channel names, so they are checked here, before any SQL exists.
+"""
+
+from __future__ import annotations
+
+import re
+
+from depeche_nb.core.errors import InvalidIdentifierError
+
+# Derived names add prefixes/suffixes; PostgreSQL truncates identifiers at 63
+# bytes, which would silently make two long names collide.
+MAX_NAME_LENGTH = 40
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """Return `name` if it is a lowercase SQL identifier, else raise `InvalidIdentifierError`."""
+    if not isinstance(name, str):
+        raise InvalidIdentifierError(f"{what} must be a str, got {type(name).__name__}")
+    if not name:
+        raise InvalidIdentifierError(f"{what} must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidIdentifierError(
+            f"{what} {name!r} is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+        )
+    if not _IDENTIFIER.fullmatch(name):
+        raise InvalidIdentifierError(
+            f"{what} {name!r} is not a valid identifier: use lowercase letters, digits and "
+            "underscores, starting with a letter or underscore"
+        )
+    return name
+
+
+MAX_STREAM_LENGTH = 255
+
+
+def validate_stream(stream: object) -> str:
+    """Stream names are free text (passed as parameters), but must be a non-empty str."""
+    if not isinstance(stream, str):
+        raise TypeError(f"stream must be a str, got {type(stream).__name__}")
+    if not stream:
+        raise ValueError("stream must not be empty")
+    if len(stream) > MAX_STREAM_LENGTH:
+        raise ValueError(
+            f"stream name is {len(stream)} characters long; at most {MAX_STREAM_LENGTH} are allowed"
+        )
+    if "\x00" in stream:
+        raise ValueError("stream name must not contain NUL characters")
+    return stream

@@ -1,0 +1,50 @@
+"""Message-level data types and the protocols user messages and serializers follow."""
+
+from __future__ import annotations
+
+import dataclasses as _dc
+import datetime as _dt
+import uuid as _uuid
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+E = TypeVar("E")
+M = TypeVar("M", covariant=True)
+
+
+@runtime_checkable
+class MessageProtocol(Protocol):
+    """What the store needs from a message: a unique id and a point in time."""
+
+    def get_message_id(self) -> _uuid.UUID: ...
+
+    def get_message_time(self) -> _dt.datetime: ...
+
+
+class MessageSerializer(Protocol[E]):
+    """Turns messages into JSON-compatible dicts and back."""
+
+    def serialize(self, message: E) -> dict[str, Any]: ...
+
+    def deserialize(self, message: dict[str, Any]) -> E: ...
+
+
+@_dc.dataclass(frozen=True)
+class MessagePosition:
+    """Where a written message landed."""
+
+    stream: str
+    version: int
+    # None only for the head of an empty stream (version 0).
+    global_position: int | None
+
+
+@_dc.dataclass(frozen=True)
+class StoredMessage(Generic[E]):
+    """A message as it lives in the store, with its place in stream and store."""
+
+    message_id: _uuid.UUID
+    stream: str
+    version: int
+    message: E
+    global_position: int
+    added_at: _dt.datetime

@@ -1,0 +1,1 @@
+"""Engine: aggregated streams, projector, subscriptions, runners, executor."""

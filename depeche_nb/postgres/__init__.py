@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing: connections, the embedded server, schema DDL, locks, notifications."""

@@ -1,0 +1,38 @@
+"""Run schema DDL once per process and safely when several processes race to create it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from depeche_nb.postgres.names import lock_namespace
+
+_done: set[tuple[str, str]] = set()
+_guard = threading.Lock()
+# One cluster-wide key: concurrent CREATE ... IF NOT EXISTS of the same object
+# can still fail on the catalog's unique indexes, so DDL runs one at a time.
+_DDL_LOCK = lock_namespace("ddl", "schema")
+
+
+def run_ddl_once(engine: sa.Engine, key: str, statements: Sequence[str]) -> None:
+    """Execute `statements` in one transaction under a global DDL lock, once per engine URL."""
+    marker = (engine.url.render_as_string(hide_password=False), key)
+    with _guard:
+        if marker in _done:
+            return
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, 0)", (_DDL_LOCK,))
+            # A bare DBAPI cursor: DDL bodies contain `%` (plpgsql RAISE), which
+            # parameter interpolation would misread.
+            with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+                for statement in statements:
+                    cursor.execute(statement)
+        _done.add(marker)
+
+
+def forget_ddl(engine: sa.Engine, key: str) -> None:
+    """Make the next `run_ddl_once` for `key` run again (after objects were dropped)."""
+    with _guard:
+        _done.discard((engine.url.render_as_string(hide_password=False), key))

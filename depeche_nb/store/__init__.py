@@ -1,0 +1,1 @@
+"""Message store: typed messages, serializers, reads and writes."""

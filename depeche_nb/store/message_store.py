@@ -1,0 +1,271 @@
+"""The message store: typed messages in, `StoredMessage`s out, with optimistic concurrency.
+
+Notification design. PostgreSQL serialises every commit that carries a
+NOTIFY, cluster-wide, on one lock held through the WAL flush; a NOTIFY inside
+each writing transaction would therefore turn concurrent writers into a
+queue. When the store owns the transaction (no `conn` given), the data commits
+without a NOTIFY (so group commit keeps working), and right after it a second,
+tiny transaction with `synchronous_commit = off` sends the NOTIFY: it still
+takes the notify lock, but only for microseconds because it does not wait for
+a WAL flush. Listeners are woken only after the data is committed and
+visible. If the process dies between the two, the wake-up is lost, not the
+data; consumers' safety-net timer picks it up. When the caller passes `conn`,
+the NOTIFY is part of their transaction (PostgreSQL folds identical ones, so
+it is sent once per transaction) and fires only if they commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import psycopg2
+import sqlalchemy as sa
+
+from depeche_nb.core.errors import (
+    DepecheError,
+    MessageIdMismatchError,
+    MessageNotFound,
+    MessageSerializationError,
+)
+from depeche_nb.core.messages import MessagePosition, MessageProtocol, MessageSerializer, StoredMessage
+from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.store.storage import ROW_COLUMNS, Storage, check_expected_version, translate_write_error
+
+E = TypeVar("E")
+
+_STREAM_CHUNK_ROWS = 5000
+
+
+def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[E]:
+    """Build a `StoredMessage` from a row in `ROW_COLUMNS` order."""
+    message_id, stream, version, payload, global_position, added_at = row
+    return StoredMessage(
+        message_id=message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(message_id),
+        stream=stream,
+        version=version,
+        message=serializer.deserialize(payload),
+        global_position=global_position,
+        added_at=added_at,
+    )
+
+
+class MessageStoreReader(Generic[E]):
+    """Reads on one connection (the caller's or one the store opened for a `with` block)."""
+
+    def __init__(self, conn: sa.Connection, storage: Storage, serializer: MessageSerializer[E]):
+        self._conn = conn
+        self._storage = storage
+        self._serializer = serializer
+
+    def get_message_by_id(self, message_id: uuid.UUID) -> StoredMessage[E]:
+        row = self._storage.get_message_by_id(self._conn, message_id)
+        if row is None:
+            raise MessageNotFound(f"no message with id {message_id} in store {self._storage.name!r}")
+        return to_stored_message(row, self._serializer)
+
+    def get_messages_by_ids(self, message_ids: Sequence[uuid.UUID]) -> Iterator[StoredMessage[E]]:
+        """The stored messages among `message_ids`, in global order; unknown ids are skipped."""
+        for row in self._storage.get_messages_by_ids(self._conn, message_ids):
+            yield to_stored_message(row, self._serializer)
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        for row in self._storage.read(self._conn, stream, min_version):
+            yield to_stored_message(row, self._serializer)
+
+    def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
+        for row in self._storage.read_wildcard(self._conn, stream_wildcard):
+            yield to_stored_message(row, self._serializer)
+
+
+class MessageStoreBase(Generic[E]):
+    """A named message store on an engine; the engine layer adds aggregated streams to it."""
+
+    def __init__(self, name: str, engine: sa.Engine, serializer: MessageSerializer[E]) -> None:
+        if not isinstance(engine, sa.Engine):
+            raise TypeError(f"engine must be a SQLAlchemy Engine, got {type(engine).__name__}")
+        self._storage = Storage(name=name, engine=engine)
+        self._serializer = serializer
+        self.name = name
+        self.engine = engine
+        self._notify_txn = (
+            f"BEGIN; SET LOCAL synchronous_commit TO off; {self._storage.notify_sql}; COMMIT"
+        )
+
+    @property
+    def notification_channel(self) -> str:
+        return self._storage.notification_channel
+
+    @property
+    def serializer(self) -> MessageSerializer[E]:
+        return self._serializer
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write(
+        self,
+        stream: str,
+        message: E,
+        expected_version: int | None = None,
+        conn: sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Append one message. `expected_version`: None = no check, 0 = stream must be empty,
+        N = the stream must be at version N; otherwise `OptimisticConcurrencyError`."""
+        return self.write_all(stream, [message], expected_version, conn)
+
+    def write_all(
+        self,
+        stream: str,
+        messages: Sequence[E],
+        expected_version: int | None = None,
+        conn: sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Append several messages atomically, in one round trip; returns the last position."""
+        serialized = [self._serialize(message) for message in messages]
+        return self._append(stream, expected_version, serialized, conn)
+
+    def synchronize(
+        self,
+        stream: str,
+        expected_version: int | None,
+        messages: Sequence[E],
+        conn: sa.Connection | None = None,
+    ) -> MessagePosition:
+        """Make the stream hold `messages` (its whole history from version 1).
+
+        Messages already stored (same ids, same order) are skipped; the rest are
+        appended, checked against `expected_version`. A stored id that differs
+        from the given one raises `MessageIdMismatchError`. When nothing is new
+        the call returns the head and checks nothing, so re-synchronising is
+        idempotent.
+        """
+        expected = check_expected_version(expected_version)
+        serialized = [self._serialize(message) for message in messages]
+        with self._connection(conn) as c:
+            stored_ids = list(self._storage.get_message_ids(c, stream))
+        for index, (stored_id, (given_id, _)) in enumerate(zip(stored_ids, serialized, strict=False)):
+            if stored_id != given_id:
+                raise MessageIdMismatchError(
+                    f"message id mismatch at version {index + 1} of stream {stream!r}: stored "
+                    f"{stored_id}, given {given_id}; has the stream been modified in the meantime?"
+                )
+        remaining = serialized[len(stored_ids) :]
+        if not remaining:
+            with self._connection(conn) as c:
+                return self._storage.get_max_version(c, stream)
+        # Without an explicit expectation, still pin the head we compared
+        # against, so a concurrent append cannot slip between check and write.
+        return self._append(
+            stream, len(stored_ids) if expected is None else expected, remaining, conn
+        )
+
+    def truncate(self) -> None:
+        """Delete every message of this store (aggregated streams are not touched)."""
+        with self.engine.begin() as conn:
+            self._storage.truncate(conn)
+
+    def _serialize(self, message: E) -> tuple[uuid.UUID, dict[str, Any]]:
+        if not isinstance(message, MessageProtocol):
+            raise MessageSerializationError(
+                f"{type(message).__name__} is not a message: it needs get_message_id() and "
+                "get_message_time()"
+            )
+        message_id = message.get_message_id()
+        if not isinstance(message_id, uuid.UUID):
+            raise MessageSerializationError(
+                f"{type(message).__name__}.get_message_id() returned "
+                f"{type(message_id).__name__}, not a UUID"
+            )
+        try:
+            payload = self._serializer.serialize(message)
+        except DepecheError:
+            raise
+        except Exception as exc:
+            raise MessageSerializationError(
+                f"cannot serialise {type(message).__name__}: {exc}"
+            ) from exc
+        if not isinstance(payload, dict):
+            raise MessageSerializationError(
+                f"the serializer returned {type(payload).__name__} for "
+                f"{type(message).__name__}; it must return a dict"
+            )
+        return message_id, payload
+
+    def _append(
+        self,
+        stream: str,
+        expected_version: int | None,
+        serialized: Sequence[tuple[uuid.UUID, dict[str, Any]]],
+        conn: sa.Connection | None,
+    ) -> MessagePosition:
+        if conn is not None:
+            return self._storage.add_all(conn, stream, expected_version, serialized, notify=True)
+        params = self._storage.write_params(stream, expected_version, serialized, notify=False)
+        with autocommit_cursor(self.engine) as cursor:
+            try:
+                cursor.execute(self._storage.write_sql, params)
+                rows = cursor.fetchall()
+            except psycopg2.Error as exc:
+                translated = translate_write_error(exc, stream)
+                if translated is not None:
+                    raise translated from exc
+                raise
+            cursor.execute(self._notify_txn)
+        version, global_position = rows[-1]
+        return MessagePosition(stream, version, global_position)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reader(self, conn: sa.Connection | None = None) -> Iterator[MessageStoreReader[E]]:
+        with self._connection(conn) as c:
+            yield MessageStoreReader(c, self._storage, self._serializer)
+
+    def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
+        """The stream's messages in version order (from `min_version` on, if given)."""
+        with self.reader() as reader:
+            yield from reader.read(stream, min_version)
+
+    def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
+        """Messages of every stream matching the SQL LIKE pattern, in global order.
+
+        Rows arrive in chunks from a server-side cursor, so a large store does
+        not have to fit in memory at once.
+        """
+        if not isinstance(stream_wildcard, str):
+            raise TypeError(
+                f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}"
+            )
+        yield from self._stream_rows(self._storage.wildcard_sql, (stream_wildcard,))
+
+    def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[StoredMessage[E]]:
+        raw = self.engine.raw_connection()
+        try:
+            dbapi = raw.driver_connection
+            assert dbapi is not None
+            with dbapi.cursor(name=f"depeche_nb_{uuid.uuid4().hex}") as cursor:
+                cursor.itersize = _STREAM_CHUNK_ROWS
+                cursor.execute(sql, params)
+                deserialize = self._serializer
+                for row in cursor:
+                    yield to_stored_message(row, deserialize)
+            dbapi.commit()
+        finally:
+            raw.close()
+
+    @contextlib.contextmanager
+    def _connection(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.connect() as own:
+            yield own
+            own.commit()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, engine={self.engine.url!r})"
+
+
+__all__ = ["ROW_COLUMNS", "MessageStoreBase", "MessageStoreReader", "to_stored_message"]

@@ -1,0 +1,85 @@
+"""Serializers between message objects and the JSON payload stored per message."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Generic, TypeVar
+
+import pydantic
+
+from depeche_nb.core.errors import MessageSerializationError, UnknownMessageTypeError
+
+E = TypeVar("E")
+
+TYPE_KEY = "__typename__"
+
+
+def _union_members(message_type: Any) -> tuple[type[pydantic.BaseModel], ...]:
+    origin = typing.get_origin(message_type)
+    if origin is typing.Union or origin is types.UnionType:
+        members: list[type[pydantic.BaseModel]] = []
+        for arg in typing.get_args(message_type):
+            members.extend(_union_members(arg))
+        return tuple(members)
+    if isinstance(message_type, type) and issubclass(message_type, pydantic.BaseModel):
+        return (message_type,)
+    raise TypeError(
+        f"PydanticMessageSerializer needs a pydantic model or a Union of models, got {message_type!r}"
+    )
+
+
+class PydanticMessageSerializer(Generic[E]):
+    """Stores pydantic messages as their JSON dump plus a `__typename__` discriminator.
+
+    `message_type` may be one model or a `Union` of models; the class name is
+    the discriminator, so two models of one union must not share a name.
+    """
+
+    def __init__(self, message_type: Any) -> None:
+        members = _union_members(message_type)
+        self.message_type = message_type
+        self._by_name: dict[str, type[pydantic.BaseModel]] = {}
+        for model in members:
+            name = model.__name__
+            if name in self._by_name and self._by_name[name] is not model:
+                raise TypeError(f"two message types are both named {name!r}; names must differ")
+            self._by_name[name] = model
+        self._models = tuple(self._by_name.values())
+
+    @property
+    def type_names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def serialize(self, message: E) -> dict[str, Any]:
+        if not isinstance(message, self._models):
+            raise MessageSerializationError(
+                f"cannot serialise {type(message).__name__}: this serializer handles "
+                f"{', '.join(self.type_names)}"
+            )
+        try:
+            payload = message.model_dump(mode="json")
+        except (pydantic.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise MessageSerializationError(
+                f"cannot serialise {type(message).__name__}: {exc}"
+            ) from exc
+        if TYPE_KEY in payload:
+            raise MessageSerializationError(
+                f"{type(message).__name__} has a field named {TYPE_KEY!r}, which is reserved"
+            )
+        payload[TYPE_KEY] = type(message).__name__
+        return payload
+
+    def deserialize(self, message: dict[str, Any]) -> E:
+        payload = dict(message)
+        name = payload.pop(TYPE_KEY, None)
+        if name is None:
+            raise UnknownMessageTypeError(
+                f"stored payload has no {TYPE_KEY!r} key; cannot tell its message type"
+            )
+        model = self._by_name.get(name)
+        if model is None:
+            raise UnknownMessageTypeError(
+                f"unknown message type {name!r}; this serializer knows {', '.join(self.type_names)}"
+            )
+        return typing.cast(E, model.model_validate(payload))

@@ -1,0 +1,223 @@
+"""`Storage`: the low-level table API of one message store (payloads as dicts, caller's transaction).
+
+Every statement about the messages table lives here; `MessageStore` adds
+serialisation, connection handling and notifications on top.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import sqlalchemy as sa
+
+from depeche_nb.core.errors import (
+    DuplicateMessageIdError,
+    MessageSerializationError,
+    OptimisticConcurrencyError,
+)
+from depeche_nb.core.identifiers import validate_stream
+from depeche_nb.core.messages import MessagePosition
+from depeche_nb.postgres.names import StoreNames, quote_ident
+from depeche_nb.postgres.store_schema import VERSION_CONFLICT_SQLSTATE, ensure_store_schema
+
+# Column order of every full row this module returns.
+ROW_COLUMNS = "message_id, stream, version, message, global_position, added_at"
+
+
+def check_expected_version(expected_version: object) -> int | None:
+    if expected_version is None:
+        return None
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+        raise TypeError(
+            f"expected_version must be an int or None, got {type(expected_version).__name__}"
+        )
+    if expected_version < 0:
+        raise ValueError(
+            f"expected_version must be >= 0 (0 means: the stream must be empty), got {expected_version}"
+        )
+    return expected_version
+
+
+def payload_json(payload: dict[str, Any], message_type: str) -> str:
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MessageSerializationError(
+            f"the serialised {message_type} is not JSON-compatible: {exc}"
+        ) from exc
+
+
+def translate_write_error(error: BaseException, stream: str) -> Exception | None:
+    """Map a database error from the write function to the library's error, or None."""
+    orig = getattr(error, "orig", error)
+    if not isinstance(orig, psycopg2.Error):
+        return None
+    if orig.pgcode == VERSION_CONFLICT_SQLSTATE:
+        message = orig.diag.message_primary or str(orig)
+        return OptimisticConcurrencyError(f"optimistic concurrency failure: {message}")
+    if isinstance(orig, psycopg2.errors.UniqueViolation):
+        constraint = orig.diag.constraint_name or ""
+        if constraint.endswith("_message_id"):
+            return DuplicateMessageIdError(
+                f"a message with this id is already stored (stream {stream!r}): "
+                f"{orig.diag.message_detail or ''}".strip()
+            )
+        if constraint.endswith("_stream_version"):
+            return OptimisticConcurrencyError(
+                f"optimistic concurrency failure: stream {stream!r} changed concurrently "
+                "(the transaction's snapshot is older than the stream head)"
+            )
+    return None
+
+
+class Storage:
+    """Statements on one store's messages table. Nothing here commits."""
+
+    def __init__(self, name: str, engine: sa.Engine) -> None:
+        self.names = StoreNames(name)
+        self.name = name
+        self.engine = engine
+        self.table = quote_ident(self.names.messages_table)
+        self.notification_channel = self.names.channel
+        ensure_store_schema(engine, self.names)
+        fn = quote_ident(self.names.write_function)
+        self.write_sql = (
+            f"SELECT version, global_position FROM {fn}(%s, %s, %s::uuid[], %s::jsonb[], %s)"
+        )
+        self.notify_sql = f"NOTIFY {quote_ident(self.names.channel)}"
+        self.read_sql = (
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s "
+            "ORDER BY version"
+        )
+        self.wildcard_sql = (
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
+        )
+
+    @staticmethod
+    def message_table_name(name: str) -> str:
+        return StoreNames(name).messages_table
+
+    @staticmethod
+    def notification_channel_name(name: str) -> str:
+        return StoreNames(name).channel
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        conn: sa.Connection,
+        stream: str,
+        expected_version: int | None,
+        message_id: uuid.UUID,
+        message: dict[str, Any],
+    ) -> MessagePosition:
+        return self.add_all(conn, stream, expected_version, [(message_id, message)])
+
+    def add_all(
+        self,
+        conn: sa.Connection,
+        stream: str,
+        expected_version: int | None,
+        messages: Sequence[tuple[uuid.UUID, dict[str, Any]]],
+        *,
+        notify: bool = True,
+    ) -> MessagePosition:
+        """Append `messages` atomically in one round trip; notify at the caller's commit."""
+        params = self.write_params(stream, expected_version, messages, notify=notify)
+        try:
+            rows = conn.exec_driver_sql(self.write_sql, params).all()
+        except sa.exc.DBAPIError as exc:
+            translated = translate_write_error(exc, stream)
+            if translated is not None:
+                raise translated from exc
+            raise
+        version, global_position = rows[-1]
+        return MessagePosition(stream, version, global_position)
+
+    def write_params(
+        self,
+        stream: str,
+        expected_version: int | None,
+        messages: Sequence[tuple[uuid.UUID, dict[str, Any]]],
+        *,
+        notify: bool,
+    ) -> tuple[Any, ...]:
+        validate_stream(stream)
+        expected = check_expected_version(expected_version)
+        if not messages:
+            raise ValueError("nothing to write: the message list is empty")
+        ids = [str(message_id) for message_id, _ in messages]
+        payloads = [payload_json(payload, "message") for _, payload in messages]
+        return (stream, expected, ids, payloads, notify)
+
+    def truncate(self, conn: sa.Connection) -> None:
+        conn.exec_driver_sql(f"DELETE FROM {self.table}")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(
+        self, conn: sa.Connection, stream: str, min_version: int | None = None
+    ) -> Iterator[sa.Row[Any]]:
+        validate_stream(stream)
+        yield from conn.exec_driver_sql(self.read_sql, (stream, min_version or 0))
+
+    def read_multiple(self, conn: sa.Connection, streams: Sequence[str]) -> Iterator[sa.Row[Any]]:
+        for stream in streams:
+            validate_stream(stream)
+        yield from conn.exec_driver_sql(
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = ANY(%s) "
+            "ORDER BY global_position",
+            (list(streams),),
+        )
+
+    def read_wildcard(self, conn: sa.Connection, stream_wildcard: str) -> Iterator[sa.Row[Any]]:
+        if not isinstance(stream_wildcard, str):
+            raise TypeError(
+                f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}"
+            )
+        yield from conn.exec_driver_sql(self.wildcard_sql, (stream_wildcard,))
+
+    def get_message_by_id(self, conn: sa.Connection, message_id: uuid.UUID) -> sa.Row[Any] | None:
+        return conn.exec_driver_sql(
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE message_id = %s::uuid",
+            (str(message_id),),
+        ).first()
+
+    def get_messages_by_ids(
+        self, conn: sa.Connection, message_ids: Sequence[uuid.UUID]
+    ) -> Iterator[sa.Row[Any]]:
+        yield from conn.exec_driver_sql(
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE message_id = ANY(%s::uuid[]) "
+            "ORDER BY global_position",
+            ([str(i) for i in message_ids],),
+        )
+
+    def get_message_ids(self, conn: sa.Connection, stream: str) -> Iterator[uuid.UUID]:
+        validate_stream(stream)
+        for (message_id,) in conn.exec_driver_sql(
+            f"SELECT message_id FROM {self.table} WHERE stream = %s ORDER BY version", (stream,)
+        ):
+            yield uuid.UUID(str(message_id))
+
+    def get_global_position(self, conn: sa.Connection) -> int:
+        value = conn.exec_driver_sql(f"SELECT max(global_position) FROM {self.table}").scalar()
+        return int(value or 0)
+
+    def get_max_version(self, conn: sa.Connection, stream: str) -> MessagePosition:
+        validate_stream(stream)
+        row = conn.exec_driver_sql(
+            f"SELECT version, global_position FROM {self.table} WHERE stream = %s "
+            "ORDER BY version DESC LIMIT 1",
+            (stream,),
+        ).first()
+        if row is None:
+            return MessagePosition(stream, 0, None)
+        return MessagePosition(stream, row[0], row[1])
+
+
+__all__ = ["ROW_COLUMNS", "Storage", "check_expected_version", "translate_write_error"]
