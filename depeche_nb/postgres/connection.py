@@ -57,5 +57,4 @@ def connect(
     if dsn is not None and (ephemeral or data_dir is not None):
         raise ValueError("give either a dsn or ephemeral/data_dir, not both")
     url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir)
-    engine_options.setdefault("pool_pre_ping", True)
     return sa.create_engine(url, **engine_options)

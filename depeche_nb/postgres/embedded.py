@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -236,7 +237,8 @@ class EmbeddedServer:
         with _file_lock(self._lock_file):
             if (self.data_dir / "postmaster.pid").exists():
                 self._run_tool(
-                    "pg_ctl", ["stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30"],
+                    "pg_ctl",
+                    ["stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30"],
                     check=False,
                 )
 
@@ -285,7 +287,7 @@ class EmbeddedServer:
             )
         return subprocess.CompletedProcess(result.args, result.returncode, output, "")
 
-    def _as_service_user(self) -> dict[str, object]:
+    def _as_service_user(self) -> dict[str, Any]:
         if self._user is None:
             return {}
         return {"user": self._user.uid, "group": self._user.gid, "extra_groups": []}
@@ -305,8 +307,15 @@ class EmbeddedServer:
             )
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
-        args = ["-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-                "--no-instructions"]
+        args = [
+            "-D",
+            str(self.data_dir),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-instructions",
+        ]
         if self.ephemeral:
             args.append("--no-sync")
         self._run_tool("initdb", args, timeout=120)
@@ -338,8 +347,16 @@ class EmbeddedServer:
         self._write_settings()
         self._run_tool(
             "pg_ctl",
-            ["start", "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
-             "-t", str(START_TIMEOUT_S)],
+            [
+                "start",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+            ],
             timeout=START_TIMEOUT_S + 10,
         )
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -48,8 +48,7 @@ def store_ddl(names: StoreNames) -> list[str]:
                 UNIQUE (stream, version)
         )
         """,
-        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.messages_table + '_txid')} "
-        f"ON {table} (txid)",
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.messages_table + '_txid')} ON {table} (txid)",
         f"""
         CREATE OR REPLACE FUNCTION {fn}(
             p_stream text, p_expected integer, p_ids uuid[], p_messages jsonb[],

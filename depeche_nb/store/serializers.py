@@ -7,6 +7,7 @@ import typing
 from typing import Any, Generic, TypeVar
 
 import pydantic
+import pydantic_core
 
 from depeche_nb.core.errors import MessageSerializationError, UnknownMessageTypeError
 
@@ -59,10 +60,8 @@ class PydanticMessageSerializer(Generic[E]):
             )
         try:
             payload = message.model_dump(mode="json")
-        except (pydantic.PydanticSerializationError, ValueError, TypeError) as exc:
-            raise MessageSerializationError(
-                f"cannot serialise {type(message).__name__}: {exc}"
-            ) from exc
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise MessageSerializationError(f"cannot serialise {type(message).__name__}: {exc}") from exc
         if TYPE_KEY in payload:
             raise MessageSerializationError(
                 f"{type(message).__name__} has a field named {TYPE_KEY!r}, which is reserved"

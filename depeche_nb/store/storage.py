@@ -33,9 +33,7 @@ def check_expected_version(expected_version: object) -> int | None:
     if expected_version is None:
         return None
     if isinstance(expected_version, bool) or not isinstance(expected_version, int):
-        raise TypeError(
-            f"expected_version must be an int or None, got {type(expected_version).__name__}"
-        )
+        raise TypeError(f"expected_version must be an int or None, got {type(expected_version).__name__}")
     if expected_version < 0:
         raise ValueError(
             f"expected_version must be >= 0 (0 means: the stream must be empty), got {expected_version}"
@@ -86,13 +84,10 @@ class Storage:
         self.notification_channel = self.names.channel
         ensure_store_schema(engine, self.names)
         fn = quote_ident(self.names.write_function)
-        self.write_sql = (
-            f"SELECT version, global_position FROM {fn}(%s, %s, %s::uuid[], %s::jsonb[], %s)"
-        )
+        self.write_sql = f"SELECT version, global_position FROM {fn}(%s, %s, %s::uuid[], %s::jsonb[], %s)"
         self.notify_sql = f"NOTIFY {quote_ident(self.names.channel)}"
         self.read_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s "
-            "ORDER BY version"
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s ORDER BY version"
         )
         self.wildcard_sql = (
             f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
@@ -160,9 +155,7 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def read(
-        self, conn: sa.Connection, stream: str, min_version: int | None = None
-    ) -> Iterator[sa.Row[Any]]:
+    def read(self, conn: sa.Connection, stream: str, min_version: int | None = None) -> Iterator[sa.Row[Any]]:
         validate_stream(stream)
         yield from conn.exec_driver_sql(self.read_sql, (stream, min_version or 0))
 
@@ -170,16 +163,13 @@ class Storage:
         for stream in streams:
             validate_stream(stream)
         yield from conn.exec_driver_sql(
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = ANY(%s) "
-            "ORDER BY global_position",
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = ANY(%s) ORDER BY global_position",
             (list(streams),),
         )
 
     def read_wildcard(self, conn: sa.Connection, stream_wildcard: str) -> Iterator[sa.Row[Any]]:
         if not isinstance(stream_wildcard, str):
-            raise TypeError(
-                f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}"
-            )
+            raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
         yield from conn.exec_driver_sql(self.wildcard_sql, (stream_wildcard,))
 
     def get_message_by_id(self, conn: sa.Connection, message_id: uuid.UUID) -> sa.Row[Any] | None:
