@@ -14,13 +14,56 @@ from depeche_nb.core.errors import (
     OptimisticConcurrencyError,
     UnknownMessageTypeError,
 )
+from depeche_nb.core.interfaces import (
+    AggregatedStreamMessage,
+    CallMiddleware,
+    ErrorAction,
+    FixedTimeBudget,
+    HandlerDescriptor,
+    LockProvider,
+    MessageHandlerRegisterProtocol,
+    MessagePartitioner,
+    RunOnNotification,
+    RunOnNotificationResult,
+    StreamPartitionStatistic,
+    SubscriptionErrorHandler,
+    SubscriptionMessage,
+    SubscriptionStartPoint,
+    SubscriptionState,
+    SubscriptionStateProvider,
+    TimeBudget,
+)
 from depeche_nb.core.messages import (
     MessagePosition,
     MessageProtocol,
     MessageSerializer,
     StoredMessage,
 )
+from depeche_nb.engine.acks import AckRolledback
+from depeche_nb.engine.aggregated_stream import AggregatedStream, AggregatedStreamFactory
+from depeche_nb.engine.error_handlers import (
+    LogAndIgnoreSubscriptionErrorHandler,
+    ParkSubscriptionErrorHandler,
+    RetryPolicy,
+)
+from depeche_nb.engine.handlers import (
+    ExitSubscriptionErrorHandler,
+    HandlerRegistrationError,
+    MessageHandler,
+    MessageHandlerRegister,
+    SubscriptionMessageHandler,
+)
 from depeche_nb.engine.message_store import MessageStore
+from depeche_nb.engine.projector import PartitionerError, ProjectionReport, StreamProjector
+from depeche_nb.engine.reader import AggregatedStreamReader, AsyncAggregatedStreamReader
+from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, RunnerReport, SubscriptionRunner
+from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
+from depeche_nb.engine.subscription import (
+    AckStrategy,
+    PartitionProgress,
+    Subscription,
+    SubscriptionFactory,
+)
 from depeche_nb.postgres.connection import connect
 from depeche_nb.store.message_store import MessageStoreReader
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
@@ -28,12 +71,43 @@ from depeche_nb.store.storage import Storage
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The executor pulls in the listener thread machinery; load it on first use.
+    if name == "Executor":
+        from depeche_nb.engine.executor import Executor
+
+        return Executor
+    raise AttributeError(f"module 'depeche_nb' has no attribute {name!r}")
+
+
 __all__ = [
+    "AckRolledback",
+    "AckStrategy",
+    "AggregatedStream",
+    "AggregatedStreamFactory",
+    "AggregatedStreamMessage",
+    "AggregatedStreamReader",
+    "AsyncAggregatedStreamReader",
+    "BatchedAckSubscriptionRunner",
+    "CallMiddleware",
     "DuplicateMessageIdError",
     "EmbeddedServerError",
+    "ErrorAction",
+    "Executor",
+    "ExitSubscriptionErrorHandler",
+    "FixedTimeBudget",
+    "HandlerDescriptor",
+    "HandlerRegistrationError",
     "InvalidIdentifierError",
+    "LockProvider",
+    "LogAndIgnoreSubscriptionErrorHandler",
+    "MessageHandler",
+    "MessageHandlerRegister",
+    "MessageHandlerRegisterProtocol",
     "MessageIdMismatchError",
     "MessageNotFound",
+    "MessagePartitioner",
     "MessagePosition",
     "MessageProtocol",
     "MessageSerializationError",
@@ -43,8 +117,31 @@ __all__ = [
     "MessageStoreReader",
     "MessageStoreReaderProtocol",
     "OptimisticConcurrencyError",
+    "ParkSubscriptionErrorHandler",
+    "PartitionProgress",
+    "PartitionerError",
+    "ProjectionReport",
+    "RetryPolicy",
+    "RunOnNotification",
+    "RunOnNotificationResult",
+    "RunnerReport",
+    "StartAtBeginning",
+    "StartAtNextMessage",
+    "StartAtPointInTime",
     "Storage",
     "StoredMessage",
+    "StreamPartitionStatistic",
+    "StreamProjector",
+    "Subscription",
+    "SubscriptionErrorHandler",
+    "SubscriptionFactory",
+    "SubscriptionMessage",
+    "SubscriptionMessageHandler",
+    "SubscriptionRunner",
+    "SubscriptionStartPoint",
+    "SubscriptionState",
+    "SubscriptionStateProvider",
+    "TimeBudget",
     "UnknownMessageTypeError",
     "connect",
 ]

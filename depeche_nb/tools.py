@@ -1,5 +1,16 @@
 """Ready-made implementations of the library's protocols (Depeche DB's `tools` module)."""
 
+from depeche_nb.engine.partitioners import StreamNamePartitioner
+from depeche_nb.engine.reader import InMemorySubscriptionState, NullLockProvider
+from depeche_nb.engine.state import DbSubscriptionStateProvider
+from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.store.serializers import PydanticMessageSerializer
 
-__all__ = ["PydanticMessageSerializer"]
+__all__ = [
+    "DbLockProvider",
+    "DbSubscriptionStateProvider",
+    "InMemorySubscriptionState",
+    "NullLockProvider",
+    "PydanticMessageSerializer",
+    "StreamNamePartitioner",
+]

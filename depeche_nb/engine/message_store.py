@@ -7,6 +7,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from depeche_nb.core.messages import MessageSerializer
+from depeche_nb.engine.aggregated_stream import AggregatedStreamFactory
 from depeche_nb.store.message_store import MessageStoreBase
 
 E = TypeVar("E")
@@ -17,3 +18,4 @@ class MessageStore(MessageStoreBase[E]):
 
     def __init__(self, name: str, engine: sa.Engine, serializer: MessageSerializer[E]) -> None:
         super().__init__(name, engine, serializer)
+        self.aggregated_stream: AggregatedStreamFactory[E] = AggregatedStreamFactory(self)

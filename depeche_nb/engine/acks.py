@@ -1,0 +1,50 @@
+"""Acknowledgements: how a handled message's position gets stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from depeche_nb.core.interfaces import SubscriptionStateProvider
+
+
+class AckRolledback(Exception):
+    """The handler acknowledged in its own transaction, which did not commit."""
+
+
+class AckOp:
+    """`SubscriptionMessage.ack`: store this message's position, optionally in the caller's
+    transaction (`ack.execute(conn=conn)`), so side effects and the ack commit together."""
+
+    def __init__(
+        self, subscription_name: str, partition: int, position: int, state_provider: SubscriptionStateProvider
+    ) -> None:
+        self.subscription_name = subscription_name
+        self.partition = partition
+        self.position = position
+        self._state_provider = state_provider
+        self.executed = False
+        self.in_caller_transaction = False
+
+    def execute(self, **kwargs: Any) -> None:
+        provider = self._state_provider.session(**kwargs) if kwargs else self._state_provider
+        provider.store(self.subscription_name, self.partition, self.position)
+        self.executed = True
+        self.in_caller_transaction = bool(kwargs)
+
+    def verify(self) -> None:
+        """After a caller-transaction ack: raise `AckRolledback` unless it committed."""
+        stored = self._state_provider.read(self.subscription_name).positions.get(self.partition, -1)
+        if stored != self.position:
+            raise AckRolledback(
+                f"the ack of partition {self.partition} position {self.position} did not commit"
+            )
+
+
+class BatchAck:
+    """Messages of a batched-ack runner are acknowledged per batch, not one by one."""
+
+    def execute(self, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "this subscription acknowledges per batch (AckStrategy.BATCHED); "
+            "use AckStrategy.SINGLE to acknowledge inside the handler's transaction"
+        )

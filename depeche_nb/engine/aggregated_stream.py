@@ -1,0 +1,259 @@
+"""Aggregated streams: many origin streams merged and partitioned, read by partition position."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import sqlalchemy as sa
+
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.core.interfaces import (
+    AggregatedStreamMessage,
+    MessagePartitioner,
+    StreamPartitionStatistic,
+    SubscriptionStartPoint,
+)
+from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.projector import StreamProjector
+from depeche_nb.engine.subscription import SubscriptionFactory
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
+from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
+from depeche_nb.store.storage import ROW_COLUMNS
+
+if TYPE_CHECKING:
+    from depeche_nb.engine.reader import AggregatedStreamReader
+
+E = TypeVar("E")
+
+
+def validate_wildcards(stream_wildcards: object) -> list[str]:
+    if isinstance(stream_wildcards, str) or not isinstance(stream_wildcards, (list, tuple)):
+        raise TypeError(
+            "stream_wildcards must be a list of SQL LIKE patterns such as ['order-%'], got "
+            f"{type(stream_wildcards).__name__}"
+        )
+    if not stream_wildcards:
+        raise ValueError("stream_wildcards must not be empty")
+    for pattern in stream_wildcards:
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"every stream wildcard must be a non-empty str, got {pattern!r}")
+    return list(stream_wildcards)
+
+
+class AggregatedStream(Generic[E]):
+    """Messages of the store's streams matching `stream_wildcards`, split into partitions."""
+
+    def __init__(
+        self,
+        name: str,
+        store: MessageStoreBase[E],
+        partitioner: MessagePartitioner[E],
+        stream_wildcards: list[str],
+        update_batch_size: int | None = None,
+        lookback_for_gaps_hours: int | None = None,
+    ) -> None:
+        validate_name(name, "aggregated stream name")
+        wildcards = validate_wildcards(stream_wildcards)
+        if not callable(getattr(partitioner, "get_partition", None)):
+            raise TypeError(
+                f"partitioner must have a get_partition(message) method, got {type(partitioner).__name__}"
+            )
+        if update_batch_size is not None and (
+            isinstance(update_batch_size, bool)
+            or not isinstance(update_batch_size, int)
+            or update_batch_size < 1
+        ):
+            raise ValueError(f"update_batch_size must be a positive int, got {update_batch_size!r}")
+        # `lookback_for_gaps_hours` is accepted for Depeche DB compatibility and
+        # ignored: projection is exact, there is no look-back window to size.
+        del lookback_for_gaps_hours
+        self.name = name
+        self.store = store
+        self.names = StreamNames(name, store._storage.names)
+        self.notification_channel = self.names.channel
+        ensure_stream_schema(store.engine, self.names)
+        self.projector: StreamProjector[E] = StreamProjector(
+            self, partitioner, wildcards, batch_size=update_batch_size
+        )
+        self.subscription: SubscriptionFactory[E] = SubscriptionFactory(self)
+        table = quote_ident(self.names.table)
+        messages = quote_ident(self.names.store.messages_table)
+        self._table = table
+        self._heads = quote_ident(self.names.heads_table)
+        self._slice_messages_sql = (
+            f"SELECT s.partition, s.position, {', '.join('m.' + c for c in ROW_COLUMNS.split(', '))} "
+            f"FROM {table} s JOIN {messages} m ON m.global_position = s.global_position "
+            "WHERE s.partition = %s AND s.position >= %s ORDER BY s.position LIMIT %s"
+        )
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self.store.engine
+
+    @property
+    def store_channel(self) -> str:
+        return self.store.notification_channel
+
+    @property
+    def stream_wildcards(self) -> list[str]:
+        return self.projector.stream_wildcards
+
+    @staticmethod
+    def stream_table_name(name: str) -> str:
+        return f"{validate_name(name, 'aggregated stream name')}_stream"
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, partition: int, conn: sa.Connection | None = None) -> Iterator[AggregatedStreamMessage]:
+        """All pointers of one partition, by position."""
+        _check_int("partition", partition)
+        with self._connection(conn) as c:
+            rows = c.exec_driver_sql(
+                f"SELECT partition, position, message_id FROM {self._table} "
+                "WHERE partition = %s ORDER BY position",
+                (partition,),
+            ).all()
+        for row in rows:
+            yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
+
+    def read_slice(
+        self, partition: int, start: int, count: int, conn: sa.Connection | None = None
+    ) -> Iterator[AggregatedStreamMessage]:
+        """Up to `count` pointers of one partition from position `start` on."""
+        _check_int("partition", partition)
+        _check_int("start", start)
+        _check_int("count", count)
+        with self._connection(conn) as c:
+            rows = c.exec_driver_sql(
+                f"SELECT partition, position, message_id FROM {self._table} "
+                "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s",
+                (partition, start, count),
+            ).all()
+        for row in rows:
+            yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
+
+    def read_slice_messages(
+        self, partition: int, start: int, count: int
+    ) -> list[tuple[int, int, StoredMessage[E]]]:
+        """(partition, position, stored message) from `start` on, in one round trip."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self._slice_messages_sql, (partition, start, count))
+            rows = cursor.fetchall()
+        serializer = self.store.serializer
+        return [(row[0], row[1], to_stored_message(row[2:], serializer)) for row in rows]
+
+    def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
+        from depeche_nb.engine.reader import AggregatedStreamReader
+
+        return AggregatedStreamReader(self, start_point)
+
+    def get_max_aggregated_stream_positions(self, conn: sa.Connection | None = None) -> dict[int, int]:
+        """Partition -> head position (highest assigned position)."""
+        with self._connection(conn) as c:
+            rows = c.exec_driver_sql(f"SELECT partition, max_position FROM {self._heads}").all()
+        return {row[0]: row[1] for row in rows}
+
+    def get_partition_statistics(
+        self, result_limit: int | None = None, conn: sa.Connection | None = None
+    ) -> Iterator[StreamPartitionStatistic]:
+        """Per partition: its first message and its head position."""
+        limit = "" if result_limit is None else f"ORDER BY s.message_occurred_at LIMIT {int(result_limit)}"
+        with self._connection(conn) as c:
+            rows = c.exec_driver_sql(
+                f"SELECT h.partition, s.message_id, s.position, s.message_occurred_at, h.max_position "
+                f"FROM {self._heads} h CROSS JOIN LATERAL (SELECT * FROM {self._table} s "
+                "WHERE s.partition = h.partition ORDER BY s.position LIMIT 1) s " + limit
+            ).all()
+        for row in rows:
+            yield StreamPartitionStatistic(row[0], _as_uuid(row[1]), row[2], row[3], row[4])
+
+    def time_to_positions(self, time: _dt.datetime) -> dict[int, int]:
+        """Per partition: the first position whose message occurred at or after `time`
+        (head + 1 if none did)."""
+        if not isinstance(time, _dt.datetime):
+            raise TypeError(f"time must be a datetime, got {type(time).__name__}")
+        if time.tzinfo is None:
+            raise ValueError("time must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        with self._connection(None) as c:
+            rows = c.exec_driver_sql(
+                f"SELECT h.partition, coalesce((SELECT min(s.position) FROM {self._table} s "
+                "WHERE s.partition = h.partition AND s.message_occurred_at >= %s), "
+                f"h.max_position + 1) FROM {self._heads} h",
+                (time,),
+            ).all()
+        return {row[0]: row[1] for row in rows}
+
+    def global_position_to_positions(self, global_position: int) -> dict[int, int]:
+        """Per partition: the last position whose message is at or before `global_position`
+        in the store (-1 if none)."""
+        _check_int("global_position", global_position)
+        with self._connection(None) as c:
+            rows = c.exec_driver_sql(
+                f"SELECT h.partition, coalesce((SELECT max(s.position) FROM {self._table} s "
+                "WHERE s.partition = h.partition AND s.global_position <= %s), -1) "
+                f"FROM {self._heads} h",
+                (global_position,),
+            ).all()
+        return {row[0]: row[1] for row in rows}
+
+    def truncate(self, conn: sa.Connection | None = None) -> None:
+        """Forget every assignment and the projector's checkpoint (re-projects from scratch)."""
+        with self._connection(conn) as c:
+            c.exec_driver_sql(f"DELETE FROM {self._table}")
+            c.exec_driver_sql(f"DELETE FROM {self._heads}")
+            c.exec_driver_sql(
+                f"UPDATE {quote_ident(self.names.checkpoint_table)} "
+                "SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()"
+            )
+
+    @contextlib.contextmanager
+    def _connection(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.connect() as own:
+            yield own
+            own.commit()
+
+    def __repr__(self) -> str:
+        return (
+            f"AggregatedStream(name={self.name!r}, store={self.store.name!r}, "
+            f"wildcards={self.stream_wildcards!r})"
+        )
+
+
+class AggregatedStreamFactory(Generic[E]):
+    """`store.aggregated_stream(...)`: creates aggregated streams over one store."""
+
+    def __init__(self, store: MessageStoreBase[E]) -> None:
+        self.store = store
+
+    def __call__(
+        self,
+        name: str,
+        partitioner: MessagePartitioner[E],
+        stream_wildcards: list[str],
+        update_batch_size: int | None = None,
+        lookback_for_gaps_hours: int | None = None,
+    ) -> AggregatedStream[E]:
+        return AggregatedStream(
+            name, self.store, partitioner, stream_wildcards, update_batch_size, lookback_for_gaps_hours
+        )
+
+
+def _check_int(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+__all__ = ["AggregatedStream", "AggregatedStreamFactory", "validate_wildcards"]

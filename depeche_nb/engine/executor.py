@@ -1,0 +1,321 @@
+"""Run `RunOnNotification` handlers (projectors, subscription runners) when their channel is notified.
+
+Threads, all daemons so a forgotten executor never keeps a kernel alive:
+
+* the listener thread (`PgNotificationListener`) LISTENs on every registered
+  channel;
+* the dispatcher thread turns each notification into wake-ups: for every
+  handler on that channel that is `interested_in_notification`, it calls
+  `take_notification_hint` and sets the handler's event. It also owns the
+  shutdown, so that a failure seen by any thread ends everything the same way;
+* one worker thread per handler, so a slow handler never delays another.
+  A worker runs its handler with a 1 s budget, again at once while it
+  reports `WORK_REMAINING`, then waits for its event.
+
+The worker's wait has a timeout, `stimulation_interval` (10 s by default).
+That timer is a safety net, not the way progress is made: the store sends its
+NOTIFY after the commit, so a process that dies in between loses the wake-up
+(never the data), and the timer bounds how long such work can wait. Workers
+start only after LISTEN is active and run their handler once at start, so
+nothing committed before or during start-up is missed.
+
+A handler that raises stops the whole executor (as in Depeche DB: a failing
+subscription must not silently fall behind). The error is logged, kept in
+`errors` and re-raised by `run()` after the shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from depeche_nb.core.interfaces import FixedTimeBudget, RunOnNotification, RunOnNotificationResult
+from depeche_nb.postgres.connection import connect
+from depeche_nb.postgres.listener import PgNotification, PgNotificationListener, validate_channel
+
+logger = logging.getLogger("depeche_nb.executor")
+
+H = TypeVar("H", bound=RunOnNotification)
+
+RUN_BUDGET_SECONDS = 1.0
+# How often run() looks at the flag its signal handlers set; see _on_signal.
+_SIGNAL_CHECK_INTERVAL_S = 0.1
+_HANDLER_METHODS = ("interested_in_notification", "take_notification_hint", "run", "stop")
+
+ErrorCallback = Callable[[RunOnNotification, Exception], None]
+
+
+class _Worker:
+    """The thread that runs one handler whenever it is woken (or the safety-net timer fires)."""
+
+    def __init__(
+        self,
+        handler: RunOnNotification,
+        stimulation_interval: float,
+        stopping: threading.Event,
+        on_error: ErrorCallback,
+    ) -> None:
+        self.handler = handler
+        self._interval = stimulation_interval if stimulation_interval > 0 else None
+        self._stopping = stopping
+        self._on_error = on_error
+        self._wake = threading.Event()
+        self.thread = threading.Thread(
+            target=self._loop, name=f"depeche-nb-worker[{handler.notification_channel}]", daemon=True
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            # Clear before running: a wake-up that arrives during the run is
+            # kept and causes one more run, so none is lost.
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._run_until_done()
+            except Exception as exc:
+                logger.exception("handler %r failed; stopping the executor", self.handler)
+                self._on_error(self.handler, exc)
+                return
+            self._wake.wait(self._interval)
+
+    def _run_until_done(self) -> None:
+        while not self._stopping.is_set():
+            result = self.handler.run(budget=FixedTimeBudget(RUN_BUDGET_SECONDS))
+            if result is not RunOnNotificationResult.WORK_REMAINING:
+                return
+
+
+class Executor:
+    """Runs registered handlers on notifications of their channels.
+
+    Give a DSN or an engine; with neither, the database is resolved like
+    `depeche_nb.connect()` does. `run()` blocks (a worker process; SIGINT and
+    SIGTERM stop it cleanly), `start()` returns at once (a notebook), `stop()`
+    ends either. Also a context manager: `with Executor(...) as ex:` runs the
+    block with the executor started.
+    """
+
+    def __init__(
+        self,
+        db_dsn: str | None = None,
+        *,
+        engine: sa.Engine | None = None,
+        stimulation_interval: float = 10.0,
+        disable_signals: bool = False,
+    ) -> None:
+        if db_dsn is not None and engine is not None:
+            raise ValueError("give either db_dsn or engine, not both")
+        self.engine = connect(engine if engine is not None else db_dsn)
+        self.stimulation_interval = stimulation_interval
+        self.disable_signals = disable_signals
+        self.channel_register: defaultdict[str, list[RunOnNotification]] = defaultdict(list)
+        # (handler, error); the handler is None when the listener itself failed.
+        self.errors: list[tuple[RunOnNotification | None, Exception]] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._signalled = False
+        self._listener: PgNotificationListener | None = None
+        self._dispatcher: threading.Thread | None = None
+        self._workers: list[_Worker] = []
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        dispatcher = self._dispatcher
+        return dispatcher is not None and dispatcher.is_alive()
+
+    @property
+    def listener(self) -> PgNotificationListener | None:
+        """The listener of the current (or last) start."""
+        return self._listener
+
+    @property
+    def handlers(self) -> list[RunOnNotification]:
+        return [handler for handlers in self.channel_register.values() for handler in handlers]
+
+    def register(self, handler: H) -> H:
+        """Run `handler` on notifications of `handler.notification_channel`; returns `handler`."""
+        missing = [name for name in _HANDLER_METHODS if not callable(getattr(handler, name, None))]
+        if missing:
+            raise TypeError(f"{handler!r} is not a RunOnNotification: it lacks {', '.join(missing)}")
+        channel = validate_channel(handler.notification_channel)
+        with self._lock:
+            if self.is_running:
+                raise RuntimeError("register handlers before starting the executor")
+            registered = self.channel_register[channel]
+            # Registering twice would run one handler on two threads at once.
+            if not any(h is handler for h in registered):
+                registered.append(handler)
+        return handler
+
+    def start(self) -> None:
+        """Start listening and running handlers in background threads; returns at once."""
+        with self._lock:
+            if self.is_running:
+                raise RuntimeError("the executor is already running")
+            self.errors = []
+            self._signalled = False
+            # A fresh event per start: threads of an earlier start that are
+            # still finishing keep seeing their own (set) event.
+            self._stopping = stopping = threading.Event()
+            self._workers = [
+                _Worker(handler, self.stimulation_interval, stopping, self._handler_failed)
+                for handler in self.handlers
+            ]
+            self._listener = PgNotificationListener(self.engine, list(self.channel_register))
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_main,
+                args=(self._listener, self._workers, stopping),
+                name="depeche-nb-executor",
+                daemon=True,
+            )
+            self._dispatcher.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening, call `stop()` on every handler, and wait for all threads to end."""
+        self._request_stop()
+        dispatcher = self._dispatcher
+        current = threading.current_thread()
+        if dispatcher is None or current is dispatcher or any(w.thread is current for w in self._workers):
+            return  # called from inside: the dispatcher finishes the shutdown on its own
+        dispatcher.join(timeout)
+        if dispatcher.is_alive():
+            logger.warning("the executor did not stop within %.1f s", timeout)
+
+    def run(self) -> None:
+        """Run until stopped (by `stop()`, SIGINT/SIGTERM or a failing handler).
+
+        Re-raises the first handler error, after the shutdown.
+        """
+        restore_signals = self._install_signal_handlers()
+        try:
+            self.start()
+            try:
+                self._wait_for_stop_request()
+            finally:
+                self.stop()
+        finally:
+            restore_signals()
+        if self.errors:
+            raise self.errors[0][1]
+
+    def __enter__(self) -> Executor:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"Executor(channels={list(self.channel_register)!r}, handlers={len(self.handlers)}, {state})"
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _dispatch_main(
+        self, listener: PgNotificationListener, workers: list[_Worker], stopping: threading.Event
+    ) -> None:
+        try:
+            if not self._start_listening(listener, stopping):
+                return
+            for worker in workers:
+                worker.thread.start()
+            by_channel: defaultdict[str, list[_Worker]] = defaultdict(list)
+            for worker in workers:
+                by_channel[worker.handler.notification_channel].append(worker)
+            for notification in listener.messages():
+                self._dispatch(notification, by_channel[notification.channel])
+        except Exception as exc:
+            logger.exception("the executor's notification listener failed; stopping the executor")
+            self.errors.append((None, exc))
+        finally:
+            self._shut_down(listener, workers, stopping)
+
+    def _start_listening(self, listener: PgNotificationListener, stopping: threading.Event) -> bool:
+        # Under the lock so that a stop() racing with start-up either prevents
+        # the listener from starting or finds it started and stops it.
+        with self._lock:
+            if stopping.is_set():
+                return False
+            listener.start()
+            return True
+
+    def _dispatch(self, notification: PgNotification, workers: list[_Worker]) -> None:
+        for worker in workers:
+            handler = worker.handler
+            try:
+                if handler.interested_in_notification(notification.payload):
+                    handler.take_notification_hint(notification.payload)
+                    worker.wake()
+            except Exception as exc:
+                logger.exception("handler %r failed on a notification; stopping the executor", handler)
+                self._handler_failed(handler, exc)
+
+    def _handler_failed(self, handler: RunOnNotification, error: Exception) -> None:
+        self.errors.append((handler, error))
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            listener = self._listener
+        if listener is not None:
+            listener.stop()  # ends the dispatcher's messages() loop, which then shuts down
+
+    def _shut_down(
+        self, listener: PgNotificationListener, workers: list[_Worker], stopping: threading.Event
+    ) -> None:
+        stopping.set()
+        listener.stop()
+        for handler in (worker.handler for worker in workers):
+            try:
+                handler.stop()
+            except Exception:
+                logger.exception("handler %r failed to stop", handler)
+        for worker in workers:
+            worker.wake()
+        for worker in workers:
+            if worker.thread.is_alive():
+                worker.thread.join()
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Route SIGINT/SIGTERM to a clean stop; returns what restores the previous handlers."""
+        if self.disable_signals or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: the handler runs between two bytecodes of the main
+        # thread, which may hold a lock that Event.set() or stop() would need.
+        self._signalled = True
+
+    def _wait_for_stop_request(self) -> None:
+        while not self._stopping.wait(_SIGNAL_CHECK_INTERVAL_S):
+            if self._signalled:
+                logger.info("signal received; stopping the executor")
+                return

@@ -1,0 +1,129 @@
+"""The dead-letter table of a subscription: parked and ignored messages, never silent."""
+
+from __future__ import annotations
+
+import dataclasses as _dc
+import datetime as _dt
+import traceback as _traceback
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from depeche_nb.core.interfaces import SubscriptionMessage
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.subscription_schema import ensure_parked_schema, parked_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PARKED = "parked"
+IGNORED = "ignored"
+REPLAYED = "replayed"
+DISCARDED = "discarded"
+_COLUMNS = (
+    "id, partition, position, message_id, global_position, message_type, status, attempts, "
+    "error, traceback, recorded_at, resolved_at"
+)
+
+
+@_dc.dataclass(frozen=True)
+class ParkedMessage:
+    id: int
+    partition: int
+    position: int
+    message_id: uuid.UUID
+    global_position: int
+    message_type: str
+    status: str
+    attempts: int
+    error: str
+    traceback: str
+    recorded_at: _dt.datetime
+    resolved_at: _dt.datetime | None
+
+
+class ParkedMessages:
+    """Reads and writes one subscription's parked table."""
+
+    def __init__(self, engine: sa.Engine, subscription_name: str) -> None:
+        self.engine = engine
+        self.subscription_name = subscription_name
+        self.table = quote_ident(parked_table(subscription_name))
+
+    def record(
+        self,
+        conn: sa.Connection,
+        message: SubscriptionMessage[Any],
+        status: str,
+        attempts: int,
+        error: BaseException,
+    ) -> int:
+        self._ensure()
+        stored = message.stored_message
+        row = conn.exec_driver_sql(
+            f"INSERT INTO {self.table} (partition, position, message_id, global_position, "
+            "message_type, status, attempts, error, traceback) "
+            "VALUES (%s, %s, %s::uuid, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                message.partition,
+                message.position,
+                str(stored.message_id),
+                stored.global_position,
+                type(stored.message).__name__,
+                status,
+                attempts,
+                f"{type(error).__name__}: {error}",
+                "".join(_traceback.format_exception(type(error), error, error.__traceback__)),
+            ),
+        ).scalar_one()
+        return int(row)
+
+    def list(self, include_resolved: bool = False) -> list[ParkedMessage]:
+        self._ensure()
+        where = "" if include_resolved else f"WHERE status IN ('{PARKED}', '{IGNORED}')"
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(f"SELECT {_COLUMNS} FROM {self.table} {where} ORDER BY id").all()
+        return [_to_parked(row) for row in rows]
+
+    def _ensure(self) -> None:
+        # Created on first use: most subscriptions never park anything.
+        ensure_parked_schema(self.engine, self.subscription_name)
+
+    def get(self, parked_id: int) -> ParkedMessage:
+        self._ensure()
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                f"SELECT {_COLUMNS} FROM {self.table} WHERE id = %s", (parked_id,)
+            ).first()
+        if row is None:
+            raise KeyError(f"no parked message with id {parked_id}")
+        return _to_parked(row)
+
+    def resolve(self, parked_id: int, status: str) -> None:
+        self._ensure()
+        with self.engine.begin() as conn:
+            updated = conn.exec_driver_sql(
+                f"UPDATE {self.table} SET status = %s, resolved_at = now() "
+                f"WHERE id = %s AND status IN ('{PARKED}', '{IGNORED}')",
+                (status, parked_id),
+            ).rowcount
+        if updated != 1:
+            raise KeyError(f"no unresolved parked message with id {parked_id}")
+
+    def to_dataframe(self, include_resolved: bool = False) -> pd.DataFrame:
+        import pandas as pd
+
+        columns = [f.name for f in _dc.fields(ParkedMessage)]
+        records = [_dc.astuple(p) for p in self.list(include_resolved)]
+        frame: pd.DataFrame = pd.DataFrame(records, columns=columns)
+        frame["message_id"] = frame["message_id"].astype(str)
+        for name in ("recorded_at", "resolved_at"):
+            frame[name] = pd.to_datetime(frame[name], utc=True)
+        return frame
+
+
+def _to_parked(row: Any) -> ParkedMessage:
+    values = list(row)
+    values[3] = values[3] if isinstance(values[3], uuid.UUID) else uuid.UUID(str(values[3]))
+    return ParkedMessage(*values)

@@ -1,0 +1,350 @@
+"""The stream projector: assigns every matching stored message to a partition, exactly once.
+
+How it stays exact without a look-back window
+---------------------------------------------
+Every message row carries `txid`, the id of the transaction that wrote it.
+The projector's checkpoint is a PostgreSQL snapshot `seen`: every matching
+message visible in `seen` has been projected, and nothing else has.
+
+A round takes a new snapshot `pending` and projects
+``D = {rows visible in pending} \\ {rows visible in seen}`` in global-position
+order, then sets ``seen := pending``.
+
+* Nothing is skipped. Snapshots only grow: a transaction visible in `seen`
+  committed before `pending` was taken, so it is visible there too. A row
+  committed at any time, however late or long its transaction ran, is
+  invisible in some checkpoint and visible in a later one, so it falls into
+  exactly one D. A row of a transaction that rolls back is never visible.
+* Nothing is projected twice: the D of successive rounds are disjoint by
+  construction, and `message_id` is unique in the stream table as a backstop.
+* Origin-stream order is kept: version v+1 of a stream is written only after
+  the writer of v committed *and released the stream lock*, which PostgreSQL
+  does after removing it from the running set. So any snapshot showing v+1
+  shows v: v is never in a later D than v+1, and inside one D the rows are
+  ordered by global position, which increases with version in a stream.
+* Reading only D is cheap: a row is invisible in `seen` exactly when its
+  txid is >= `pg_snapshot_xmax(seen)` or in `pg_snapshot_xip(seen)`, which an
+  index on txid answers; a long-open transaction only stays in `xip` and
+  never holds back the rows of others.
+* Steps may stop inside a D: the checkpoint then also holds `pending` and the
+  global position up to which D was done (`pending_after`), and the next step
+  continues there before taking a new snapshot.
+
+One projector at a time: each step runs in one transaction that first takes
+a transaction-level advisory lock with `pg_try_advisory_xact_lock`; a
+projector that does not get it returns at once with `locked=True`. Positions
+continue from the `heads` table, read after the lock, so they stay gapless.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses as _dc
+import datetime as _dt
+import numbers
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+from depeche_nb.core.errors import DepecheError
+from depeche_nb.core.interfaces import (
+    MessagePartitioner,
+    RunOnNotificationResult,
+    TimeBudget,
+)
+from depeche_nb.core.messages import StoredMessage
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.store.message_store import to_stored_message
+from depeche_nb.store.storage import ROW_COLUMNS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from depeche_nb.engine.aggregated_stream import AggregatedStream
+
+E = TypeVar("E")
+
+DEFAULT_BATCH_SIZE = 1000
+_MAX_PARTITION = 2**31 - 1
+
+
+class PartitionerError(DepecheError, ValueError):
+    """The partitioner raised or returned something that is not an int >= 0."""
+
+
+@_dc.dataclass(frozen=True)
+class ProjectedMessage:
+    """One message placed into a partition by a projector step."""
+
+    message_id: uuid.UUID
+    origin_stream: str
+    version: int
+    global_position: int
+    partition: int
+    position: int
+
+
+@_dc.dataclass
+class ProjectionReport:
+    """What one projector step (or run) moved."""
+
+    stream_name: str
+    projected: list[ProjectedMessage] = _dc.field(default_factory=list)
+    more_available: bool = False
+    locked: bool = False
+
+    def __len__(self) -> int:
+        return len(self.projected)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        import pandas as pd
+
+        columns = [f.name for f in _dc.fields(ProjectedMessage)]
+        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(p) for p in self.projected], columns=columns)
+        frame["message_id"] = frame["message_id"].astype(str)
+        for name in ("version", "global_position", "partition", "position"):
+            frame[name] = frame[name].astype("int64")
+        return frame
+
+    def summary(self) -> str:
+        if self.locked:
+            return f"{self.stream_name}: another projector is running; nothing done"
+        state = "more to project" if self.more_available else "caught up"
+        return f"{self.stream_name}: projected {len(self.projected)} message(s), {state}"
+
+    def __repr__(self) -> str:
+        return f"<ProjectionReport {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        table = self.to_dataframe().tail(50).to_html(index=False, escape=True, border=0)
+        return f"<div><p><b>{html.escape(self.summary())}</b></p>{table}</div>"
+
+
+class FullUpdateResult(NamedTuple):
+    n_updated_messages: int
+    more_messages_available: bool
+
+
+def _validate_partition(value: object, message: StoredMessage[Any]) -> int:
+    where = (
+        f"message {message.message_id} (stream {message.stream!r}, version {message.version}, "
+        f"global position {message.global_position})"
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PartitionerError(
+            f"the partitioner returned {value!r} ({type(value).__name__}) for {where}; "
+            "it must return an int >= 0"
+        )
+    partition = int(value)
+    if partition < 0 or partition > _MAX_PARTITION:
+        raise PartitionerError(
+            f"the partitioner returned {partition} for {where}; it must be between 0 and {_MAX_PARTITION}"
+        )
+    return partition
+
+
+def _as_utc(moment: _dt.datetime) -> _dt.datetime:
+    # Naive message times (e.g. datetime.utcnow()) are taken as UTC.
+    return moment.replace(tzinfo=_dt.timezone.utc) if moment.tzinfo is None else moment
+
+
+class StreamProjector(Generic[E]):
+    """Projects the store's matching messages into the aggregated stream's partitions."""
+
+    def __init__(
+        self,
+        stream: AggregatedStream[E],
+        partitioner: MessagePartitioner[E],
+        stream_wildcards: list[str],
+        batch_size: int | None = None,
+    ) -> None:
+        self.stream = stream
+        self.partitioner = partitioner
+        self.stream_wildcards = list(stream_wildcards)
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        names = stream.names
+        table = quote_ident(names.table)
+        heads = quote_ident(names.heads_table)
+        checkpoint = quote_ident(names.checkpoint_table)
+        messages = quote_ident(names.store.messages_table)
+        lock_a, lock_b = names.projector_lock
+        self._lock_sql = f"BEGIN; SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
+        self._checkpoint_sql = (
+            "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
+            "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
+            f"array(SELECT pg_snapshot_xip(seen))::text[] FROM {checkpoint}"
+        )
+        select = f"SELECT {ROW_COLUMNS} FROM {messages} m WHERE m.global_position > %(after)s "
+        tail = (
+            "AND pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) "
+            "AND m.stream LIKE ANY(%(wildcards)s) ORDER BY m.global_position LIMIT %(limit)s"
+        )
+        self._rows_first_sql = select + tail
+        self._rows_delta_sql = (
+            select + "AND (m.txid >= %(seen_xmax)s::xid8 OR m.txid = ANY(%(seen_xip)s::xid8[])) " + tail
+        )
+        self._insert_sql = f"""
+            WITH new AS (
+                SELECT * FROM unnest(%(gps)s::bigint[], %(ids)s::uuid[], %(streams)s::text[],
+                                     %(versions)s::int[], %(partitions)s::int[],
+                                     %(occurred)s::timestamptz[], %(added)s::timestamptz[])
+                    AS n(global_position, message_id, origin_stream, origin_stream_version,
+                         partition, message_occurred_at, origin_added_at)
+            ), numbered AS (
+                SELECT n.*, coalesce(h.max_position, -1)
+                       + row_number() OVER (PARTITION BY n.partition ORDER BY n.global_position)
+                       AS position
+                FROM new n LEFT JOIN {heads} h ON h.partition = n.partition
+            ), ins AS (
+                INSERT INTO {table} (global_position, message_id, origin_stream,
+                    origin_stream_version, partition, position, message_occurred_at,
+                    origin_added_at)
+                SELECT global_position, message_id, origin_stream, origin_stream_version,
+                       partition, position::int, message_occurred_at, origin_added_at
+                FROM numbered
+                RETURNING global_position, partition, position
+            ), up AS (
+                INSERT INTO {heads} (partition, max_position)
+                SELECT partition, max(position) FROM ins GROUP BY partition
+                ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position
+                RETURNING partition, max_position
+            ), notified AS (
+                SELECT count(pg_notify(%(channel)s, json_build_object(
+                    'partition', partition, 'position', max_position)::text)) AS n
+                FROM up
+            )
+            SELECT ins.global_position, ins.partition, ins.position
+            FROM ins CROSS JOIN notified
+        """
+        self._advance_sql = (
+            f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
+            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, updated_at = now(); "
+            "COMMIT"
+        )
+        self._keep_running = True
+
+    # -- RunOnNotification --------------------------------------------------------------------
+
+    @property
+    def notification_channel(self) -> str:
+        return self.stream.store_channel
+
+    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
+        return True  # store notifications carry no payload to filter on
+
+    def take_notification_hint(self, notification: dict[str, Any]) -> None:
+        return None
+
+    def stop(self) -> None:
+        self._keep_running = False
+
+    def run(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
+        """Project until caught up (or the budget is spent)."""
+        self._keep_running = True
+        while self._keep_running:
+            report = self.step(self.batch_size)
+            if report.locked or not report.more_available:
+                return RunOnNotificationResult.DONE_FOR_NOW
+            if budget is not None and budget.over_budget():
+                return RunOnNotificationResult.WORK_REMAINING
+        return RunOnNotificationResult.DONE_FOR_NOW
+
+    def update_full(self, budget: TimeBudget | None = None) -> FullUpdateResult:
+        total, more = 0, False
+        while True:
+            report = self.step(self.batch_size)
+            total += len(report)
+            more = report.more_available
+            if report.locked or not more or (budget is not None and budget.over_budget()):
+                return FullUpdateResult(total, more)
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def step(self, max_messages: int | None = None) -> ProjectionReport:
+        """Project at most `max_messages` messages in one transaction and report what moved."""
+        limit = self.batch_size if max_messages is None else max_messages
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_messages must be a positive int, got {max_messages!r}")
+        report = ProjectionReport(self.stream.name)
+        with autocommit_cursor(self.stream.engine) as cursor:
+            try:
+                self._step(cursor, limit, report)
+            except BaseException:
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
+                raise
+        return report
+
+    def _step(self, cursor: Any, limit: int, report: ProjectionReport) -> None:
+        cursor.execute(self._lock_sql)
+        if not cursor.fetchone()[0]:
+            cursor.execute("ROLLBACK")
+            report.locked = True
+            return
+        cursor.execute(self._checkpoint_sql)
+        seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
+        params = {
+            "after": after,
+            "pending": pending,
+            "wildcards": self.stream_wildcards,
+            "limit": limit + 1,
+            "seen_xmax": seen_xmax,
+            "seen_xip": seen_xip,
+        }
+        cursor.execute(self._rows_first_sql if seen is None else self._rows_delta_sql, params)
+        rows = cursor.fetchall()
+        report.more_available = len(rows) > limit
+        rows = rows[:limit]
+        if rows:
+            self._project(cursor, rows, report)
+        if report.more_available:
+            advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
+        else:
+            advance = {"seen": pending, "pending": None, "after": None}
+        cursor.execute(self._advance_sql, advance)
+
+    def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport) -> None:
+        serializer = self.stream.store.serializer
+        get_partition = self.partitioner.get_partition
+        columns: dict[str, list[Any]] = collections.defaultdict(list)
+        for row in rows:
+            stored: StoredMessage[E] = to_stored_message(row, serializer)
+            try:
+                partition = get_partition(stored)
+            except Exception as exc:
+                raise PartitionerError(
+                    f"the partitioner raised {type(exc).__name__}: {exc} for message "
+                    f"{stored.message_id} (stream {stored.stream!r}, version {stored.version}, "
+                    f"global position {stored.global_position}); nothing of this batch was projected"
+                ) from exc
+            columns["partitions"].append(_validate_partition(partition, stored))
+            columns["gps"].append(stored.global_position)
+            columns["ids"].append(str(stored.message_id))
+            columns["streams"].append(stored.stream)
+            columns["versions"].append(stored.version)
+            columns["occurred"].append(_as_utc(stored.message.get_message_time()))  # type: ignore[attr-defined]
+            columns["added"].append(stored.added_at)
+        cursor.execute(self._insert_sql, {**columns, "channel": self.stream.names.channel})
+        placed = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
+        for gp, message_id, stream, version in zip(
+            columns["gps"], columns["ids"], columns["streams"], columns["versions"], strict=True
+        ):
+            partition, position = placed[gp]
+            report.projected.append(
+                ProjectedMessage(uuid.UUID(message_id), stream, version, gp, partition, position)
+            )
+
+    def __repr__(self) -> str:
+        return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"
+
+
+__all__ = [
+    "FullUpdateResult",
+    "PartitionerError",
+    "ProjectedMessage",
+    "ProjectionReport",
+    "StreamProjector",
+]

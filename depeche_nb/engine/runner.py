@@ -1,0 +1,274 @@
+"""Subscription runners: lock a partition, handle its next messages, acknowledge, unlock.
+
+`SubscriptionRunner` acknowledges each message right after its handler
+returned (or lets the handler do it inside its own transaction);
+`BatchedAckSubscriptionRunner` stores the position once per batch, after the
+last successfully handled message. Both are steppable for notebooks and
+implement `RunOnNotification` for the executor.
+"""
+
+from __future__ import annotations
+
+import dataclasses as _dc
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from depeche_nb.core.interfaces import (
+    ErrorAction,
+    RunOnNotificationResult,
+    SubscriptionMessage,
+    TimeBudget,
+)
+from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
+from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED, SubscriptionMessageHandler
+from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
+from depeche_nb.engine.parking import PARKED as STATUS_PARKED
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from depeche_nb.engine.subscription import Subscription
+
+E = TypeVar("E")
+
+FAILED = "failed"
+
+
+@_dc.dataclass(frozen=True)
+class HandledMessage:
+    """One message as a runner step dealt with it."""
+
+    partition: int
+    position: int
+    message_id: uuid.UUID
+    message_type: str
+    outcome: str
+    attempts: int = 1
+    error: str | None = None
+
+
+@_dc.dataclass
+class RunnerReport:
+    """What one runner step (or run) handled."""
+
+    subscription_name: str
+    handled: list[HandledMessage] = _dc.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.handled)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        import pandas as pd
+
+        columns = [f.name for f in _dc.fields(HandledMessage)]
+        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(h) for h in self.handled], columns=columns)
+        frame["message_id"] = frame["message_id"].astype(str)
+        for name in ("partition", "position", "attempts"):
+            frame[name] = frame[name].astype("int64")
+        return frame
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for item in self.handled:
+            counts[item.outcome] = counts.get(item.outcome, 0) + 1
+        detail = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "nothing to do"
+        return f"{self.subscription_name}: {detail}"
+
+    def __repr__(self) -> str:
+        return f"<RunnerReport {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        table = self.to_dataframe().tail(50).to_html(index=False, escape=True, border=0)
+        return f"<div><p><b>{html.escape(self.summary())}</b></p>{table}</div>"
+
+
+class SubscriptionRunner(Generic[E]):
+    """Handles a subscription's messages, one acknowledgement per message."""
+
+    def __init__(
+        self,
+        subscription: Subscription[E],
+        message_handler: SubscriptionMessageHandler[E],
+        batch_size: int | None = None,
+    ) -> None:
+        self.subscription = subscription
+        self.message_handler = message_handler
+        self.batch_size = batch_size or subscription.batch_size
+        self._keep_running = True
+        self.last_report: RunnerReport | None = None
+
+    # -- RunOnNotification --------------------------------------------------------------------
+
+    @property
+    def notification_channel(self) -> str:
+        return self.subscription.stream.notification_channel
+
+    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
+        return True
+
+    def take_notification_hint(self, notification: dict[str, Any]) -> None:
+        return None
+
+    def stop(self) -> None:
+        self._keep_running = False
+
+    def run(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
+        """Handle messages until none are left (or the budget is spent)."""
+        return self.run_once(budget)
+
+    def run_once(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
+        self._keep_running = True
+        while self._keep_running:
+            report = self.step(None)
+            if not report.handled:
+                return RunOnNotificationResult.DONE_FOR_NOW
+            if budget is not None and budget.over_budget():
+                return RunOnNotificationResult.WORK_REMAINING
+        return RunOnNotificationResult.DONE_FOR_NOW
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def step(self, max_messages: int | None = None) -> RunnerReport:
+        """Handle at most `max_messages` (default: one batch per partition with work).
+
+        A handler error that the error handler turns into EXIT propagates; the
+        message stays un-acknowledged and is delivered again next time, and
+        `last_report` still lists what was handled before it.
+        """
+        if max_messages is not None and (
+            isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1
+        ):
+            raise ValueError(f"max_messages must be a positive int, got {max_messages!r}")
+        subscription = self.subscription
+        report = RunnerReport(subscription.name)
+        self.last_report = report
+        subscription.ensure_initialized()
+        remaining = max_messages
+        for candidate in subscription.partitions_with_work():
+            if remaining is not None and remaining <= 0:
+                break
+            if not self._keep_running:
+                break
+            count = self.batch_size if remaining is None else min(self.batch_size, remaining)
+            handled = self._handle_partition(candidate.partition, count, report)
+            if remaining is not None:
+                remaining -= handled
+        return report
+
+    def _handle_partition(self, partition: int, count: int, report: RunnerReport) -> int:
+        subscription = self.subscription
+        locks = subscription.lock_provider
+        lock_name = subscription.partition_lock_name(partition)
+        if not locks.lock(lock_name):
+            return 0
+        try:
+            # Re-read under the lock: another runner may have moved on meanwhile.
+            start = subscription.state_provider.read(subscription.name).positions.get(partition, -1) + 1
+            batch = subscription.stream.read_slice_messages(partition, start, count)
+            return self._handle_batch(batch, report)
+        finally:
+            locks.unlock(lock_name)
+
+    def _handle_batch(self, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport) -> int:
+        subscription = self.subscription
+        for done, (partition, position, stored) in enumerate(batch):
+            ack = AckOp(subscription.name, partition, position, subscription.state_provider)
+            message = SubscriptionMessage(partition, position, stored, ack)
+            self._deliver(message, report, park_ack=ack.execute)
+            try:
+                if ack.in_caller_transaction:
+                    ack.verify()
+                elif not ack.executed:
+                    ack.execute()
+            except AckRolledback:
+                # The handler's own transaction did not commit: stop here, the
+                # message comes again.
+                return done + 1
+        return len(batch)
+
+    def _deliver(self, message: SubscriptionMessage[E], report: RunnerReport, park_ack: Any) -> None:
+        """Call the handler with retries; record the outcome; raise on EXIT."""
+        policy = self.subscription.retry_policy
+        attempts_allowed = policy.attempts if policy is not None else 1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outcome = self.message_handler.call(message)
+            except Exception as error:
+                if attempt < attempts_allowed and policy is not None:
+                    time.sleep(policy.delay_before(attempt))
+                    continue
+                action = self.message_handler.error_handler.handle_error(error, message)
+                if action is ErrorAction.EXIT:
+                    report.handled.append(self._record(message, FAILED, attempt, error))
+                    raise
+                status = STATUS_PARKED if action is ErrorAction.PARK else STATUS_IGNORED
+                self._park(message, status, attempt, error, park_ack)
+                outcome = PARKED if action is ErrorAction.PARK else IGNORED
+                report.handled.append(self._record(message, outcome, attempt, error))
+                return
+            report.handled.append(self._record(message, outcome, attempt, None))
+            return
+
+    def _park(
+        self, message: SubscriptionMessage[E], status: str, attempts: int, error: Exception, ack: Any
+    ) -> None:
+        """Record the message in the parked table and acknowledge it, in one transaction
+        when the state provider can join one."""
+        subscription = self.subscription
+        with subscription.stream.engine.begin() as conn:
+            subscription.parked_messages.record(conn, message, status, attempts, error)
+            if ack is not None:
+                ack(conn=conn)
+
+    @staticmethod
+    def _record(
+        message: SubscriptionMessage[E], outcome: str, attempts: int, error: Exception | None
+    ) -> HandledMessage:
+        stored = message.stored_message
+        return HandledMessage(
+            partition=message.partition,
+            position=message.position,
+            message_id=stored.message_id,
+            message_type=type(stored.message).__name__,
+            outcome=outcome,
+            attempts=attempts,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(subscription={self.subscription.name!r})"
+
+
+class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
+    """Stores the position once per batch, after the last successfully handled message."""
+
+    def _handle_batch(self, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport) -> int:
+        subscription = self.subscription
+        acked: tuple[int, int] | None = None
+        try:
+            for partition, position, stored in batch:
+                message = SubscriptionMessage(partition, position, stored, BatchAck())
+                # A parked message is acknowledged with the rest of the batch below.
+                self._deliver(message, report, park_ack=None)
+                acked = (partition, position)
+        finally:
+            # Also on EXIT: what was handled stays handled (never rewind to -1).
+            if acked is not None:
+                subscription.state_provider.store(subscription.name, acked[0], acked[1])
+        return len(batch)
+
+
+__all__ = [
+    "FAILED",
+    "HANDLED",
+    "BatchedAckSubscriptionRunner",
+    "HandledMessage",
+    "RunnerReport",
+    "SubscriptionRunner",
+]

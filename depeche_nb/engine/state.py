@@ -1,0 +1,104 @@
+"""`DbSubscriptionStateProvider`: per-partition positions of subscriptions, in PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.core.interfaces import SubscriptionState
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.subscription_schema import INIT_PARTITION, ensure_state_schema, state_table
+
+
+class DbSubscriptionStateProvider:
+    """Stores each ack as an upsert; `session(conn=...)` stores inside the caller's transaction."""
+
+    SPECIAL_PARTITION_FOR_INIT_STATE = INIT_PARTITION
+
+    def __init__(self, name: str, engine: sa.Engine) -> None:
+        self.name = validate_name(name, "state provider name")
+        self.engine = engine
+        ensure_state_schema(engine, name)
+        table = quote_ident(state_table(name))
+        self.table = table
+        self._upsert_sql = (
+            f"INSERT INTO {table} (subscription_name, partition, position) VALUES (%s, %s, %s) "
+            "ON CONFLICT (subscription_name, partition) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
+        )
+        self._read_sql = (
+            f"SELECT partition, position FROM {table} WHERE subscription_name = %s AND partition >= 0"
+        )
+        self._initialized: set[str] = set()
+
+    def store(self, subscription_name: str, partition: int, position: int) -> None:
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self._upsert_sql, (subscription_name, partition, position))
+
+    def store_many(self, subscription_name: str, positions: dict[int, int]) -> None:
+        """Set several partitions' positions in one transaction (used by resets)."""
+        with self.engine.begin() as conn:
+            for partition, position in positions.items():
+                conn.exec_driver_sql(self._upsert_sql, (subscription_name, partition, position))
+
+    def read(self, subscription_name: str) -> SubscriptionState:
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self._read_sql, (subscription_name,))
+            return SubscriptionState({row[0]: row[1] for row in cursor.fetchall()})
+
+    def initialize(self, subscription_name: str) -> None:
+        self.store(subscription_name, INIT_PARTITION, INIT_PARTITION)
+        self._initialized.add(subscription_name)
+
+    def initialized(self, subscription_name: str) -> bool:
+        if subscription_name in self._initialized:
+            return True
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(
+                f"SELECT 1 FROM {self.table} WHERE subscription_name = %s AND partition = %s",
+                (subscription_name, INIT_PARTITION),
+            )
+            found = cursor.fetchone() is not None
+        if found:
+            self._initialized.add(subscription_name)
+        return found
+
+    def forget(self, subscription_name: str) -> None:
+        """Delete all state of a subscription (it starts again from its start point)."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"DELETE FROM {self.table} WHERE subscription_name = %s", (subscription_name,)
+            )
+        self._initialized.discard(subscription_name)
+
+    def session(self, conn: sa.Connection | None = None, **kwargs: Any) -> _StateSession:
+        if conn is None or kwargs:
+            raise TypeError("session() takes exactly one argument: conn=<SQLAlchemy Connection>")
+        return _StateSession(self, conn)
+
+
+class _StateSession:
+    """The provider bound to a caller's transaction: nothing here commits."""
+
+    def __init__(self, provider: DbSubscriptionStateProvider, conn: sa.Connection) -> None:
+        self._provider = provider
+        self._conn = conn
+
+    def store(self, subscription_name: str, partition: int, position: int) -> None:
+        self._conn.exec_driver_sql(self._provider._upsert_sql, (subscription_name, partition, position))
+
+    def read(self, subscription_name: str) -> SubscriptionState:
+        rows = self._conn.exec_driver_sql(self._provider._read_sql, (subscription_name,)).all()
+        return SubscriptionState({row[0]: row[1] for row in rows})
+
+    def initialize(self, subscription_name: str) -> None:
+        self._provider.initialize(subscription_name)
+
+    def initialized(self, subscription_name: str) -> bool:
+        return self._provider.initialized(subscription_name)
+
+    def session(self, **kwargs: Any) -> _StateSession:
+        return self._provider.session(**kwargs)

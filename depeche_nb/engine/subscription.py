@@ -1,0 +1,322 @@
+"""Subscriptions: a named reader of an aggregated stream with per-partition state and locks.
+
+At-least-once: a message is acknowledged (its position stored) only after
+its handler returned, so a crash at any point before the ack re-delivers
+it. A partition is processed only while its lock is held, and the state is
+re-read after the lock is taken, so two runners never handle one partition
+at once and never go backwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses as _dc
+import datetime as _dt
+import enum
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.core.interfaces import (
+    CallMiddleware,
+    LockProvider,
+    MessageHandlerRegisterProtocol,
+    SubscriptionErrorHandler,
+    SubscriptionMessage,
+    SubscriptionStartPoint,
+    SubscriptionStateProvider,
+)
+from depeche_nb.engine.acks import AckOp, AckRolledback
+from depeche_nb.engine.error_handlers import RetryPolicy
+from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
+from depeche_nb.engine.parking import DISCARDED, REPLAYED, ParkedMessage, ParkedMessages
+from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
+from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
+from depeche_nb.engine.state import DbSubscriptionStateProvider
+from depeche_nb.postgres.locks import DbLockProvider
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from depeche_nb.engine.aggregated_stream import AggregatedStream
+
+E = TypeVar("E")
+
+DEFAULT_BATCH_SIZE = 100
+_INIT_WAIT_S = 30.0
+
+
+class AckStrategy(enum.Enum):
+    SINGLE = "single"
+    BATCHED = "batched"
+
+
+@_dc.dataclass(frozen=True)
+class PartitionProgress:
+    """A partition as a subscription sees it."""
+
+    partition: int
+    position: int  # last acknowledged position, -1 before the first
+    head: int  # highest projected position
+
+    @property
+    def lag(self) -> int:
+        return self.head - self.position
+
+
+class Subscription(Generic[E]):
+    """A named subscription to an aggregated stream; `runner` does the work."""
+
+    def __init__(
+        self,
+        name: str,
+        stream: AggregatedStream[E],
+        message_handler: SubscriptionMessageHandler[E],
+        batch_size: int | None = None,
+        state_provider: SubscriptionStateProvider | None = None,
+        lock_provider: LockProvider | None = None,
+        start_point: SubscriptionStartPoint | None = None,
+        ack_strategy: AckStrategy = AckStrategy.SINGLE,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        validate_name(name, "subscription name")
+        if start_point is not None and not isinstance(start_point, SubscriptionStartPoint):
+            raise TypeError(
+                "start_point must be a SubscriptionStartPoint such as StartAtNextMessage() or "
+                f"StartAtPointInTime(datetime), got {type(start_point).__name__}"
+            )
+        if not isinstance(ack_strategy, AckStrategy):
+            raise TypeError(f"ack_strategy must be an AckStrategy, got {ack_strategy!r}")
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise TypeError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        engine = stream.engine
+        self.name = name
+        self.stream = stream
+        self._stream = stream
+        self.message_handler = message_handler
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.ack_strategy = ack_strategy
+        self.retry_policy = retry_policy
+        self._state_provider: SubscriptionStateProvider = state_provider or DbSubscriptionStateProvider(
+            name, engine
+        )
+        self._lock_provider: LockProvider = lock_provider or DbLockProvider(name, engine)
+        self._start_point = start_point or StartAtBeginning()
+        self.parked_messages = ParkedMessages(engine, name)
+        runner_class = (
+            BatchedAckSubscriptionRunner if ack_strategy is AckStrategy.BATCHED else SubscriptionRunner
+        )
+        self.runner: SubscriptionRunner[E] = runner_class(self, message_handler, self.batch_size)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def state_provider(self) -> SubscriptionStateProvider:
+        return self._state_provider
+
+    @property
+    def lock_provider(self) -> LockProvider:
+        return self._lock_provider
+
+    def partition_lock_name(self, partition: int) -> str:
+        return f"subscription-{self.name}-{partition}"
+
+    def ensure_initialized(self) -> None:
+        """Apply the start point once, even when many runners start at the same time."""
+        if self._state_provider.initialized(self.name):
+            return
+        init_lock = f"subscription-{self.name}-init"
+        deadline = time.monotonic() + _INIT_WAIT_S
+        while not self._lock_provider.lock(init_lock):
+            if self._state_provider.initialized(self.name):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"subscription {self.name!r} was not initialised by another runner in time"
+                )
+            time.sleep(0.05)
+        try:
+            if not self._state_provider.initialized(self.name):
+                self._start_point.init_state(self.name, self._stream, self._state_provider)
+                self._state_provider.initialize(self.name)
+        finally:
+            self._lock_provider.unlock(init_lock)
+
+    def progress(self) -> list[PartitionProgress]:
+        """Every partition's acknowledged position and head, by partition."""
+        self.ensure_initialized()
+        heads = self._stream.get_max_aggregated_stream_positions()
+        positions = self._state_provider.read(self.name).positions
+        return [PartitionProgress(p, positions.get(p, -1), heads[p]) for p in sorted(heads)]
+
+    def partitions_with_work(self) -> list[PartitionProgress]:
+        """Partitions with unhandled messages, most behind first."""
+        pending = [p for p in self.progress() if p.lag > 0]
+        return sorted(pending, key=lambda p: (-p.lag, p.partition))
+
+    # -- Depeche DB style fetching ----------------------------------------------------------
+
+    def get_next_messages(self, count: int) -> Iterator[SubscriptionMessage[E]]:
+        """Yield up to `count` messages of one partition; each is acked when the consumer
+        asks for the next one (at-least-once), and the partition is unlocked at the end."""
+        self.ensure_initialized()
+        for candidate in self.partitions_with_work():
+            lock_name = self.partition_lock_name(candidate.partition)
+            if not self._lock_provider.lock(lock_name):
+                continue
+            try:
+                start = self._state_provider.read(self.name).positions.get(candidate.partition, -1) + 1
+                batch = self._stream.read_slice_messages(candidate.partition, start, count)
+                if not batch:
+                    continue
+                for partition, position, stored in batch:
+                    ack = AckOp(self.name, partition, position, self._state_provider)
+                    yield SubscriptionMessage(partition, position, stored, ack)
+                    if ack.in_caller_transaction:
+                        ack.verify()
+                    elif not ack.executed:
+                        ack.execute()
+                return
+            except AckRolledback:
+                return
+            finally:
+                self._lock_provider.unlock(lock_name)
+
+    # -- resets -----------------------------------------------------------------------------
+
+    def reset(
+        self,
+        to: SubscriptionStartPoint | Mapping[int, int] | None = None,
+        *,
+        timeout: float = 10.0,
+    ) -> dict[int, int]:
+        """Move the subscription: to the beginning (default), a start point, or explicit
+        `{partition: next_position}`. Waits for each partition's lock, so it is safe while
+        runners work; returns the new acknowledged positions."""
+        heads = self._stream.get_max_aggregated_stream_positions()
+        current = self._state_provider.read(self.name).positions
+        partitions = sorted(set(heads) | set(current))
+        target = self._reset_targets(to, heads, partitions)
+        locked: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            for partition in partitions:
+                lock_name = self.partition_lock_name(partition)
+                while not self._lock_provider.lock(lock_name):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"could not lock partition {partition} of {self.name!r} within {timeout} s"
+                        )
+                    time.sleep(0.02)
+                locked.append(lock_name)
+            for partition in partitions:
+                self._state_provider.store(self.name, partition, target[partition])
+            if not self._state_provider.initialized(self.name):
+                self._state_provider.initialize(self.name)
+        finally:
+            for lock_name in locked:
+                self._lock_provider.unlock(lock_name)
+        return target
+
+    def _reset_targets(self, to: object, heads: dict[int, int], partitions: list[int]) -> dict[int, int]:
+        if to is None or isinstance(to, StartAtBeginning):
+            return {p: -1 for p in partitions}
+        if isinstance(to, StartAtNextMessage):
+            return {p: heads.get(p, -1) for p in partitions}
+        if isinstance(to, StartAtPointInTime):
+            first = self._stream.time_to_positions(to.point_in_time)
+            return {p: first.get(p, 0) - 1 for p in partitions}
+        if isinstance(to, _dt.datetime):
+            return self._reset_targets(StartAtPointInTime(to), heads, partitions)
+        if isinstance(to, Mapping):
+            targets = {p: self._state_provider.read(self.name).positions.get(p, -1) for p in partitions}
+            for partition, next_position in to.items():
+                for what, value in (("partition", partition), ("position", next_position)):
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ValueError(f"reset {what} must be an int >= 0, got {value!r}")
+                targets[partition] = next_position - 1
+            return targets
+        raise TypeError(
+            "reset(to=...) takes None (beginning), StartAtNextMessage(), StartAtPointInTime(dt), "
+            f"a datetime or {{partition: next_position}}, got {type(to).__name__}"
+        )
+
+    # -- parked messages --------------------------------------------------------------------
+
+    def parked(self, include_resolved: bool = False) -> list[ParkedMessage]:
+        """Messages parked (or ignored after errors) by this subscription."""
+        return self.parked_messages.list(include_resolved)
+
+    def parked_dataframe(self, include_resolved: bool = False) -> pd.DataFrame:
+        return self.parked_messages.to_dataframe(include_resolved)
+
+    def replay_parked(self, parked_id: int) -> str:
+        """Run the handler on a parked message now; on success mark it replayed.
+        A handler error propagates and leaves it parked."""
+        parked = self.parked_messages.get(parked_id)
+        with self._stream.store.reader() as reader:
+            stored = reader.get_message_by_id(parked.message_id)
+        message = SubscriptionMessage(parked.partition, parked.position, stored, _ReplayAck())
+        outcome = self.message_handler.call(message)
+        self.parked_messages.resolve(parked_id, REPLAYED)
+        return outcome
+
+    def discard_parked(self, parked_id: int) -> None:
+        """Mark a parked message as dealt with, without handling it."""
+        self.parked_messages.resolve(parked_id, DISCARDED)
+
+    def __repr__(self) -> str:
+        return f"Subscription(name={self.name!r}, stream={self._stream.name!r})"
+
+
+class _ReplayAck:
+    """A replayed message was acknowledged when it was parked; nothing more to store."""
+
+    def execute(self, **kwargs: Any) -> None:
+        return None
+
+
+class SubscriptionFactory(Generic[E]):
+    """`aggregated_stream.subscription(...)`."""
+
+    def __init__(self, stream: AggregatedStream[E]) -> None:
+        self.stream = stream
+
+    def __call__(
+        self,
+        name: str,
+        handlers: MessageHandlerRegisterProtocol[E] | None = None,
+        batch_size: int | None = None,
+        call_middleware: CallMiddleware[E] | None = None,
+        error_handler: SubscriptionErrorHandler[E] | None = None,
+        state_provider: SubscriptionStateProvider | None = None,
+        lock_provider: LockProvider | None = None,
+        start_point: SubscriptionStartPoint | None = None,
+        ack_strategy: AckStrategy | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> Subscription[E]:
+        register: MessageHandlerRegisterProtocol[E] = (
+            handlers if handlers is not None else MessageHandlerRegister()
+        )
+        if not callable(getattr(register, "get_handler", None)):
+            raise TypeError(
+                f"handlers must be a MessageHandler or MessageHandlerRegister, got {type(handlers).__name__}"
+            )
+        message_handler = SubscriptionMessageHandler(
+            handler_register=register, error_handler=error_handler, call_middleware=call_middleware
+        )
+        return Subscription(
+            name,
+            self.stream,
+            message_handler,
+            batch_size=batch_size,
+            state_provider=state_provider,
+            lock_provider=lock_provider,
+            start_point=start_point,
+            ack_strategy=ack_strategy or AckStrategy.SINGLE,
+            retry_policy=retry_policy,
+        )

@@ -1,0 +1,212 @@
+"""Repositories: load aggregates by replaying their stream, save them by appending new events."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import pickle
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from depeche_nb.core.errors import DepecheError, MessageIdMismatchError, OptimisticConcurrencyError
+from depeche_nb.core.messages import MessagePosition
+from depeche_nb.event_sourcing.aggregate import EventSourcedAggregateRoot
+from depeche_nb.event_sourcing.cache import NoOpCache, RepoCache
+from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
+
+logger = logging.getLogger(__name__)
+
+E = TypeVar("E")
+OBJ = TypeVar("OBJ")
+ID = TypeVar("ID")
+AGG = TypeVar("AGG", bound=EventSourcedAggregateRoot[Any, Any])
+
+# What a broken or outdated cache entry typically raises while being caught
+# up; the repository then rebuilds from the stream instead of failing.
+_CACHE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, pickle.UnpicklingError)
+
+
+class NotFound(DepecheError):
+    """No aggregate with this id: its stream holds no events.
+
+    `args[0]` is the id, as in Depeche DB, so code reading it keeps working.
+    """
+
+    def __init__(self, id: object, stream: str | None = None) -> None:
+        super().__init__(id)
+        self.id = id
+        self.stream = stream
+
+    def __str__(self) -> str:
+        where = f" (stream {self.stream!r} is empty)" if self.stream is not None else ""
+        return f"no aggregate with id {self.id!r}{where}"
+
+
+class ConcurrentModificationError(OptimisticConcurrencyError, MessageIdMismatchError):
+    """The stream holds other events than the aggregate being saved was built from.
+
+    The store reports this as an id mismatch; for a repository it is the same
+    conflict as a wrong expected version (someone saved first, or another
+    aggregate already uses the id), so it is both: `except
+    OptimisticConcurrencyError` catches every save conflict, and code written
+    for Depeche DB that catches `MessageIdMismatchError` still works.
+    """
+
+
+def _stream_name(stream_prefix: str, id: object) -> str:
+    return f"{stream_prefix}-{id}"
+
+
+def _check_prefix(stream_prefix: object) -> str:
+    if not isinstance(stream_prefix, str):
+        raise TypeError(f"stream_prefix must be a str, got {type(stream_prefix).__name__}")
+    if not stream_prefix:
+        raise ValueError("stream_prefix must not be empty")
+    return stream_prefix
+
+
+class Repo(abc.ABC, Generic[OBJ, ID]):
+    """Where aggregates are kept; application code depends on this, not on the store."""
+
+    @abc.abstractmethod
+    def add(self, entity: OBJ) -> MessagePosition:
+        """Save a new aggregate; fails if one with its id already exists."""
+
+    @abc.abstractmethod
+    def save(self, entity: OBJ, expected_version: int) -> MessagePosition:
+        """Save new events of an aggregate that was at `expected_version` when loaded."""
+
+    @abc.abstractmethod
+    def get(self, id: ID) -> OBJ:
+        """Load the aggregate; raise `NotFound` if it does not exist."""
+
+
+class ReadRepository(Generic[E, AGG, ID]):
+    """Loads aggregates through one reader, i.e. within one connection.
+
+    `EventStoreRepo.get` opens a reader per call; use this class directly to
+    load several aggregates on one connection, or inside your own transaction
+    (`store.reader(conn=...)`).
+
+    With a cache, a hit is caught up with the events after its version. The
+    first event read is the one the cached state ends with, and its id is
+    compared with the cached one: if they differ, or the stream is shorter,
+    the stream was rewritten under the cache (`store.truncate()` in a
+    notebook, then the same ids used again), and the entry is discarded and
+    the aggregate rebuilt from scratch rather than returned wrong.
+    """
+
+    def __init__(
+        self,
+        event_store_reader: MessageStoreReaderProtocol[E],
+        constructor: Callable[[], AGG],
+        stream_prefix: str,
+        cache: RepoCache[AGG, ID] | None = None,
+    ) -> None:
+        self._reader = event_store_reader
+        self._constructor = constructor
+        self._stream_prefix = _check_prefix(stream_prefix)
+        self._cache: RepoCache[AGG, ID] = cache if cache is not None else NoOpCache()
+
+    def get(self, id: ID) -> AGG:
+        stream = _stream_name(self._stream_prefix, id)
+        try:
+            cached = self._cache.get(id)
+            if cached is not None:
+                if self._catch_up(cached, stream):
+                    self._cache.set(id, cached)
+                    return cached
+                logger.warning(
+                    "cached %s for stream %r does not match the stream any more; rebuilding it",
+                    type(cached).__name__,
+                    stream,
+                )
+                self._discard(id)
+        except _CACHE_ERRORS as exc:
+            logger.warning("cannot use the cached aggregate for stream %r (%r); rebuilding it", stream, exc)
+            self._discard(id)
+        obj = self._rebuild(id, stream)
+        self._cache.set(id, obj)
+        return obj
+
+    def _catch_up(self, obj: AGG, stream: str) -> bool:
+        """Apply the events after `obj.version`; False if `obj` is not a prefix of the stream."""
+        version = obj.version
+        rows = self._reader.read(stream, min_version=version + 1 if version > 0 else None)
+        if False:
+            head = next(rows, None)
+            if head is None or head.version != version or not obj._events:
+                return False
+            get_message_id = getattr(obj._events[-1], "get_message_id", None)
+            if not callable(get_message_id) or get_message_id() != head.message_id:
+                return False
+        with obj._replaying():
+            for stored in rows:
+                obj.apply(stored.message)
+        return True
+
+    def _rebuild(self, id: ID, stream: str) -> AGG:
+        obj = self._constructor()
+        with obj._replaying():
+            for stored in self._reader.read(stream):
+                obj.apply(stored.message)
+        if obj.get_id() is None:
+            raise NotFound(id, stream)
+        return obj
+
+    def _discard(self, id: ID) -> None:
+        discard = getattr(self._cache, "discard", None)
+        if callable(discard):
+            discard(id)
+
+
+class EventStoreRepo(Repo[AGG, ID], Generic[E, AGG, ID]):
+    """A `Repo` keeping each aggregate in the stream `"{stream_prefix}-{id}"` of a message store.
+
+    Saving synchronises the aggregate's whole history with the stream, so
+    only events the stream does not have yet are written, and saving an
+    unchanged aggregate again writes nothing. `expected_version` is the
+    version the aggregate had when it was loaded (0 for a new one); a save
+    that conflicts with a concurrent one raises `OptimisticConcurrencyError`
+    (or its subclass `ConcurrentModificationError`) and writes nothing.
+    """
+
+    def __init__(
+        self,
+        event_store: MessageStoreProtocol[E],
+        constructor: Callable[[], AGG],
+        stream_prefix: str,
+        cache: RepoCache[AGG, ID] | None = None,
+    ) -> None:
+        self._event_store = event_store
+        self._constructor = constructor
+        self._stream_prefix = _check_prefix(stream_prefix)
+        self._cache: RepoCache[AGG, ID] = cache if cache is not None else NoOpCache()
+
+    def add(self, entity: AGG) -> MessagePosition:
+        return self.save(entity, expected_version=0)
+
+    def save(self, entity: AGG, expected_version: int) -> MessagePosition:
+        id = entity.get_id()
+        if id is None:
+            raise ValueError(
+                f"cannot save {type(entity).__name__}: get_id() is None, i.e. no event has been "
+                "applied yet, so there is nothing to save and no stream name"
+            )
+        stream = _stream_name(self._stream_prefix, id)
+        try:
+            return self._event_store.synchronize(
+                stream=stream, expected_version=expected_version, messages=entity.events
+            )
+        except ConcurrentModificationError:
+            raise
+        except MessageIdMismatchError as exc:
+            raise ConcurrentModificationError(
+                f"stream {stream!r} holds other events than this {type(entity).__name__} was built "
+                "from: it was saved by someone else since it was loaded (or another aggregate "
+                "uses the same id); load it again and retry"
+            ) from exc
+
+    def get(self, id: ID) -> AGG:
+        with self._event_store.reader() as reader:
+            return ReadRepository(reader, self._constructor, self._stream_prefix, self._cache).get(id)
