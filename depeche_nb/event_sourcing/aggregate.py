@@ -107,11 +107,14 @@ class EventSourcedAggregateRoot(abc.ABC, Generic[ID, E]):
     @contextlib.contextmanager
     def _replaying(self) -> Iterator[None]:
         """Used by repositories while they feed stored events through `apply()`."""
+        if self._in_replay:  # nested: the outer block ends the replay
+            yield
+            return
         self._in_replay = True
         try:
             yield
         finally:
-            del self._in_replay
+            del self._in_replay  # back to the class default, so nothing extra is pickled
 
     def __eq__(self, other: object) -> bool:
         # Depeche DB raises NotImplementedError here, which breaks `x in list`

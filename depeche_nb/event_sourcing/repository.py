@@ -110,30 +110,35 @@ class ReadRepository(Generic[E, AGG, ID]):
 
     def get(self, id: ID) -> AGG:
         stream = _stream_name(self._stream_prefix, id)
-        try:
-            cached = self._cache.get(id)
-            if cached is not None:
-                if self._catch_up(cached, stream):
-                    self._cache.set(id, cached)
-                    return cached
-                logger.warning(
-                    "cached %s for stream %r does not match the stream any more; rebuilding it",
-                    type(cached).__name__,
-                    stream,
-                )
-                self._discard(id)
-        except _CACHE_ERRORS as exc:
-            logger.warning("cannot use the cached aggregate for stream %r (%r); rebuilding it", stream, exc)
-            self._discard(id)
-        obj = self._rebuild(id, stream)
+        obj = self._from_cache(id, stream)
+        if obj is None:
+            obj = self._rebuild(id, stream)
         self._cache.set(id, obj)
         return obj
+
+    def _from_cache(self, id: ID, stream: str) -> AGG | None:
+        """The cached aggregate caught up with the stream, or None if there is no usable entry."""
+        try:
+            cached = self._cache.get(id)
+            if cached is None:
+                return None
+            if self._catch_up(cached, stream):
+                return cached
+            logger.warning(
+                "cached %s for stream %r does not match the stream any more; rebuilding it",
+                type(cached).__name__,
+                stream,
+            )
+        except _CACHE_ERRORS as exc:
+            logger.warning("cannot use the cached aggregate for stream %r (%r); rebuilding it", stream, exc)
+        self._discard(id)
+        return None
 
     def _catch_up(self, obj: AGG, stream: str) -> bool:
         """Apply the events after `obj.version`; False if `obj` is not a prefix of the stream."""
         version = obj.version
-        rows = self._reader.read(stream, min_version=version + 1 if version > 0 else None)
-        if False:
+        rows = self._reader.read(stream, min_version=version if version > 0 else None)
+        if version > 0:
             head = next(rows, None)
             if head is None or head.version != version or not obj._events:
                 return False
