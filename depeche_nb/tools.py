@@ -3,6 +3,7 @@
 from depeche_nb.engine.partitioners import StreamNamePartitioner
 from depeche_nb.engine.reader import InMemorySubscriptionState, NullLockProvider
 from depeche_nb.engine.state import DbSubscriptionStateProvider
+from depeche_nb.postgres.listener import PgNotification, PgNotificationListener
 from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.store.serializers import PydanticMessageSerializer
 
@@ -11,6 +12,8 @@ __all__ = [
     "DbSubscriptionStateProvider",
     "InMemorySubscriptionState",
     "NullLockProvider",
+    "PgNotification",
+    "PgNotificationListener",
     "PydanticMessageSerializer",
     "StreamNamePartitioner",
 ]

@@ -31,8 +31,8 @@ def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
 def _assignments(engine: sa.Engine, stream_name: str) -> list[tuple[str, str, int, int, int, int]]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(
-            f"SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, position "
-            f'FROM "{stream_name}_stream" ORDER BY partition, position'
+            "SELECT message_id::text, origin_stream, origin_stream_version, global_position, "
+            f'partition, position FROM "{stream_name}_stream" ORDER BY partition, position'
         ).all()
     return [tuple(r) for r in rows]  # type: ignore[misc]
 

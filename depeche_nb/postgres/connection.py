@@ -8,9 +8,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.embedded import embedded_server
+from depeche_nb.postgres.names import lock_namespace
 
 DSN_ENV = "DEPECHE_NB_DSN"
+_SCHEMA_LOCK = lock_namespace("ddl", "schemas")
 
 
 def normalize_dsn(dsn: str) -> str:
@@ -39,6 +43,8 @@ def connect(
     *,
     ephemeral: bool = False,
     data_dir: str | Path | None = None,
+    schema: str | None = None,
+    fresh: bool = False,
     **engine_options: Any,
 ) -> sa.Engine:
     """Return a SQLAlchemy engine for the database depeche-nb should use.
@@ -47,14 +53,35 @@ def connect(
     environment variable, then an embedded PostgreSQL server (started if
     needed) whose data lives in a per-user folder. `ephemeral=True` starts a
     private server in a temporary folder that is removed when the process exits.
+
+    `schema` keeps every table of this engine in that PostgreSQL schema (created
+    if missing); `fresh=True` drops it first, so a notebook can start clean on
+    any server. Notification channels and lock keys are database-wide, so two
+    schemas with equally named stores share wake-ups (harmless, only extra work).
     """
     if isinstance(dsn, sa.Engine):
-        if ephemeral or data_dir is not None or engine_options:
-            raise ValueError("ephemeral, data_dir and engine options cannot be combined with an engine")
+        if ephemeral or data_dir is not None or engine_options or schema is not None:
+            raise ValueError(
+                "ephemeral, data_dir, schema and engine options cannot be combined with an engine"
+            )
         return dsn
+    if fresh and schema is None:
+        raise ValueError("fresh=True needs a schema to empty")
     if dsn is not None and not isinstance(dsn, str):
         raise TypeError(f"dsn must be a str or a SQLAlchemy Engine, got {type(dsn).__name__}")
     if dsn is not None and (ephemeral or data_dir is not None):
         raise ValueError("give either a dsn or ephemeral/data_dir, not both")
     url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir)
-    return sa.create_engine(url, **engine_options)
+    if schema is None:
+        return sa.create_engine(url, **engine_options)
+    validate_name(schema, "schema")
+    # In the URL (not connect_args) so the per-URL schema cache tells schemas apart.
+    scoped = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+    with sa.create_engine(url, poolclass=sa.pool.NullPool).begin() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK}, 0)")
+        if fresh:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    if fresh:
+        forget_ddl_for(scoped)
+    return sa.create_engine(scoped, **engine_options)

@@ -18,7 +18,7 @@ _DDL_LOCK = lock_namespace("ddl", "schema")
 
 def run_ddl_once(engine: sa.Engine, key: str, statements: Sequence[str]) -> None:
     """Execute `statements` in one transaction under a global DDL lock, once per engine URL."""
-    marker = (engine.url.render_as_string(hide_password=False), key)
+    marker = (_url_key(engine.url), key)
     with _guard:
         if marker in _done:
             return
@@ -32,7 +32,13 @@ def run_ddl_once(engine: sa.Engine, key: str, statements: Sequence[str]) -> None
         _done.add(marker)
 
 
-def forget_ddl(engine: sa.Engine, key: str) -> None:
-    """Make the next `run_ddl_once` for `key` run again (after objects were dropped)."""
+def _url_key(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+def forget_ddl_for(url: sa.URL) -> None:
+    """Make every `run_ddl_once` for this URL run again (its schema was dropped)."""
+    key = _url_key(url)
     with _guard:
-        _done.discard((engine.url.render_as_string(hide_password=False), key))
+        for marker in [m for m in _done if m[0] == key]:
+            _done.discard(marker)

@@ -34,9 +34,10 @@ def autocommit_cursor(engine: sa.Engine) -> Iterator[Any]:
     A connection that failed (server restart, network) is dropped and the
     next call opens a fresh one.
     """
-    connections: dict[tuple[int, int], Any] = getattr(_local, "connections", None) or {}
+    connections: dict[tuple[int, int, str], Any] = getattr(_local, "connections", None) or {}
     _local.connections = connections
-    key = (os.getpid(), id(engine))
+    # The URL is part of the key: a collected engine's id may be reused by another.
+    key = (os.getpid(), id(engine), str(engine.url))
     connection = connections.get(key)
     if connection is None or connection.closed:
         connection = open_dbapi_connection(engine)

@@ -261,7 +261,7 @@ class MessageStoreBase(Generic[E]):
             own.commit()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, engine={self.engine.url!r})"
+        return f"{type(self).__name__}(name={self.name!r})"
 
 
 __all__ = ["ROW_COLUMNS", "MessageStoreBase", "MessageStoreReader", "to_stored_message"]

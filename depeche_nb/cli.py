@@ -1,0 +1,176 @@
+"""The `depeche-nb` command: the embedded database, the tutorials, and an environment check.
+
+Exit codes: 0 success, 1 a check or tutorial failed, 2 usage error, 3 the
+database could not be reached or started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from depeche_nb.core.errors import EmbeddedServerError
+from depeche_nb.postgres.connection import DSN_ENV
+from depeche_nb.postgres.embedded import embedded_server
+
+EXIT_FAILED = 1
+EXIT_DATABASE = 3
+
+
+def _notebooks_dir(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    here = Path.cwd() / "notebooks"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    server = embedded_server(args.data_dir)
+    if args.action == "start":
+        print(server.start())
+        print(f"data: {server.data_dir}", file=sys.stderr)
+    elif args.action == "stop":
+        server.stop()
+        print("stopped")
+    elif args.action == "status":
+        running = server.is_running()
+        print(f"{'running' if running else 'stopped'}  data: {server.data_dir}")
+        return 0 if running else EXIT_FAILED
+    elif args.action == "url":
+        server.start()
+        print(server.dsn)
+    elif args.action == "psql":
+        server.start()
+        psql = shutil.which("psql") or str(Path(server._tool("psql")))
+        return subprocess.call([psql, server.libpq_dsn])
+    return 0
+
+
+def cmd_tutorials(args: argparse.Namespace) -> int:
+    """Execute every tutorial notebook top to bottom in a fresh kernel (on the embedded
+    database unless DEPECHE_NB_DSN is set) and report each one."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        print("the tutorials need nbclient: pip install 'depeche-nb[tutorials]'", file=sys.stderr)
+        return 2
+    folder = _notebooks_dir(args.notebooks)
+    notebooks = sorted(folder.glob("[0-9]*.ipynb"))
+    if not notebooks:
+        print(f"no tutorial notebooks in {folder}", file=sys.stderr)
+        return 2
+    if not os.environ.get(DSN_ENV):
+        # One server for all kernels, started once here instead of in each of them.
+        os.environ[DSN_ENV] = embedded_server().start()
+    failures = 0
+    for path in notebooks:
+        started = time.monotonic()
+        notebook = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+        )
+        try:
+            client.execute()
+        except Exception as exc:  # report and continue with the next tutorial
+            failures += 1
+            print(f"FAIL {path.name}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+            continue
+        if args.write:
+            nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
+        print(f"ok   {path.name} ({time.monotonic() - started:.1f} s)")
+    print(f"{len(notebooks) - failures} of {len(notebooks)} tutorials ran cleanly")
+    return EXIT_FAILED if failures else 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    if shutil.which("jupyter-lab") is None:
+        print("JupyterLab is not installed: pip install 'depeche-nb[lab]'", file=sys.stderr)
+        return 2
+    if not os.environ.get(DSN_ENV):
+        os.environ[DSN_ENV] = embedded_server().start()
+    folder = _notebooks_dir(args.notebooks)
+    return subprocess.call(["jupyter-lab", str(folder), *args.lab_args])
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    problems = 0
+
+    def check(name: str, ok: bool, detail: str, fix: str = "") -> None:
+        nonlocal problems
+        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}")
+        if not ok:
+            problems += 1
+            if fix:
+                print(f"       fix: {fix}")
+
+    check("python", sys.version_info >= (3, 10), sys.version.split()[0], "use Python 3.10 or newer")
+    for module, fix in (
+        ("sqlalchemy", "pip install 'sqlalchemy>=2'"),
+        ("psycopg2", "pip install psycopg2-binary"),
+        ("pydantic", "pip install 'pydantic>=2'"),
+        ("pandas", "pip install pandas"),
+        ("ipywidgets", "pip install 'ipywidgets>=8'"),
+    ):
+        try:
+            imported = __import__(module)
+            check(module, True, getattr(imported, "__version__", "installed"))
+        except ImportError:
+            check(module, False, "missing", fix)
+    try:
+        import sqlalchemy as sa
+
+        from depeche_nb.postgres.connection import connect
+
+        engine = connect()
+        with engine.connect() as conn:
+            version = conn.execute(sa.text("SHOW server_version")).scalar()
+        source = "DEPECHE_NB_DSN" if os.environ.get(DSN_ENV) else "embedded server"
+        check("database", True, f"PostgreSQL {version} ({source})")
+        engine.dispose()
+    except Exception as exc:
+        check(
+            "database", False, str(exc).splitlines()[0], "check DEPECHE_NB_DSN or run `depeche-nb db start`"
+        )
+    return EXIT_FAILED if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depeche-nb", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    db = commands.add_parser("db", help="manage the embedded PostgreSQL server")
+    db.add_argument("action", choices=["start", "stop", "status", "url", "psql"])
+    db.add_argument("--data-dir", default=None, help="data folder (default: per-user data folder)")
+    db.set_defaults(func=cmd_db)
+    tutorials = commands.add_parser("tutorials", help="execute the tutorial notebooks headless")
+    tutorials.add_argument("--notebooks", default=None, help="folder with the notebooks")
+    tutorials.add_argument("--write", action="store_true", help="save executed outputs back")
+    tutorials.set_defaults(func=cmd_tutorials)
+    lab = commands.add_parser("lab", help="start JupyterLab on the tutorials")
+    lab.add_argument("--notebooks", default=None)
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    lab.set_defaults(func=cmd_lab)
+    doctor = commands.add_parser("doctor", help="check the environment and say what to fix")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EmbeddedServerError as exc:
+        print(f"depeche-nb: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
