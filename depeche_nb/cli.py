@@ -74,7 +74,7 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
     failures = 0
     for path in notebooks:
         started = time.monotonic()
-        notebook = nbformat.read(path, as_version=4)
+        notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
         client = NotebookClient(
             notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
         )
