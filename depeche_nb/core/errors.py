@@ -11,7 +11,7 @@ class OptimisticConcurrencyError(DepecheError):
     """The stream's version was not the one the writer expected; nothing was written."""
 
 
-class MessageIdMismatchError(DepecheError):
+class MessageIdMismatchError(DepecheError, ValueError):
     """`synchronize` found stored messages whose ids differ from the given ones."""
 
 

@@ -7,6 +7,8 @@ import datetime as _dt
 import uuid as _uuid
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from depeche_nb.core.display import RichRepr
+
 E = TypeVar("E")
 M = TypeVar("M", covariant=True)
 
@@ -39,7 +41,7 @@ class MessagePosition:
 
 
 @_dc.dataclass(frozen=True)
-class StoredMessage(Generic[E]):
+class StoredMessage(RichRepr, Generic[E]):
     """A message as it lives in the store, with its place in stream and store."""
 
     message_id: _uuid.UUID

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
+from depeche_nb.core.display import RichRepr
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
@@ -46,7 +47,7 @@ def validate_wildcards(stream_wildcards: object) -> list[str]:
     return list(stream_wildcards)
 
 
-class AggregatedStream(Generic[E]):
+class AggregatedStream(RichRepr, Generic[E]):
     """Messages of the store's streams matching `stream_wildcards`, split into partitions."""
 
     def __init__(

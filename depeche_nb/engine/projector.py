@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
+from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import DepecheError
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -86,7 +87,7 @@ class ProjectedMessage:
 
 
 @_dc.dataclass
-class ProjectionReport:
+class ProjectionReport(RichRepr):
     """What one projector step (or run) moved."""
 
     stream_name: str
@@ -115,12 +116,6 @@ class ProjectionReport:
 
     def __repr__(self) -> str:
         return f"<ProjectionReport {self.summary()}>"
-
-    def _repr_html_(self) -> str:
-        import html
-
-        table = self.to_dataframe().tail(50).to_html(index=False, escape=True, border=0)
-        return f"<div><p><b>{html.escape(self.summary())}</b></p>{table}</div>"
 
 
 class FullUpdateResult(NamedTuple):

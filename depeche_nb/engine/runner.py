@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from depeche_nb.core.display import RichRepr
 from depeche_nb.core.interfaces import (
     ErrorAction,
     RunOnNotificationResult,
@@ -50,7 +51,7 @@ class HandledMessage:
 
 
 @_dc.dataclass
-class RunnerReport:
+class RunnerReport(RichRepr):
     """What one runner step (or run) handled."""
 
     subscription_name: str
@@ -78,12 +79,6 @@ class RunnerReport:
 
     def __repr__(self) -> str:
         return f"<RunnerReport {self.summary()}>"
-
-    def _repr_html_(self) -> str:
-        import html
-
-        table = self.to_dataframe().tail(50).to_html(index=False, escape=True, border=0)
-        return f"<div><p><b>{html.escape(self.summary())}</b></p>{table}</div>"
 
 
 class SubscriptionRunner(Generic[E]):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from depeche_nb.core.display import RichRepr
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.core.interfaces import (
     CallMiddleware,
@@ -64,7 +65,7 @@ class PartitionProgress:
         return self.head - self.position
 
 
-class Subscription(Generic[E]):
+class Subscription(RichRepr, Generic[E]):
     """A named subscription to an aggregated stream; `runner` does the work."""
 
     def __init__(

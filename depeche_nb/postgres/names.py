@@ -29,10 +29,25 @@ class StoreNames:
 
     def __post_init__(self) -> None:
         validate_name(self.store, "store name")
+        assert len(self.messages_table) <= 63 and len(self.write_function) <= 63
 
     @property
     def messages_table(self) -> str:
         return f"{self.store}_messages"
+
+    # Short suffixes: PostgreSQL silently truncates identifiers beyond 63 bytes,
+    # and error translation recognises constraints by these names.
+    @property
+    def message_id_constraint(self) -> str:
+        return f"{self.store}_msg_id_uq"
+
+    @property
+    def stream_version_constraint(self) -> str:
+        return f"{self.store}_msg_sv_uq"
+
+    @property
+    def txid_index(self) -> str:
+        return f"{self.store}_msg_txid"
 
     @property
     def write_function(self) -> str:

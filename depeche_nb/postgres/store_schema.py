@@ -43,15 +43,14 @@ def store_ddl(names: StoreNames) -> list[str]:
             message jsonb NOT NULL,
             added_at timestamptz NOT NULL DEFAULT now(),
             txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
-            CONSTRAINT {quote_ident(names.messages_table + "_message_id")} UNIQUE (message_id),
-            CONSTRAINT {quote_ident(names.messages_table + "_stream_version")}
-                UNIQUE (stream, version)
+            CONSTRAINT {quote_ident(names.message_id_constraint)} UNIQUE (message_id),
+            CONSTRAINT {quote_ident(names.stream_version_constraint)} UNIQUE (stream, version)
         )
         """,
-        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.messages_table + '_txid')} ON {table} (txid)",
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.txid_index)} ON {table} (txid)",
         f"""
         CREATE OR REPLACE FUNCTION {fn}(
-            p_stream text, p_expected integer, p_ids uuid[], p_messages jsonb[],
+            p_stream text, p_expected bigint, p_ids uuid[], p_messages jsonb[],
             p_notify boolean
         ) RETURNS TABLE (version integer, global_position bigint)
         LANGUAGE plpgsql VOLATILE AS $fn$

@@ -69,12 +69,11 @@ def stream_ddl(names: StreamNames) -> list[str]:
             message_occurred_at timestamptz NOT NULL,
             origin_added_at timestamptz NOT NULL,
             projected_at timestamptz NOT NULL DEFAULT now(),
-            CONSTRAINT {quote_ident(names.table + "_message_id")} UNIQUE (message_id),
-            CONSTRAINT {quote_ident(names.table + "_partition_position")}
-                UNIQUE (partition, position)
+            CONSTRAINT {quote_ident(names.stream + "_s_mid_uq")} UNIQUE (message_id),
+            CONSTRAINT {quote_ident(names.stream + "_s_pp_uq")} UNIQUE (partition, position)
         )
         """,
-        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.table + '_occurred')} "
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.stream + '_s_occ')} "
         f"ON {table} (partition, message_occurred_at)",
         f"""
         CREATE TABLE IF NOT EXISTS {heads} (

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import psycopg2
 import sqlalchemy as sa
 
+from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import (
     DepecheError,
     MessageIdMismatchError,
@@ -87,7 +88,7 @@ class MessageStoreReader(Generic[E]):
             yield to_stored_message(row, self._serializer)
 
 
-class MessageStoreBase(Generic[E]):
+class MessageStoreBase(RichRepr, Generic[E]):
     """A named message store on an engine; the engine layer adds aggregated streams to it."""
 
     def __init__(self, name: str, engine: sa.Engine, serializer: MessageSerializer[E]) -> None:

@@ -37,16 +37,25 @@ class PydanticMessageSerializer(Generic[E]):
     the discriminator, so two models of one union must not share a name.
     """
 
-    def __init__(self, message_type: Any) -> None:
+    def __init__(self, message_type: Any, aliases: dict[str, type[Any]] | None = None) -> None:
         members = _union_members(message_type)
         self.message_type = message_type
         self._by_name: dict[str, type[pydantic.BaseModel]] = {}
         for model in members:
             name = model.__name__
             if name in self._by_name and self._by_name[name] is not model:
-                raise TypeError(f"two message types are both named {name!r}; names must differ")
+                raise ValueError(f"two message types are both named {name!r}; names must differ")
             self._by_name[name] = model
         self._models = tuple(self._by_name.values())
+        # Old type names still found in stored payloads, for renamed classes.
+        self._aliases: dict[str, type[pydantic.BaseModel]] = {}
+        for alias, model in (aliases or {}).items():
+            if alias in self._by_name:
+                raise ValueError(f"alias {alias!r} is already the name of a message type")
+            if model not in self._models:
+                raise ValueError(f"alias {alias!r} maps to {model!r}, which this serializer does not handle")
+            self._aliases[alias] = model
+        self.message_types = set(self._by_name)
 
     @property
     def type_names(self) -> list[str]:
@@ -76,7 +85,7 @@ class PydanticMessageSerializer(Generic[E]):
             raise UnknownMessageTypeError(
                 f"stored payload has no {TYPE_KEY!r} key; cannot tell its message type"
             )
-        model = self._by_name.get(name)
+        model = self._by_name.get(name) or self._aliases.get(name)
         if model is None:
             raise UnknownMessageTypeError(
                 f"unknown message type {name!r}; this serializer knows {', '.join(self.type_names)}"

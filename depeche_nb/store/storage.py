@@ -34,6 +34,8 @@ def check_expected_version(expected_version: object) -> int | None:
         return None
     if isinstance(expected_version, bool) or not isinstance(expected_version, int):
         raise TypeError(f"expected_version must be an int or None, got {type(expected_version).__name__}")
+    if expected_version > 2**63 - 1:
+        raise ValueError(f"expected_version {expected_version} is out of range")
     if expected_version < 0:
         raise ValueError(
             f"expected_version must be >= 0 (0 means: the stream must be empty), got {expected_version}"
@@ -60,12 +62,12 @@ def translate_write_error(error: BaseException, stream: str) -> Exception | None
         return OptimisticConcurrencyError(f"optimistic concurrency failure: {message}")
     if isinstance(orig, psycopg2.errors.UniqueViolation):
         constraint = orig.diag.constraint_name or ""
-        if constraint.endswith("_message_id"):
+        if constraint.endswith("_msg_id_uq"):
             return DuplicateMessageIdError(
                 f"a message with this id is already stored (stream {stream!r}): "
                 f"{orig.diag.message_detail or ''}".strip()
             )
-        if constraint.endswith("_stream_version"):
+        if constraint.endswith("_msg_sv_uq"):
             return OptimisticConcurrencyError(
                 f"optimistic concurrency failure: stream {stream!r} changed concurrently "
                 "(the transaction's snapshot is older than the stream head)"
@@ -84,7 +86,9 @@ class Storage:
         self.notification_channel = self.names.channel
         ensure_store_schema(engine, self.names)
         fn = quote_ident(self.names.write_function)
-        self.write_sql = f"SELECT version, global_position FROM {fn}(%s, %s, %s::uuid[], %s::jsonb[], %s)"
+        self.write_sql = (
+            f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s::uuid[], %s::jsonb[], %s)"
+        )
         self.notify_sql = f"NOTIFY {quote_ident(self.names.channel)}"
         self.read_sql = (
             f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s ORDER BY version"
