@@ -44,20 +44,20 @@ def _is_message_class(candidate: Any) -> bool:
 
 def _first_parameter_type(handler: Callable[..., Any]) -> tuple[Any, bool]:
     """The annotation of the first parameter (string annotations resolved) and whether more follow."""
+    name = getattr(handler, "__qualname__", repr(handler))
     try:
-        signature = inspect.signature(handler)
+        # eval_str resolves `from __future__ import annotations` strings, and
+        # signature() also understands callable objects and partials.
+        signature = inspect.signature(handler, eval_str=True)
+    except (NameError, SyntaxError) as exc:
+        raise HandlerRegistrationError(f"cannot resolve the annotations of handler {name}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise HandlerRegistrationError(f"cannot inspect handler {handler!r}: {exc}") from exc
     parameters = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    name = getattr(handler, "__qualname__", repr(handler))
     if not parameters:
         raise HandlerRegistrationError(f"handler {name} must take the message as its first parameter")
     first = parameters[0]
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception as exc:
-        raise HandlerRegistrationError(f"cannot resolve the annotations of handler {name}: {exc}") from exc
-    annotation = hints.get(first.name, inspect.Parameter.empty)
+    annotation = first.annotation
     if annotation is inspect.Parameter.empty:
         raise HandlerRegistrationError(
             f"the first parameter {first.name!r} of handler {name} has no type annotation; annotate "

@@ -30,6 +30,13 @@ order, then sets ``seen := pending``.
   global position up to which D was done (`pending_after`), and the next step
   continues there before taking a new snapshot.
 
+Durability: a step commits asynchronously (no wait for the WAL flush), which
+keeps a flush off the write-to-handler path. It is safe: a server crash can
+only lose a step whose rows nobody depended on, because a subscription that
+acknowledged any of its positions did so in a later, synchronous commit, and
+flushing that commit flushes the WAL before it, the step included. A lost
+step is simply redone (its checkpoint is lost with it).
+
 One projector at a time: each step runs in one transaction that first takes
 a transaction-level advisory lock with `pg_try_advisory_xact_lock`; a
 projector that does not get it returns at once with `locked=True`. Positions
@@ -166,7 +173,11 @@ class StreamProjector(Generic[E]):
         checkpoint = quote_ident(names.checkpoint_table)
         messages = quote_ident(names.store.messages_table)
         lock_a, lock_b = names.projector_lock
-        self._lock_sql = f"BEGIN; SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
+        # Asynchronous commit: see "Durability" in the module docstring.
+        self._lock_sql = (
+            "BEGIN; SET LOCAL synchronous_commit TO off; "
+            f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
+        )
         self._checkpoint_sql = (
             "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
             "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "

@@ -117,13 +117,24 @@ class SubscriptionRunner(Generic[E]):
 
     def run_once(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
         self._keep_running = True
-        while self._keep_running:
-            report = self.step(None)
-            if not report.handled:
-                return RunOnNotificationResult.DONE_FOR_NOW
-            if budget is not None and budget.over_budget():
-                return RunOnNotificationResult.WORK_REMAINING
-        return RunOnNotificationResult.DONE_FOR_NOW
+        total = RunnerReport(self.subscription.name)
+        try:
+            while self._keep_running:
+                report = self.step(None)
+                total.handled.extend(report.handled)
+                if not report.handled:
+                    return RunOnNotificationResult.DONE_FOR_NOW
+                if budget is not None and budget.over_budget():
+                    return RunOnNotificationResult.WORK_REMAINING
+            return RunOnNotificationResult.DONE_FOR_NOW
+        except BaseException:
+            # The failing step's report (what it handled before the error) is
+            # `last_report`; fold it in so the run's report shows everything.
+            if self.last_report is not None:
+                total.handled.extend(self.last_report.handled)
+            raise
+        finally:
+            self.last_report = total
 
     # -- stepping -----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.engine.acks import AckOp, AckRolledback
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
-from depeche_nb.engine.parking import DISCARDED, REPLAYED, ParkedMessage, ParkedMessages
+from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
 from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
 from depeche_nb.engine.state import DbSubscriptionStateProvider
@@ -239,6 +239,11 @@ class Subscription(RichRepr, Generic[E]):
                 for what, value in (("partition", partition), ("position", next_position)):
                     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                         raise ValueError(f"reset {what} must be an int >= 0, got {value!r}")
+                if partition not in targets:
+                    raise ValueError(
+                        f"partition {partition} has no messages and no state in {self.name!r}; "
+                        f"known partitions: {sorted(targets)}"
+                    )
                 targets[partition] = next_position - 1
             return targets
         raise TypeError(
@@ -259,6 +264,8 @@ class Subscription(RichRepr, Generic[E]):
         """Run the handler on a parked message now; on success mark it replayed.
         A handler error propagates and leaves it parked."""
         parked = self.parked_messages.get(parked_id)
+        if parked.status not in (PARKED, IGNORED):
+            raise KeyError(f"parked message {parked_id} is already {parked.status}")
         with self._stream.store.reader() as reader:
             stored = reader.get_message_by_id(parked.message_id)
         message = SubscriptionMessage(parked.partition, parked.position, stored, _ReplayAck())

@@ -1,0 +1,938 @@
+"""Subscriptions (invariant 4 in-process): registration and dispatch, at-least-once delivery,
+acks inside the handler's transaction, start points, batched acks, retries and parking,
+resets, stepping and name validation.
+
+No `from __future__ import annotations` here on purpose: handler annotations in this
+module are real objects, except where a test spells out a string annotation.
+"""
+
+import dataclasses
+import datetime as dt
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import depeche_nb
+from depeche_nb import (
+    AckStrategy,
+    CallMiddleware,
+    HandlerRegistrationError,
+    InvalidIdentifierError,
+    LogAndIgnoreSubscriptionErrorHandler,
+    MessageHandler,
+    MessageHandlerRegister,
+    ParkSubscriptionErrorHandler,
+    RetryPolicy,
+    RunOnNotificationResult,
+    StartAtNextMessage,
+    StartAtPointInTime,
+    StoredMessage,
+    SubscriptionMessage,
+)
+from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
+from tests import workers
+from tests.support import AnyMessage, Numbered, Renamed
+
+UTC = dt.timezone.utc
+
+
+class SpecialNumbered(Numbered):
+    """A subclass of a registered type, for overlap checks (never stored)."""
+
+
+class ModuloPartitioner:
+    """`s-<n>` goes to partition n % partitions."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+
+    def get_partition(self, message: StoredMessage[Any]) -> int:
+        return int(message.stream.rsplit("-", 1)[1]) % self.partitions
+
+
+@dataclasses.dataclass
+class Env:
+    engine: sa.Engine
+    name: str
+    store: depeche_nb.MessageStore[Any]
+    stream: depeche_nb.AggregatedStream[Any]
+
+    def write(self, stream_no: int, *messages: Any) -> list[uuid.UUID]:
+        self.store.write_all(f"s-{stream_no}", list(messages))
+        return [m.message_id for m in messages]
+
+    def numbers(self, stream_no: int, numbers: range | list[int]) -> list[uuid.UUID]:
+        return self.write(stream_no, *[Numbered(number=n) for n in numbers])
+
+    def project(self) -> None:
+        self.stream.projector.run()
+
+    def subscription(self, handlers: Any = None, suffix: str = "sub", **kwargs: Any) -> Any:
+        return self.stream.subscription(name=f"{self.name}_{suffix}", handlers=handlers, **kwargs)
+
+
+@pytest.fixture
+def env(engine: sa.Engine, unique_name: str) -> Env:
+    store = depeche_nb.MessageStore(
+        name=unique_name, engine=engine, serializer=PydanticMessageSerializer(AnyMessage)
+    )
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ModuloPartitioner(3), stream_wildcards=["s-%"]
+    )
+    return Env(engine, unique_name, store, stream)
+
+
+def register(*handlers: Callable[..., Any]) -> MessageHandlerRegister[Any]:
+    handler_register: MessageHandlerRegister[Any] = MessageHandlerRegister()
+    for handler in handlers:
+        handler_register.register(handler)
+    return handler_register
+
+
+def positions(subscription: Any) -> dict[int, int]:
+    return {p.partition: p.position for p in subscription.progress()}
+
+
+def heads(env: Env) -> dict[int, int]:
+    return env.stream.get_max_aggregated_stream_positions()
+
+
+class FlakyNumbers:
+    """A plain-message handler that records each call and raises for chosen numbers."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.fail: dict[int, int] = {}  # number -> how many more calls fail (-1: always)
+
+    def handle(self, message: Numbered) -> None:
+        self.calls.append(message.number)
+        left = self.fail.get(message.number, 0)
+        if left != 0:
+            self.fail[message.number] = left - 1 if left > 0 else -1
+            raise RuntimeError(f"boom {message.number}")
+
+
+# -- the README flow ------------------------------------------------------------------------------
+
+
+class RecordingHandlers(MessageHandler[Numbered]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[SubscriptionMessage[Numbered]] = []
+
+    @MessageHandler.register
+    def handle_message(self, message: SubscriptionMessage[Numbered]) -> None:
+        self.seen.append(message)
+
+
+def test_readme_flow_handles_every_message_once_in_partition_order(env: Env) -> None:
+    written: list[uuid.UUID] = []
+    for round_ in range(3):  # interleave streams so partitions mix several origin streams
+        for stream_no in range(6):
+            written += env.numbers(stream_no, range(round_ * 10 + stream_no, round_ * 10 + stream_no + 1))
+    handlers = RecordingHandlers()
+    subscription = env.subscription(handlers)
+    env.stream.projector.run()
+    assert subscription.runner.run() is RunOnNotificationResult.DONE_FOR_NOW
+
+    assert sorted(m.stored_message.message_id for m in handlers.seen) == sorted(written)
+    for partition in range(3):
+        expected = [(p.position, p.message_id) for p in env.stream.read(partition)]
+        got = [(m.position, m.stored_message.message_id) for m in handlers.seen if m.partition == partition]
+        assert got == expected, f"partition {partition} handled out of order"
+        assert [p for p, _ in got] == list(range(6))
+    assert positions(subscription) == {0: 5, 1: 5, 2: 5}
+
+    # A second run has nothing new to do.
+    assert subscription.runner.run() is RunOnNotificationResult.DONE_FOR_NOW
+    assert len(subscription.runner.step()) == 0
+    assert len(handlers.seen) == 18
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def test_unannotated_first_parameter_is_refused_at_registration() -> None:
+    def handler(message) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    with pytest.raises(HandlerRegistrationError, match="annotation") as info:
+        MessageHandlerRegister().register(handler)
+    assert isinstance(info.value, TypeError)
+
+    class Unannotated(MessageHandler[Numbered]):
+        @MessageHandler.register
+        def handle(self, message) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(HandlerRegistrationError):
+        Unannotated()
+
+
+def test_annotation_that_is_not_a_message_type_is_refused() -> None:
+    def takes_int(message: int) -> None:
+        pass
+
+    def takes_union_with_str(message: Numbered | str) -> None:
+        pass
+
+    def takes_bare_subscription_message(message: SubscriptionMessage) -> None:  # type: ignore[type-arg]
+        pass
+
+    for handler in (takes_int, takes_union_with_str, takes_bare_subscription_message):
+        handler_register: MessageHandlerRegister[Any] = MessageHandlerRegister()
+        with pytest.raises(TypeError):
+            handler_register.register(handler)
+        assert list(handler_register.get_all_handlers()) == [], "a refused handler must not stay registered"
+
+
+def test_duplicate_and_overlapping_registrations_are_refused_in_either_order() -> None:
+    def on_numbered(message: Numbered) -> None:
+        pass
+
+    def on_numbered_again(message: StoredMessage[Numbered]) -> None:
+        pass
+
+    def on_special(message: SpecialNumbered) -> None:
+        pass
+
+    def on_any(message: Numbered | Renamed) -> None:
+        pass
+
+    def on_renamed(message: Renamed) -> None:
+        pass
+
+    for first, second in [
+        (on_numbered, on_numbered_again),
+        (on_numbered, on_special),  # subclass after base
+        (on_special, on_numbered),  # base after subclass
+        (on_any, on_renamed),  # member of a registered union
+        (on_renamed, on_any),
+    ]:
+        handler_register = register(first)
+        with pytest.raises(ValueError, match="overlap"):
+            handler_register.register(second)
+        assert [d.handler for d in handler_register.get_all_handlers()] == [first]
+
+    class Twice(MessageHandler[Numbered]):
+        @MessageHandler.register
+        def one(self, message: Numbered) -> None:
+            pass
+
+        @MessageHandler.register
+        def two(self, message: SubscriptionMessage[SpecialNumbered]) -> None:
+            pass
+
+    with pytest.raises(ValueError):
+        Twice()
+
+
+def test_callable_objects_and_partials_can_be_registered(env: Env) -> None:
+    """Depeche DB reads the first parameter from inspect.signature(), which also works for
+    callable instances and functools.partial; typing.get_type_hints() alone does not."""
+
+    class CallableHandler:
+        def __init__(self) -> None:
+            self.numbers: list[int] = []
+
+        def __call__(self, message: Numbered) -> None:
+            self.numbers.append(message.number)
+
+    def with_prefix(prefix: str, message: Renamed) -> None:
+        seen_names.append(prefix + message.name)
+
+    seen_names: list[str] = []
+    callable_handler = CallableHandler()
+    handler_register = register(callable_handler, functools.partial(with_prefix, "x-"))
+    assert handler_register.get_handler(Numbered) is not None
+    env.write(0, Numbered(number=5), Renamed(name="n"))
+    env.project()
+    env.subscription(handler_register).runner.run()
+    assert callable_handler.numbers == [5]
+    assert seen_names == ["x-n"]
+
+
+def test_extra_parameters_need_a_call_middleware(env: Env) -> None:
+    def needs_dependency(message: Numbered, sink: list[int]) -> None:
+        sink.append(message.number)
+
+    with pytest.raises(ValueError, match="call_middleware"):
+        env.subscription(register(needs_dependency))
+
+    class ClassBased(MessageHandler[Numbered]):
+        @MessageHandler.register
+        def handle(self, message: Numbered, sink: list[int]) -> None:
+            sink.append(message.number)
+
+    with pytest.raises(ValueError, match="call_middleware"):
+        env.subscription(ClassBased())
+
+
+def test_call_middleware_injects_a_dependency(env: Env) -> None:
+    sink: list[tuple[int, str]] = []
+
+    class Inject(CallMiddleware[Any]):
+        def __init__(self, dependency: list[tuple[int, str]]) -> None:
+            self.dependency = dependency
+
+        def call(self, handler: Callable[..., Any], message: Any) -> Any:
+            return handler(message, self.dependency)
+
+    def handle(message: Numbered, sink: list[tuple[int, str]]) -> None:
+        sink.append((message.number, type(message).__name__))
+
+    subscription = env.subscription(register(handle), call_middleware=Inject(sink))
+    env.numbers(0, range(4))
+    env.project()
+    subscription.runner.run()
+    assert sink == [(0, "Numbered"), (1, "Numbered"), (2, "Numbered"), (3, "Numbered")]
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+
+def test_dispatch_on_plain_union_stored_and_subscription_message_types(env: Env) -> None:
+    received: dict[str, list[Any]] = {"plain": [], "union": [], "stored": [], "subscription": []}
+
+    def plain(message: Numbered) -> None:
+        received["plain"].append(message)
+
+    def union(message: Numbered | Renamed) -> None:
+        received["union"].append(message)
+
+    def stored(message: StoredMessage[Numbered]) -> None:
+        received["stored"].append(message)
+
+    def wrapped(message: SubscriptionMessage[Renamed]) -> None:
+        received["subscription"].append(message)
+
+    env.write(0, Numbered(number=1), Renamed(name="a"), Numbered(number=2))
+    env.project()
+
+    env.subscription(register(plain), suffix="plain").runner.run()
+    assert [type(m) for m in received["plain"]] == [Numbered, Numbered]
+    assert [m.number for m in received["plain"]] == [1, 2]
+
+    env.subscription(register(union), suffix="union").runner.run()
+    assert [type(m) for m in received["union"]] == [Numbered, Renamed, Numbered]
+
+    env.subscription(register(stored, wrapped), suffix="both").runner.run()
+    assert all(isinstance(m, StoredMessage) for m in received["stored"])
+    assert [(m.version, m.message.number) for m in received["stored"]] == [(1, 1), (3, 2)]
+    [renamed] = received["subscription"]
+    assert isinstance(renamed, SubscriptionMessage)
+    assert (renamed.partition, renamed.position, renamed.stored_message.message.name) == (0, 1, "a")
+    assert isinstance(renamed.stored_message, StoredMessage)
+    assert callable(renamed.ack.execute)
+
+
+def test_string_annotations_are_resolved(env: Env) -> None:
+    got: list[Any] = []
+
+    def quoted(message: "SubscriptionMessage[Numbered]") -> None:
+        got.append(message)
+
+    def quoted_union(message: "Numbered | Renamed") -> None:
+        got.append(message)
+
+    assert isinstance(workers.FutureAnnotatedHandlers.on_numbered.__annotations__["message"], str)
+    env.write(0, Numbered(number=7), Renamed(name="r"))
+    env.project()
+
+    env.subscription(register(quoted), suffix="quoted").runner.run()
+    assert [type(m) for m in got] == [SubscriptionMessage]
+    assert got[0].stored_message.message.number == 7
+
+    got.clear()
+    env.subscription(register(quoted_union), suffix="qunion").runner.run()
+    assert [type(m) for m in got] == [Numbered, Renamed]
+
+    handlers = workers.FutureAnnotatedHandlers()
+    env.subscription(handlers, suffix="future").runner.run()
+    assert [type(m) for m in handlers.received] == [SubscriptionMessage, StoredMessage]
+    assert handlers.received[1].message.name == "r"
+
+
+def test_message_without_handler_is_acked_and_reported(env: Env) -> None:
+    calls: list[int] = []
+
+    def only_numbered(message: Numbered) -> None:
+        calls.append(message.number)
+
+    renamed = Renamed(name="nobody handles me")
+    env.write(1, Numbered(number=1), renamed, Numbered(number=2))
+    env.project()
+    subscription = env.subscription(register(only_numbered))
+    report = subscription.runner.step()
+    assert calls == [1, 2]
+    assert [(h.position, h.message_type, h.outcome) for h in report.handled] == [
+        (0, "Numbered", "handled"),
+        (1, "Renamed", "no handler"),
+        (2, "Numbered", "handled"),
+    ]
+    assert report.handled[1].message_id == renamed.message_id
+    assert positions(subscription)[1] == 2, "a message without a handler must still be acknowledged"
+    assert len(subscription.runner.step()) == 0
+
+
+def test_class_handler_that_forgets_super_init_still_dispatches(env: Env) -> None:
+    class NoSuper(MessageHandler[Numbered]):
+        def __init__(self) -> None:
+            self.numbers: list[int] = []
+
+        @MessageHandler.register
+        def handle(self, message: Numbered) -> None:
+            self.numbers.append(message.number)
+
+    handlers = NoSuper()
+    env.numbers(0, range(3))
+    env.project()
+    env.subscription(handlers).runner.run()
+    assert handlers.numbers == [0, 1, 2]
+
+
+# -- at-least-once -------------------------------------------------------------------------------
+
+
+def test_get_next_messages_acks_each_message_when_the_next_is_requested(env: Env) -> None:
+    env.numbers(0, range(5))
+    env.project()
+    subscription = env.subscription(register(FlakyNumbers().handle))
+    messages = subscription.get_next_messages(count=3)
+    first = next(messages)
+    assert (first.partition, first.position) == (0, 0)
+    assert positions(subscription)[0] == -1, "not acked before the consumer comes back"
+    second = next(messages)
+    assert second.position == 1
+    assert positions(subscription)[0] == 0
+    assert subscription.lock_provider.held() == frozenset({subscription.partition_lock_name(0)})
+    messages.close()  # the consumer gives up while handling the second message
+    assert positions(subscription)[0] == 0, "an abandoned message must not be acked"
+    assert subscription.lock_provider.held() == frozenset(), "the partition must be unlocked"
+    assert [m.position for m in subscription.get_next_messages(count=10)] == [1, 2, 3, 4]
+    assert positions(subscription)[0] == 4
+
+
+def test_failing_handler_leaves_its_message_unacked_and_it_is_redelivered(env: Env) -> None:
+    handler = FlakyNumbers()
+    handler.fail[3] = 2  # fails twice, then works
+    env.numbers(0, range(6))  # partition 0, positions 0..5 carry numbers 0..5
+    env.project()
+    subscription = env.subscription(register(handler.handle))
+
+    with pytest.raises(RuntimeError, match="boom 3"):
+        subscription.runner.step()
+    assert positions(subscription)[0] == 2, "the failed message (position 3) must not be acked"
+    report = subscription.runner.last_report
+    assert [(h.position, h.outcome) for h in report.handled] == [
+        (0, "handled"),
+        (1, "handled"),
+        (2, "handled"),
+        (3, "failed"),
+    ]
+
+    with pytest.raises(RuntimeError, match="boom 3"):
+        subscription.runner.run()
+    assert positions(subscription)[0] == 2
+    assert handler.calls == [0, 1, 2, 3, 3], "the next step starts again at the failed message only"
+
+    subscription.runner.run()
+    assert positions(subscription)[0] == 5
+    assert Counter(handler.calls) == {0: 1, 1: 1, 2: 1, 3: 3, 4: 1, 5: 1}
+
+
+# -- acks inside the handler's transaction -------------------------------------------------------
+
+
+def _side_table(engine: sa.Engine, name: str) -> str:
+    table = f"{name}_side"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE TABLE "{table}" (number integer PRIMARY KEY)')
+    return table
+
+
+def _side_numbers(engine: sa.Engine, table: str) -> list[int]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql(f'SELECT number FROM "{table}" ORDER BY number')]
+
+
+def test_ack_inside_the_handlers_transaction_commits_with_the_side_effect(env: Env) -> None:
+    table = _side_table(env.engine, env.name)
+    seen_during: list[tuple[int, int, int]] = []  # (position, state before commit, state after)
+    subscription: Any = None
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        with env.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f'INSERT INTO "{table}" VALUES (%s)', (message.stored_message.message.number,)
+            )
+            message.ack.execute(conn=conn)
+            before = subscription.state_provider.read(subscription.name).positions.get(0, -1)
+        after = subscription.state_provider.read(subscription.name).positions.get(0, -1)
+        seen_during.append((message.position, before, after))
+
+    env.numbers(0, range(4))
+    env.project()
+    subscription = env.subscription(register(handle))
+    subscription.runner.run()
+    assert _side_numbers(env.engine, table) == [0, 1, 2, 3]
+    assert positions(subscription)[0] == 3
+    # The ack became visible exactly when the handler's own transaction committed.
+    assert seen_during == [(0, -1, 0), (1, 0, 1), (2, 1, 2), (3, 2, 3)]
+
+
+def test_handler_transaction_rolled_back_after_ack_persists_nothing_and_redelivers(env: Env) -> None:
+    table = _side_table(env.engine, env.name)
+    calls: Counter[int] = Counter()
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        number = message.stored_message.message.number
+        calls[number] += 1
+        with env.engine.begin() as conn:
+            conn.exec_driver_sql(f'INSERT INTO "{table}" VALUES (%s)', (number,))
+            message.ack.execute(conn=conn)
+            if number == 2 and calls[number] == 1:
+                raise RuntimeError("fails after acking in its transaction")
+
+    env.numbers(0, range(5))
+    env.project()
+    subscription = env.subscription(register(handle))
+    with pytest.raises(RuntimeError, match="after acking"):
+        subscription.runner.run()
+    assert _side_numbers(env.engine, table) == [0, 1]
+    assert positions(subscription)[0] == 1, "the ack of the rolled-back transaction must not persist"
+
+    subscription.runner.run()
+    assert _side_numbers(env.engine, table) == [0, 1, 2, 3, 4]
+    assert positions(subscription)[0] == 4
+    assert calls == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
+
+
+def test_handler_that_returns_after_its_acking_transaction_rolled_back_is_redelivered(env: Env) -> None:
+    table = _side_table(env.engine, env.name)
+    calls: Counter[int] = Counter()
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        number = message.stored_message.message.number
+        calls[number] += 1
+        with env.engine.connect() as conn:
+            conn.exec_driver_sql(f'INSERT INTO "{table}" VALUES (%s)', (number,))
+            message.ack.execute(conn=conn)
+            if number == 1 and calls[number] == 1:
+                conn.rollback()  # no exception: the runner must notice the ack did not commit
+            else:
+                conn.commit()
+
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(register(handle))
+    subscription.runner.step()
+    assert positions(subscription)[0] == 0
+    assert _side_numbers(env.engine, table) == [0]
+    subscription.runner.run()
+    assert positions(subscription)[0] == 2
+    assert _side_numbers(env.engine, table) == [0, 1, 2]
+    assert calls == {0: 1, 1: 2, 2: 1}
+
+
+# -- start points --------------------------------------------------------------------------------
+
+
+def test_start_at_next_message_handles_only_later_messages(env: Env) -> None:
+    handler = FlakyNumbers()
+    env.numbers(0, range(3))
+    env.numbers(1, range(10, 12))
+    env.project()
+    subscription = env.subscription(register(handler.handle), start_point=StartAtNextMessage())
+    assert len(subscription.runner.step()) == 0  # initialises the state at the current heads
+    assert positions(subscription) == {0: 2, 1: 1}
+
+    env.numbers(0, [3, 4])
+    env.numbers(2, [20])  # partition 2 did not exist at initialisation: read from its start
+    env.project()
+    subscription.runner.run()
+    assert sorted(handler.calls) == [3, 4, 20]
+
+
+def test_start_at_point_in_time(env: Env) -> None:
+    old = dt.datetime(2020, 1, 1, tzinfo=UTC)
+    new = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    env.write(0, *[Numbered(number=n, occurred_at=old) for n in (1, 2, 3)])
+    env.write(0, *[Numbered(number=n, occurred_at=new) for n in (4, 5)])
+    env.write(1, *[Numbered(number=n, occurred_at=old) for n in (11, 12)])  # only old
+    env.write(2, *[Numbered(number=n, occurred_at=new) for n in (21, 22)])  # only new
+    env.project()
+    handler = FlakyNumbers()
+    start = StartAtPointInTime(dt.datetime(2025, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2))))
+    subscription = env.subscription(register(handler.handle), start_point=start)
+    subscription.runner.run()
+    assert sorted(handler.calls) == [4, 5, 21, 22]
+    assert positions(subscription) == {0: 4, 1: 1, 2: 1}
+
+
+def test_start_point_validation(env: Env) -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        StartAtPointInTime(dt.datetime(2025, 1, 1))
+    with pytest.raises(TypeError):
+        StartAtPointInTime("2025-01-01")  # type: ignore[arg-type]
+    for wrong in (dt.datetime.now(UTC), "next", StartAtNextMessage):
+        with pytest.raises(TypeError, match="start_point"):
+            env.subscription(register(FlakyNumbers().handle), start_point=wrong)
+
+
+# -- batched acks --------------------------------------------------------------------------------
+
+
+def test_batched_ack_stores_positions_per_batch_and_never_rewinds(env: Env) -> None:
+    seen: list[tuple[int, int]] = []  # (position handled, acked position while handling)
+    fail_at: set[int] = {4}
+    subscription: Any = None
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        state = subscription.state_provider.read(subscription.name).positions.get(0, -1)
+        seen.append((message.position, state))
+        if message.position in fail_at:
+            fail_at.discard(message.position)
+            raise RuntimeError(f"boom at {message.position}")
+
+    env.numbers(0, range(10))
+    env.project()
+    subscription = env.subscription(register(handle), batch_size=4, ack_strategy=AckStrategy.BATCHED)
+    assert isinstance(subscription.runner, depeche_nb.BatchedAckSubscriptionRunner)
+
+    subscription.runner.step()
+    assert positions(subscription)[0] == 3
+    assert seen == [(0, -1), (1, -1), (2, -1), (3, -1)], "positions are stored once per batch"
+
+    # The first message of the next batch fails: nothing of that batch is acked, and the
+    # partition is not rewound (Depeche DB 0.13 stored -1 here).
+    with pytest.raises(RuntimeError, match="boom at 4"):
+        subscription.runner.step()
+    assert positions(subscription)[0] == 3
+
+    fail_at.add(6)  # a failure in the middle keeps what was handled before it
+    with pytest.raises(RuntimeError, match="boom at 6"):
+        subscription.runner.step()
+    assert positions(subscription)[0] == 5
+    assert seen[4:] == [(4, 3), (4, 3), (5, 3), (6, 3)]
+
+    subscription.runner.run()
+    assert positions(subscription)[0] == 9
+    assert seen[8:] == [(6, 5), (7, 5), (8, 5), (9, 5)]
+    assert Counter(p for p, _ in seen) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 1, 6: 2, 7: 1, 8: 1, 9: 1}
+
+
+def test_batched_ack_refuses_acks_from_the_handler(env: Env) -> None:
+    errors: list[BaseException] = []
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        try:
+            message.ack.execute()
+        except RuntimeError as exc:
+            errors.append(exc)
+            if message.stored_message.message.number == 1:
+                raise
+
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(register(handle), ack_strategy=AckStrategy.BATCHED)
+    with pytest.raises(RuntimeError, match="BATCHED"):
+        subscription.runner.step()
+    assert len(errors) == 2
+    assert positions(subscription)[0] == 0
+
+
+# -- retries, parking, ignoring ------------------------------------------------------------------
+
+
+def test_retry_then_park_replay_and_discard(env: Env) -> None:
+    handler = FlakyNumbers()
+    handler.fail[1] = 2  # fails twice, then succeeds on the third attempt
+    handler.fail[2] = -1  # always fails
+    handler.fail[4] = -1
+    ids = env.numbers(0, range(6))
+    env.project()
+    subscription = env.subscription(
+        register(handler.handle),
+        error_handler=ParkSubscriptionErrorHandler(),
+        retry_policy=RetryPolicy(attempts=3, backoff_seconds=0.01),
+    )
+    report = subscription.runner.step()
+    assert [(h.position, h.outcome, h.attempts) for h in report.handled] == [
+        (0, "handled", 1),
+        (1, "handled", 3),
+        (2, "parked", 3),
+        (3, "handled", 1),
+        (4, "parked", 3),
+        (5, "handled", 1),
+    ]
+    assert Counter(handler.calls) == {0: 1, 1: 3, 2: 3, 3: 1, 4: 3, 5: 1}
+    assert positions(subscription)[0] == 5, "the partition continues after a parked message"
+
+    parked = subscription.parked()
+    assert [(p.position, p.message_id, p.status, p.attempts) for p in parked] == [
+        (2, ids[2], "parked", 3),
+        (4, ids[4], "parked", 3),
+    ]
+    assert "boom 2" in parked[0].error and "RuntimeError" in parked[0].error
+    assert "boom 2" in parked[0].traceback
+    frame = subscription.parked_dataframe()
+    assert len(frame) == 2
+    assert list(frame["message_id"]) == [str(ids[2]), str(ids[4])]
+    assert str(frame["recorded_at"].dt.tz) == "UTC"
+
+    handler.fail.clear()  # "fix" the handler
+    assert subscription.replay_parked(parked[0].id) == "handled"
+    assert handler.calls[-1] == 2
+    subscription.discard_parked(parked[1].id)
+    assert subscription.parked() == []
+    resolved = {p.id: p for p in subscription.parked(include_resolved=True)}
+    assert resolved[parked[0].id].status == "replayed"
+    assert resolved[parked[1].id].status == "discarded"
+    assert all(p.resolved_at is not None for p in resolved.values())
+    assert len(subscription.parked_dataframe(include_resolved=True)) == 2
+
+    for resolve_again in (subscription.discard_parked, subscription.replay_parked):
+        for parked_id in (parked[0].id, parked[1].id, 999_999):
+            with pytest.raises(KeyError):
+                resolve_again(parked_id)
+    assert len(subscription.runner.step()) == 0
+
+
+def test_replaying_a_resolved_parked_message_does_not_run_the_handler_again(env: Env) -> None:
+    handler = FlakyNumbers()
+    handler.fail[0] = 1
+    env.numbers(0, range(1))
+    env.project()
+    subscription = env.subscription(register(handler.handle), error_handler=ParkSubscriptionErrorHandler())
+    subscription.runner.step()
+    [parked] = subscription.parked()
+    subscription.replay_parked(parked.id)
+    assert handler.calls == [0, 0]
+    with pytest.raises(KeyError):
+        subscription.replay_parked(parked.id)
+    assert handler.calls == [0, 0], "an already replayed message was handled again before KeyError"
+
+
+def test_failing_replay_leaves_the_message_parked(env: Env) -> None:
+    handler = FlakyNumbers()
+    handler.fail[0] = -1
+    env.numbers(0, range(1))
+    env.project()
+    subscription = env.subscription(register(handler.handle), error_handler=ParkSubscriptionErrorHandler())
+    subscription.runner.step()
+    [parked] = subscription.parked()
+    with pytest.raises(RuntimeError, match="boom 0"):
+        subscription.replay_parked(parked.id)
+    assert [p.status for p in subscription.parked()] == ["parked"]
+
+
+def test_log_and_ignore_records_the_skip(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    handler = FlakyNumbers()
+    handler.fail[1] = -1
+    ids = env.numbers(0, range(3))
+    env.project()
+    name = f"{env.name}_sub"
+    subscription = env.subscription(
+        register(handler.handle), error_handler=LogAndIgnoreSubscriptionErrorHandler(name)
+    )
+    with caplog.at_level(logging.ERROR):
+        report = subscription.runner.step()
+    assert [h.outcome for h in report.handled] == ["handled", "ignored after error", "handled"]
+    assert "boom 1" in (report.handled[1].error or "")
+    assert positions(subscription)[0] == 2
+    [skipped] = subscription.parked()
+    assert (skipped.status, skipped.position, skipped.message_id) == ("ignored", 1, ids[1])
+    assert "boom 1" in skipped.error
+    logged = [r for r in caplog.records if r.name.endswith(f"subscription.{name}")]
+    assert len(logged) == 1 and str(ids[1]) in logged[0].getMessage()
+    assert logged[0].exc_info is not None
+
+
+# -- resets --------------------------------------------------------------------------------------
+
+
+def test_reset_to_beginning_partition_positions_and_next_message(env: Env) -> None:
+    handler = FlakyNumbers()
+    env.numbers(0, range(4))
+    env.numbers(1, range(10, 13))
+    env.project()
+    subscription = env.subscription(register(handler.handle))
+    subscription.runner.run()
+    assert Counter(handler.calls) == Counter([0, 1, 2, 3, 10, 11, 12])
+
+    assert subscription.reset() == {0: -1, 1: -1}
+    assert positions(subscription) == {0: -1, 1: -1}
+    subscription.runner.run()
+    assert Counter(handler.calls) == Counter([0, 1, 2, 3, 10, 11, 12] * 2)
+
+    handler.calls.clear()
+    result = subscription.reset({0: 2})  # next message of partition 0 is position 2
+    assert result == {0: 1, 1: 2}
+    subscription.runner.run()
+    assert handler.calls == [2, 3]
+
+    subscription.reset()
+    assert subscription.reset(StartAtNextMessage()) == heads(env)
+    assert len(subscription.runner.step()) == 0
+
+
+def test_reset_to_a_point_in_time_matches_the_start_point(env: Env) -> None:
+    old = dt.datetime(2020, 1, 1, tzinfo=UTC)
+    new = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    env.write(0, *[Numbered(number=n, occurred_at=old) for n in (1, 2)])
+    env.write(0, *[Numbered(number=n, occurred_at=new) for n in (3, 4)])
+    env.write(1, *[Numbered(number=n, occurred_at=new) for n in (11,)])
+    env.write(2, *[Numbered(number=n, occurred_at=old) for n in (21,)])
+    env.project()
+    handler = FlakyNumbers()
+    subscription = env.subscription(register(handler.handle))
+    subscription.runner.run()
+    handler.calls.clear()
+    cut = dt.datetime(2025, 1, 1, tzinfo=UTC)
+    assert subscription.reset(StartAtPointInTime(cut)) == {0: 1, 1: -1, 2: 0}
+    subscription.runner.run()
+    assert sorted(handler.calls) == [3, 4, 11]
+    handler.calls.clear()
+    assert subscription.reset(cut) == {0: 1, 1: -1, 2: 0}  # a datetime works too
+    with pytest.raises(ValueError):
+        subscription.reset(dt.datetime(2025, 1, 1))
+    subscription.runner.run()
+    assert sorted(handler.calls) == [3, 4, 11]
+
+
+def test_reset_before_first_run_is_not_overridden_by_the_start_point(env: Env) -> None:
+    handler = FlakyNumbers()
+    env.numbers(0, range(4))
+    env.project()
+    subscription = env.subscription(register(handler.handle), start_point=StartAtNextMessage())
+    subscription.reset({0: 1})
+    subscription.runner.run()
+    assert handler.calls == [1, 2, 3]
+
+
+def test_reset_waits_for_partition_locks_and_times_out_without_changes(env: Env) -> None:
+    handler = FlakyNumbers()
+    env.numbers(0, range(3))
+    env.numbers(1, range(10, 13))
+    env.numbers(2, range(20, 23))
+    env.project()
+    subscription = env.subscription(register(handler.handle))
+    subscription.runner.run()
+    before = positions(subscription)
+    assert before == {0: 2, 1: 2, 2: 2}
+
+    other_runner = DbLockProvider(subscription.name, env.engine)  # another process's lock session
+    try:
+        assert other_runner.lock(subscription.partition_lock_name(1))
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            subscription.reset(timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+        assert positions(subscription) == before, "a reset that timed out must change nothing"
+        assert subscription.lock_provider.held() == frozenset(), "locks taken so far must be released"
+
+        result: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: result.setdefault("reset", subscription.reset(timeout=10)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive(), "reset must wait while another runner holds a partition"
+        assert positions(subscription) == before
+        other_runner.unlock(subscription.partition_lock_name(1))
+        waiter.join(timeout=10)
+        assert not waiter.is_alive()
+        assert result["reset"] == {0: -1, 1: -1, 2: -1}
+        assert positions(subscription) == {0: -1, 1: -1, 2: -1}
+    finally:
+        other_runner.finalize()
+
+
+def test_bad_reset_arguments_are_refused_and_change_nothing(env: Env) -> None:
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(register(FlakyNumbers().handle))
+    subscription.runner.run()
+    for bad in ("beginning", 5, [0, 1], 1.5):
+        with pytest.raises(TypeError):
+            subscription.reset(bad)
+    for bad_mapping in ({0: -1}, {0: "1"}, {-1: 0}, {"0": 1}, {0: True}):
+        with pytest.raises(ValueError):
+            subscription.reset(bad_mapping)
+    assert positions(subscription) == {0: 2}
+    assert subscription.lock_provider.held() == frozenset()
+
+
+def test_reset_of_an_unknown_partition_is_refused_or_stored(env: Env) -> None:
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(register(FlakyNumbers().handle))
+    subscription.runner.run()
+    try:
+        result = subscription.reset({7: 2})
+    except ValueError:
+        assert positions(subscription) == {0: 2}
+        return
+    stored = subscription.state_provider.read(subscription.name).positions
+    assert stored.get(7) == result[7], "reset() reported a position it never stored"
+
+
+# -- stepping ------------------------------------------------------------------------------------
+
+
+def test_step_handles_at_most_max_messages_and_reports_a_typed_dataframe(env: Env) -> None:
+    handler = FlakyNumbers()
+    for stream_no in range(3):
+        env.numbers(stream_no, range(stream_no * 10, stream_no * 10 + 2))
+    env.project()
+    subscription = env.subscription(register(handler.handle))
+
+    report = subscription.runner.step(max_messages=3)
+    assert len(report) == 3
+    assert len(handler.calls) == 3
+    assert sum(p.position + 1 for p in subscription.progress()) == 3
+    frame = report.to_dataframe()
+    assert list(frame.columns) == [
+        "partition",
+        "position",
+        "message_id",
+        "message_type",
+        "outcome",
+        "attempts",
+        "error",
+    ]
+    for column in ("partition", "position", "attempts"):
+        assert str(frame[column].dtype) == "int64"
+    assert all(isinstance(v, str) and uuid.UUID(v) for v in frame["message_id"])
+    assert set(frame["outcome"]) == {"handled"}
+    assert "handled" in report.summary()
+
+    rest = subscription.runner.step(max_messages=100)
+    assert len(rest) == 3
+    assert sorted(handler.calls) == [0, 1, 10, 11, 20, 21]
+    empty = subscription.runner.step().to_dataframe()
+    assert len(empty) == 0 and list(empty.columns) == list(frame.columns)
+
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError):
+            subscription.runner.step(max_messages=bad)
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["Bad", "with-dash", "x; DROP TABLE y", "", "1abc", "a" * 41, 'q"uote'])
+def test_subscription_and_stream_names_must_be_identifiers(env: Env, bad: str) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        env.stream.subscription(name=bad, handlers=register(FlakyNumbers().handle))
+    with pytest.raises(InvalidIdentifierError):
+        env.store.aggregated_stream(name=bad, partitioner=ModuloPartitioner(3), stream_wildcards=["s-%"])
+    with pytest.raises(InvalidIdentifierError):
+        DbLockProvider(bad, env.engine)
