@@ -24,10 +24,13 @@ from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
+from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
 from depeche_nb.store.storage import ROW_COLUMNS
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from depeche_nb.engine.reader import AggregatedStreamReader
 
 E = TypeVar("E")
@@ -140,11 +143,27 @@ class AggregatedStream(RichRepr, Generic[E]):
             yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
 
     def read_slice_messages(
-        self, partition: int, start: int, count: int
+        self, partition: int, start: int | tuple[str, str, str], count: int
     ) -> list[tuple[int, int, StoredMessage[E]]]:
-        """(partition, position, stored message) from `start` on, in one round trip."""
+        """(partition, position, stored message) from `start` on, in one round trip.
+
+        `start` may instead be (state table, subscription name, _) to start
+        right after that subscription's stored position, read in the same
+        statement (saves a round trip per batch on the hot path).
+        """
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._slice_messages_sql, (partition, start, count))
+            if isinstance(start, tuple):
+                state_table, subscription_name, _ = start
+                cursor.execute(
+                    self._slice_messages_sql.replace(
+                        "s.position >= %s",
+                        f"s.position > coalesce((SELECT st.position FROM {state_table} st "
+                        "WHERE st.subscription_name = %s AND st.partition = %s), -1)",
+                    ),
+                    (partition, subscription_name, partition, count),
+                )
+            else:
+                cursor.execute(self._slice_messages_sql, (partition, start, count))
             rows = cursor.fetchall()
         serializer = self.store.serializer
         return [(row[0], row[1], to_stored_message(row[2:], serializer)) for row in rows]
@@ -156,9 +175,12 @@ class AggregatedStream(RichRepr, Generic[E]):
 
     def get_max_aggregated_stream_positions(self, conn: sa.Connection | None = None) -> dict[int, int]:
         """Partition -> head position (highest assigned position)."""
-        with self._connection(conn) as c:
-            rows = c.exec_driver_sql(f"SELECT partition, max_position FROM {self._heads}").all()
-        return {row[0]: row[1] for row in rows}
+        sql = f"SELECT partition, max_position FROM {self._heads}"
+        if conn is not None:
+            return {row[0]: row[1] for row in conn.exec_driver_sql(sql).all()}
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(sql)
+            return {row[0]: row[1] for row in cursor.fetchall()}
 
     def get_partition_statistics(
         self, result_limit: int | None = None, conn: sa.Connection | None = None
@@ -221,6 +243,24 @@ class AggregatedStream(RichRepr, Generic[E]):
         with self.engine.connect() as own:
             yield own
             own.commit()
+
+    # -- notebook views (built in `engine.frames`; pandas loads on first use) -----------------
+
+    def assignments_dataframe(
+        self, partition: int | None = None, limit: int | None = DEFAULT_LIMIT
+    ) -> pd.DataFrame:
+        """Which message is at which partition/position (all partitions by global position, or
+        one `partition` by position); at most `limit` rows (None = all)."""
+        from depeche_nb.engine.frames import assignments_dataframe
+
+        return assignments_dataframe(self, partition=partition, limit=limit)
+
+    def partitions_dataframe(self) -> pd.DataFrame:
+        """One row per partition (messages, head position, last projected time);
+        `attrs["unprojected_messages"]` is the stream's projection lag."""
+        from depeche_nb.engine.frames import partitions_dataframe
+
+        return partitions_dataframe(self)
 
     def __repr__(self) -> str:
         return (

@@ -183,14 +183,24 @@ class StreamProjector(Generic[E]):
             "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
             f"array(SELECT pg_snapshot_xip(seen))::text[] FROM {checkpoint}"
         )
-        select = f"SELECT {ROW_COLUMNS} FROM {messages} m WHERE m.global_position > %(after)s "
-        tail = (
-            "AND pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) "
-            "AND m.stream LIKE ANY(%(wildcards)s) ORDER BY m.global_position LIMIT %(limit)s"
+        visible = (
+            "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
         )
-        self._rows_first_sql = select + tail
+        order = "ORDER BY global_position LIMIT %(limit)s"
+        columns = ", ".join(f"m.{c}" for c in ROW_COLUMNS.split(", "))
+        # First round: walk the primary key in order (everything is new).
+        self._rows_first_sql = (
+            f"SELECT {columns} FROM {messages} m WHERE m.global_position > %(after)s AND {visible} {order}"
+        )
+        # Later rounds: the two halves of "not visible in seen" as separate
+        # index scans on txid; an OR would let the planner fall back to a scan
+        # of the whole table in global-position order.
         self._rows_delta_sql = (
-            select + "AND (m.txid >= %(seen_xmax)s::xid8 OR m.txid = ANY(%(seen_xip)s::xid8[])) " + tail
+            f"SELECT * FROM (SELECT {columns} FROM {messages} m "
+            f"WHERE m.txid >= %(seen_xmax)s::xid8 AND {visible} "
+            f"UNION ALL SELECT {columns} FROM {messages} m "
+            f"WHERE m.txid = ANY(%(seen_xip)s::xid8[]) AND {visible}) d "
+            f"WHERE d.global_position > %(after)s {order}"
         )
         self._insert_sql = f"""
             WITH new AS (

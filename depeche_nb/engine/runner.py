@@ -172,9 +172,8 @@ class SubscriptionRunner(Generic[E]):
         if not locks.lock(lock_name):
             return 0
         try:
-            # Re-read under the lock: another runner may have moved on meanwhile.
-            start = subscription.state_provider.read(subscription.name).positions.get(partition, -1) + 1
-            batch = subscription.stream.read_slice_messages(partition, start, count)
+            # Read the state under the lock: another runner may have moved on meanwhile.
+            batch = subscription.next_batch(partition, count)
             return self._handle_batch(batch, report)
         finally:
             locks.unlock(lock_name)

@@ -27,6 +27,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionStartPoint,
     SubscriptionStateProvider,
 )
+from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.acks import AckOp, AckRolledback
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
@@ -35,6 +36,8 @@ from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionR
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
 from depeche_nb.engine.state import DbSubscriptionStateProvider
 from depeche_nb.postgres.locks import DbLockProvider
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,6 +153,18 @@ class Subscription(RichRepr, Generic[E]):
     def progress(self) -> list[PartitionProgress]:
         """Every partition's acknowledged position and head, by partition."""
         self.ensure_initialized()
+        provider = self._state_provider
+        if isinstance(provider, DbSubscriptionStateProvider):
+            # Heads and state side by side in one statement.
+            with autocommit_cursor(self._stream.engine) as cursor:
+                cursor.execute(
+                    f"SELECT h.partition, coalesce(st.position, -1), h.max_position "
+                    f"FROM {quote_ident(self._stream.names.heads_table)} h "
+                    f"LEFT JOIN {provider.table} st "
+                    "ON st.subscription_name = %s AND st.partition = h.partition ORDER BY h.partition",
+                    (self.name,),
+                )
+                return [PartitionProgress(*row) for row in cursor.fetchall()]
         heads = self._stream.get_max_aggregated_stream_positions()
         positions = self._state_provider.read(self.name).positions
         return [PartitionProgress(p, positions.get(p, -1), heads[p]) for p in sorted(heads)]
@@ -161,6 +176,14 @@ class Subscription(RichRepr, Generic[E]):
 
     # -- Depeche DB style fetching ----------------------------------------------------------
 
+    def next_batch(self, partition: int, count: int) -> list[tuple[int, int, StoredMessage[E]]]:
+        """The next `count` unacknowledged messages of a partition (call with its lock held)."""
+        provider = self._state_provider
+        if isinstance(provider, DbSubscriptionStateProvider):
+            return self._stream.read_slice_messages(partition, (provider.table, self.name, ""), count)
+        start = provider.read(self.name).positions.get(partition, -1) + 1
+        return self._stream.read_slice_messages(partition, start, count)
+
     def get_next_messages(self, count: int) -> Iterator[SubscriptionMessage[E]]:
         """Yield up to `count` messages of one partition; each is acked when the consumer
         asks for the next one (at-least-once), and the partition is unlocked at the end."""
@@ -170,8 +193,7 @@ class Subscription(RichRepr, Generic[E]):
             if not self._lock_provider.lock(lock_name):
                 continue
             try:
-                start = self._state_provider.read(self.name).positions.get(candidate.partition, -1) + 1
-                batch = self._stream.read_slice_messages(candidate.partition, start, count)
+                batch = self.next_batch(candidate.partition, count)
                 if not batch:
                     continue
                 for partition, position, stored in batch:
@@ -276,6 +298,15 @@ class Subscription(RichRepr, Generic[E]):
     def discard_parked(self, parked_id: int) -> None:
         """Mark a parked message as dealt with, without handling it."""
         self.parked_messages.resolve(parked_id, DISCARDED)
+
+    # -- notebook view (built in `engine.frames`; pandas loads on first use) ------------------
+
+    def state_dataframe(self) -> pd.DataFrame:
+        """One row per partition: acknowledged position, head, lag, whether a runner holds
+        it right now, last ack time. Read-only (does not initialise the subscription)."""
+        from depeche_nb.engine.frames import subscription_state_dataframe
+
+        return subscription_state_dataframe(self)
 
     def __repr__(self) -> str:
         return f"Subscription(name={self.name!r}, stream={self._stream.name!r})"

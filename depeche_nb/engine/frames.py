@@ -1,0 +1,360 @@
+"""DataFrame views and bounded overviews of aggregated streams and subscriptions.
+
+Below the notebook layer for the same reason as `store.frames` (whose
+column conventions and helpers this module shares): `AggregatedStream` and
+`Subscription` offer the views as thin methods. pandas is imported inside
+the DataFrame functions only; the `*_overview` functions return plain
+dataclasses, which the HTML reprs use without loading pandas.
+
+Projection lag: which partition a waiting message will land in is only known
+once the projector has run the partitioner on it, so lag cannot be given per
+partition. What can be known exactly is how many stored messages match the
+stream's wildcards but are not projected yet (`unprojected_count`), reported
+per aggregated stream.
+
+"Locked right now": `DbLockProvider` holds a partition as a session advisory
+lock on the 64-bit key `advisory_key(provider.name, lock_name)`. PostgreSQL
+shows such a lock in `pg_locks` as locktype 'advisory' with objsubid 1,
+classid = the key's high 32 bits and objid = its low 32 bits (as unsigned
+oids), in the lock holder's database. All partitions are checked in one query.
+Other lock providers cannot be inspected; their partitions report None/NA.
+"""
+
+from __future__ import annotations
+
+import dataclasses as _dc
+import datetime as _dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from depeche_nb.engine.parking import IGNORED, PARKED
+from depeche_nb.engine.state import DbSubscriptionStateProvider
+from depeche_nb.postgres.locks import DbLockProvider, advisory_key
+from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.store.frames import (
+    DEFAULT_LIMIT,
+    EPOCH_US,
+    INT64,
+    NULLABLE_BOOL,
+    STRING,
+    UTC,
+    check_limit,
+    epoch_us_sql,
+    frame_from_rows,
+    stream_chunks,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.subscription import Subscription
+
+_MASK32 = 0xFFFFFFFF
+
+
+# -- aggregated streams -------------------------------------------------------------------------
+
+_ASSIGNMENT_KINDS = (
+    ("message_id", STRING),
+    ("origin_stream", STRING),
+    ("version", INT64),
+    ("global_position", INT64),
+    ("partition", INT64),
+    ("position", INT64),
+    ("message_occurred_at", EPOCH_US),
+    ("projected_at", EPOCH_US),
+)
+
+
+def assignments_dataframe(
+    stream: AggregatedStream[Any], partition: int | None = None, limit: int | None = DEFAULT_LIMIT
+) -> pd.DataFrame:
+    """Which message landed in which partition at which position.
+
+    Columns: `message_id`, `origin_stream`, `version` (in the origin stream),
+    `global_position`, `partition`, `position`, `message_occurred_at`,
+    `projected_at`. All partitions by global position, or one `partition` by
+    position. `limit`: the first rows only (default 10,000; None = all);
+    `frame.attrs["more_available"]` tells whether rows were cut off.
+    """
+    import pandas as pd
+
+    row_limit = check_limit(limit)
+    if partition is not None and (isinstance(partition, bool) or not isinstance(partition, int)):
+        raise TypeError(f"partition must be an int or None, got {type(partition).__name__}")
+    where, params, order = (
+        ("partition = %s", (partition,), "position")
+        if partition is not None
+        else (
+            "TRUE",
+            (),
+            "global_position",
+        )
+    )
+    sql = (
+        "SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, "
+        f"position, {epoch_us_sql('message_occurred_at')}, {epoch_us_sql('projected_at')} "
+        f"FROM {quote_ident(stream.names.table)} WHERE {where} ORDER BY {order} LIMIT %s"
+    )
+    fetch = None if row_limit is None else row_limit + 1
+    chunks: list[pd.DataFrame] = []
+    taken, more = 0, False
+    for chunk in stream_chunks(stream.engine, sql, (*params, fetch)):
+        rows = chunk
+        if row_limit is not None and taken + len(rows) > row_limit:
+            rows, more = rows[: row_limit - taken], True
+        taken += len(rows)
+        if rows:
+            chunks.append(frame_from_rows(rows, _ASSIGNMENT_KINDS))
+    frame = pd.concat(chunks, ignore_index=True) if chunks else frame_from_rows([], _ASSIGNMENT_KINDS)
+    frame.attrs = {"more_available": more}
+    return frame
+
+
+@_dc.dataclass(frozen=True)
+class PartitionSummary:
+    """One partition of an aggregated stream. Positions are gapless from 0, so
+    `messages == head_position + 1`."""
+
+    partition: int
+    messages: int
+    head_position: int
+    first_global_position: int
+    last_global_position: int
+    last_projected_at: _dt.datetime
+
+
+@_dc.dataclass(frozen=True)
+class AggregatedStreamOverview:
+    name: str
+    store: str
+    wildcards: list[str]
+    partitions: list[PartitionSummary]  # by partition number
+    projected: int  # messages in all partitions
+    unprojected: int  # stored messages matching the wildcards, not projected yet
+    last_projected_at: _dt.datetime | None
+    checkpoint_updated_at: _dt.datetime | None  # when a projector step last finished
+
+
+def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]:
+    with autocommit_cursor(stream.engine) as cursor:
+        cursor.execute(
+            "SELECT partition, count(*), max(position), min(global_position), max(global_position), "
+            f"max(projected_at) FROM {quote_ident(stream.names.table)} GROUP BY partition ORDER BY partition"
+        )
+        return [PartitionSummary(*row) for row in cursor.fetchall()]
+
+
+def unprojected_count(stream: AggregatedStream[Any]) -> int:
+    """Stored messages matching the stream's wildcards that no partition holds yet: exactly
+    the projector's backlog (it selects with the same `LIKE ANY`)."""
+    messages = quote_ident(stream.names.store.messages_table)
+    table = quote_ident(stream.names.table)
+    with autocommit_cursor(stream.engine) as cursor:
+        cursor.execute(
+            f"SELECT count(*) FROM {messages} m WHERE m.stream LIKE ANY(%s) AND NOT EXISTS "
+            f"(SELECT 1 FROM {table} s WHERE s.global_position = m.global_position)",
+            (list(stream.stream_wildcards),),
+        )
+        return int(cursor.fetchone()[0])
+
+
+_PARTITION_KINDS = (
+    ("partition", INT64),
+    ("messages", INT64),
+    ("head_position", INT64),
+    ("first_global_position", INT64),
+    ("last_global_position", INT64),
+    ("last_projected_at", UTC),
+)
+
+
+def partitions_dataframe(stream: AggregatedStream[Any]) -> pd.DataFrame:
+    """One row per partition: `partition`, `messages`, `head_position`,
+    `first_global_position`, `last_global_position`, `last_projected_at`.
+
+    `frame.attrs["unprojected_messages"]`: stored messages matching the
+    wildcards that are not projected yet (the stream's projection lag; it has
+    no per-partition split before the partitioner ran, see the module notes).
+    """
+    summaries = partition_summaries(stream)
+    frame = frame_from_rows([_dc.astuple(s) for s in summaries], _PARTITION_KINDS)
+    frame.attrs = {"unprojected_messages": unprojected_count(stream)}
+    return frame
+
+
+def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStreamOverview:
+    """Everything an aggregated stream's repr shows (a few grouped statements)."""
+    summaries = partition_summaries(stream)
+    unprojected = unprojected_count(stream)
+    with autocommit_cursor(stream.engine) as cursor:
+        cursor.execute(f"SELECT updated_at FROM {quote_ident(stream.names.checkpoint_table)}")
+        row = cursor.fetchone()
+    return AggregatedStreamOverview(
+        name=stream.name,
+        store=stream.store.name,
+        wildcards=list(stream.stream_wildcards),
+        partitions=summaries,
+        projected=sum(s.messages for s in summaries),
+        unprojected=unprojected,
+        last_projected_at=max((s.last_projected_at for s in summaries), default=None),
+        checkpoint_updated_at=None if row is None else row[0],
+    )
+
+
+# -- subscriptions ------------------------------------------------------------------------------
+
+
+@_dc.dataclass(frozen=True)
+class PartitionState:
+    """A partition as a subscription sees it right now."""
+
+    partition: int
+    position: int  # last acknowledged position, -1 before the first
+    head: int  # highest projected position, -1 if none
+    lag: int  # head - position: messages waiting
+    locked: bool | None  # held by a runner right now; None if the lock provider cannot tell
+    last_acked_at: _dt.datetime | None  # None if unknown (not a DB state provider) or never
+
+
+@_dc.dataclass(frozen=True)
+class SubscriptionOverview:
+    name: str
+    stream: str
+    initialized: bool
+    partitions: list[PartitionState]  # by partition number
+    parked: int | None  # unresolved parked/ignored messages; None: no parked table yet
+
+    @property
+    def lag(self) -> int:
+        return sum(max(p.lag, 0) for p in self.partitions)
+
+    @property
+    def locked(self) -> int | None:
+        if any(p.locked is None for p in self.partitions):
+            return None
+        return sum(1 for p in self.partitions if p.locked)
+
+
+def locked_partitions(subscription: Subscription[Any], partitions: Sequence[int]) -> dict[int, bool | None]:
+    """For each partition: is its lock held right now (by anyone)? None if unknowable."""
+    provider = subscription.lock_provider
+    if not isinstance(provider, DbLockProvider):
+        return {p: None for p in partitions}
+    if not partitions:
+        return {}
+    keys = [advisory_key(provider.name, subscription.partition_lock_name(p)) for p in partitions]
+    # Python's >> on a negative int shifts arithmetically; masking yields the
+    # unsigned 32-bit halves PostgreSQL stores in classid/objid.
+    high = [(key >> 32) & _MASK32 for key in keys]
+    low = [key & _MASK32 for key in keys]
+    sql = """
+        SELECT u.partition FROM unnest(%s::int[], %s::int8[], %s::int8[]) AS u(partition, hi, lo)
+        WHERE EXISTS (
+            SELECT 1 FROM pg_locks l
+            WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND l.classid = u.hi::oid AND l.objid = u.lo::oid
+        )
+    """
+    with autocommit_cursor(subscription.stream.engine) as cursor:
+        cursor.execute(sql, (list(partitions), high, low))
+        held = {row[0] for row in cursor.fetchall()}
+    return {p: p in held for p in partitions}
+
+
+def partition_states(subscription: Subscription[Any]) -> list[PartitionState]:
+    """Position, head, lag, lock and last ack of every partition, read-only.
+
+    Unlike `Subscription.progress()` this never initialises the subscription:
+    a display must not apply a start point. Before initialisation positions
+    read as -1.
+    """
+    heads = subscription.stream.get_max_aggregated_stream_positions()
+    provider = subscription.state_provider
+    acked_at: dict[int, _dt.datetime] = {}
+    if isinstance(provider, DbSubscriptionStateProvider):
+        # One statement for positions and their times (the provider's read()
+        # has no times).
+        with autocommit_cursor(provider.engine) as cursor:
+            cursor.execute(
+                f"SELECT partition, position, updated_at FROM {provider.table} "
+                "WHERE subscription_name = %s AND partition >= 0",
+                (subscription.name,),
+            )
+            rows = cursor.fetchall()
+        positions = {row[0]: row[1] for row in rows}
+        acked_at = {row[0]: row[2] for row in rows}
+    else:
+        positions = dict(provider.read(subscription.name).positions)
+    partitions = sorted(set(heads) | set(positions))
+    locked = locked_partitions(subscription, partitions)
+    states = []
+    for p in partitions:
+        position, head = positions.get(p, -1), heads.get(p, -1)
+        states.append(PartitionState(p, position, head, head - position, locked[p], acked_at.get(p)))
+    return states
+
+
+_STATE_KINDS = (
+    ("partition", INT64),
+    ("position", INT64),
+    ("head", INT64),
+    ("lag", INT64),
+    ("locked", NULLABLE_BOOL),
+    ("last_acked_at", UTC),
+)
+
+
+def subscription_state_dataframe(subscription: Subscription[Any]) -> pd.DataFrame:
+    """One row per partition: `partition`, `position` (last acknowledged, -1 before the
+    first), `head` (highest projected position), `lag` (`head - position`), `locked`
+    (held by a runner right now; nullable boolean, NA when the lock provider is not a
+    `DbLockProvider`), `last_acked_at` (NaT when unknown). Read-only: it does not
+    initialise the subscription (`frame.attrs["initialized"]` says whether it is)."""
+    frame = frame_from_rows([_dc.astuple(s) for s in partition_states(subscription)], _STATE_KINDS)
+    frame.attrs = {"initialized": subscription.state_provider.initialized(subscription.name)}
+    return frame
+
+
+def parked_count(subscription: Subscription[Any]) -> int | None:
+    """Unresolved parked/ignored messages, or None when the parked table does not exist
+    (it is created on first use; a display must not create it)."""
+    table = subscription.parked_messages.table  # already quoted
+    with autocommit_cursor(subscription.stream.engine) as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+        if not cursor.fetchone()[0]:
+            return None
+        cursor.execute(f"SELECT count(*) FROM {table} WHERE status IN (%s, %s)", (PARKED, IGNORED))
+        return int(cursor.fetchone()[0])
+
+
+def subscription_overview(subscription: Subscription[Any]) -> SubscriptionOverview:
+    """Everything a subscription's repr shows."""
+    return SubscriptionOverview(
+        name=subscription.name,
+        stream=subscription.stream.name,
+        initialized=subscription.state_provider.initialized(subscription.name),
+        partitions=partition_states(subscription),
+        parked=parked_count(subscription),
+    )
+
+
+__all__ = [
+    "AggregatedStreamOverview",
+    "PartitionState",
+    "PartitionSummary",
+    "SubscriptionOverview",
+    "aggregated_stream_overview",
+    "assignments_dataframe",
+    "locked_partitions",
+    "parked_count",
+    "partition_states",
+    "partition_summaries",
+    "partitions_dataframe",
+    "subscription_overview",
+    "subscription_state_dataframe",
+    "unprojected_count",
+]
