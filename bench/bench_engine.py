@@ -23,8 +23,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import depeche_nb  # noqa: E402
-from bench.common import (  # noqa: E402
+import depeche_nb
+from bench.common import (
     Row,
     Server,
     Target,
@@ -34,7 +34,7 @@ from bench.common import (  # noqa: E402
     print_table,
     resolve_server,
 )
-from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner  # noqa: E402
+from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 
 
 class BenchEvent(pydantic.BaseModel):
@@ -140,7 +140,9 @@ def latency(server: Server, name: str, count: int, rate: float) -> list[float]:
     """Write `count` messages at `rate`/s; ms from just before write() to the handler call."""
     engine = server.engine()
     store = depeche_nb.MessageStore(name, engine, PydanticMessageSerializer(BenchEvent))
-    store.aggregated_stream(name=f"{name}_agg", partitioner=StreamNamePartitioner(10), stream_wildcards=["lat-%"])
+    store.aggregated_stream(
+        name=f"{name}_agg", partitioner=StreamNamePartitioner(10), stream_wildcards=["lat-%"]
+    )
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Event(), ctx.Queue()
     child = ctx.Process(target=_executor_child, args=(server.url, name, ready, results, count))
