@@ -112,8 +112,12 @@ def frame_from_rows(rows: Sequence[Sequence[Any]], columns: Sequence[tuple[str, 
     import pandas as pd
 
     transposed: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    data = {name: pd.Series(typed_column(values, kind)) for (name, kind), values in zip(columns, transposed)}
-    return pd.DataFrame(data)
+    data = {
+        name: pd.Series(typed_column(values, kind))
+        for (name, kind), values in zip(columns, transposed, strict=True)
+    }
+    frame: pd.DataFrame = pd.DataFrame(data)
+    return frame
 
 
 def stream_chunks(
@@ -207,6 +211,7 @@ def messages_dataframe(
         raise ValueError("pass either stream or wildcard, not both")
     row_limit = check_limit(limit)
     condition, params = since_condition(since, "global_position", "added_at")
+    where_params: tuple[Any, ...]
     if stream is not None:
         validate_stream(stream)
         where, where_params, order = "stream = %s", (stream,), "version"
@@ -239,7 +244,7 @@ def messages_dataframe(
         if flatten:
             # dtype=object: keep the raw JSON values per chunk; types are decided
             # once over all chunks (see `_payload_dtype`).
-            payload_chunks.append(pd.DataFrame.from_records(payloads, dtype=object))
+            payload_chunks.append(pd.DataFrame(payloads, dtype=object))
         else:
             raw_payloads.extend(payloads)
     frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads)
@@ -295,7 +300,8 @@ def _assemble(
             while name in columns:
                 name = PAYLOAD_PREFIX + name
             columns[name] = _payload_dtype(payload[key])
-    return pd.DataFrame(columns)
+    frame: pd.DataFrame = pd.DataFrame(columns)
+    return frame
 
 
 def _payload_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
@@ -381,7 +387,9 @@ class StoreOverview:
 PREVIEW_CHARS = 200
 
 
-def store_overview(store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5) -> StoreOverview:
+def store_overview(
+    store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5
+) -> StoreOverview:
     """Everything a store's repr shows, in two statements whose results are bounded."""
     table = store._storage.table
     # The window totals are computed before LIMIT, so one scan gives both the

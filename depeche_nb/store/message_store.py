@@ -11,10 +11,12 @@ transaction) and fires only if they commit.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import functools
+import json
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg2
 import sqlalchemy as sa
@@ -26,9 +28,11 @@ from depeche_nb.core.errors import (
     MessageNotFound,
     MessageSerializationError,
 )
+from depeche_nb.core.identifiers import validate_stream
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
 from depeche_nb.postgres.notifier import notifier_for
 from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.storage import (
     ROW_COLUMNS,
     Storage,
@@ -36,19 +40,41 @@ from depeche_nb.store.storage import (
     translate_write_error,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 E = TypeVar("E")
 
 _STREAM_CHUNK_ROWS = 5000
 
 
+def deserialize_payload(payload: Any, serializer: MessageSerializer[E]) -> E:
+    """A payload as JSON text (fast path where the serializer parses JSON itself) or a dict."""
+    if isinstance(payload, str):
+        from_text = getattr(serializer, "deserialize_text", None)
+        if from_text is not None:
+            return from_text(payload)  # type: ignore[no-any-return]
+        payload = json.loads(payload)
+    return serializer.deserialize(payload)
+
+
 def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[E]:
-    """Build a `StoredMessage` from a row in `ROW_COLUMNS` order."""
+    """Build a `StoredMessage` from a row in `ROW_COLUMNS` order (payload as dict or JSON text)."""
     message_id, stream, version, payload, global_position, added_at = row
+    message = deserialize_payload(payload, serializer)
+    # The message carries its own id (the store wrote exactly that one), which
+    # spares parsing the column's text for every row.
+    own_id = getattr(message, "get_message_id", None)
+    parsed_id = own_id() if own_id is not None else None
+    if isinstance(message_id, uuid.UUID):
+        parsed_id = message_id
+    elif not (isinstance(parsed_id, uuid.UUID) and str(parsed_id) == message_id):
+        parsed_id = uuid.UUID(message_id)
     return StoredMessage(
-        message_id=message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(message_id),
+        message_id=parsed_id,
         stream=stream,
         version=version,
-        message=serializer.deserialize(payload),
+        message=message,
         global_position=global_position,
         added_at=added_at,
     )
@@ -224,8 +250,13 @@ class MessageStoreBase(RichRepr, Generic[E]):
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """The stream's messages in version order (from `min_version` on, if given)."""
-        with self.reader() as reader:
-            yield from reader.read(stream, min_version)
+        validate_stream(stream)
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self._storage.text_read_sql, (stream, min_version or 0))
+            rows = cursor.fetchall()
+        serializer = self._serializer
+        for row in rows:
+            yield to_stored_message(row, serializer)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         """Messages of every stream matching the SQL LIKE pattern, in global order.
@@ -260,6 +291,28 @@ class MessageStoreBase(RichRepr, Generic[E]):
         with self.engine.connect() as own:
             yield own
             own.commit()
+
+    # -- notebook views (built in `store.frames`; pandas loads on first use) ------------------
+
+    def to_dataframe(
+        self,
+        stream: str | None = None,
+        wildcard: str | None = None,
+        limit: int | None = DEFAULT_LIMIT,
+        since: int | _dt.datetime | None = None,
+    ) -> pd.DataFrame:
+        """Messages as a DataFrame: one `stream`, a `wildcard` or the whole store; at most
+        `limit` rows (default 10,000; None = all), from global position / time `since`.
+        Payload keys become columns; see `store.frames.messages_dataframe`."""
+        from depeche_nb.store.frames import messages_dataframe
+
+        return messages_dataframe(self, stream=stream, wildcard=wildcard, limit=limit, since=since)
+
+    def streams_dataframe(self) -> pd.DataFrame:
+        """One row per stream: message count, first/last global position, last write."""
+        from depeche_nb.store.frames import streams_dataframe
+
+        return streams_dataframe(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import types
 import typing
 from typing import Any, Generic, TypeVar
@@ -14,6 +16,8 @@ from depeche_nb.core.errors import MessageSerializationError, UnknownMessageType
 E = TypeVar("E")
 
 TYPE_KEY = "__typename__"
+_TYPE_KEY_IN_TEXT = '"__typename__": '
+_TYPE_IN_TEXT = re.compile(r'(?<!\\)"__typename__": "([^"\\]*)"')
 
 
 def _union_members(message_type: Any) -> tuple[type[pydantic.BaseModel], ...]:
@@ -77,6 +81,23 @@ class PydanticMessageSerializer(Generic[E]):
             )
         payload[TYPE_KEY] = type(message).__name__
         return payload
+
+    def deserialize_text(self, text: str) -> E:
+        """Deserialize the payload's JSON text with pydantic's own parser (no dict in between).
+
+        The type name is found in the text; PostgreSQL prints jsonb as
+        `"key": value`, and a quote inside a string value is always escaped,
+        so an unescaped `"__typename__": "X"` is a key. When it is not unique
+        (a nested dict may have such a key) the generic path decides.
+        """
+        if text.count(_TYPE_KEY_IN_TEXT) != 1:
+            return self.deserialize(json.loads(text))
+        found = _TYPE_IN_TEXT.findall(text)
+        if len(found) == 1:
+            model = self._by_name.get(found[0]) or self._aliases.get(found[0])
+            if model is not None and model.model_config.get("extra") != "forbid":
+                return typing.cast(E, model.model_validate_json(text))
+        return self.deserialize(json.loads(text))
 
     def deserialize(self, message: dict[str, Any]) -> E:
         payload = dict(message)

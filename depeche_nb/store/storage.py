@@ -27,6 +27,9 @@ from depeche_nb.postgres.store_schema import VERSION_CONFLICT_SQLSTATE, ensure_s
 
 # Column order of every full row this module returns.
 ROW_COLUMNS = "message_id, stream, version, message, global_position, added_at"
+# The same, with the payload as JSON text: serializers that parse JSON
+# themselves (pydantic's parser) skip the generic JSON decoding.
+TEXT_ROW_COLUMNS = "message_id, stream, version, message::text AS message, global_position, added_at"
 
 
 def check_expected_version(expected_version: object) -> int | None:
@@ -93,8 +96,9 @@ class Storage:
         self.read_sql = (
             f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s ORDER BY version"
         )
+        self.text_read_sql = self.read_sql.replace(ROW_COLUMNS, TEXT_ROW_COLUMNS)
         self.wildcard_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
+            f"SELECT {TEXT_ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
         )
 
     @staticmethod
