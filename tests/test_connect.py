@@ -166,8 +166,8 @@ def test_ephemeral_server_destroy_removes_its_data() -> None:
 # -- folders that are not PostgreSQL data ---------------------------------------------------------
 
 
-def test_non_empty_foreign_folder_is_refused(tmp_path: Path) -> None:
-    data_dir = tmp_path / "precious"
+def test_non_empty_foreign_folder_is_refused(shared_base: Path) -> None:
+    data_dir = shared_base / "precious"
     data_dir.mkdir()
     (data_dir / "notes.txt").write_text("not a database")
     server = EmbeddedServer(data_dir)

@@ -296,10 +296,20 @@ class EmbeddedServer:
         if self._user is not None:
             os.chown(path, self._user.uid, self._user.gid)
 
+    def _check_reachable(self) -> None:
+        """As root, the server runs as the service user: it must be able to reach the folder."""
+        if self._user is not None and not _world_traversable(self.data_dir.parent):
+            raise EmbeddedServerError(
+                f"running as root, PostgreSQL runs as the user {SERVICE_USER!r}, which cannot reach "
+                f"{self.data_dir.parent} (a folder on the way is closed to other users); choose a data "
+                "folder under /var/lib or /tmp, or make the folders on the way traversable (chmod o+x)"
+            )
+
     def _init_data_dir(self) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._check_reachable()
         if (self.data_dir / "PG_VERSION").exists():
             return
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.data_dir.exists() and any(self.data_dir.iterdir()):
             raise EmbeddedServerError(
                 f"{self.data_dir} exists, is not empty and holds no PostgreSQL data; "

