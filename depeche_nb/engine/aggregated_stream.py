@@ -22,7 +22,7 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.names import quote_ident
-from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
@@ -235,14 +235,8 @@ class AggregatedStream(RichRepr, Generic[E]):
                 "SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()"
             )
 
-    @contextlib.contextmanager
-    def _connection(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
-        if conn is not None:
-            yield conn
-            return
-        with self.engine.connect() as own:
-            yield own
-            own.commit()
+    def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
+        return callers_or_own(self.engine, conn)
 
     # -- notebook views (built in `engine.frames`; pandas loads on first use) -----------------
 

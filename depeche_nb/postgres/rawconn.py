@@ -60,3 +60,15 @@ def autocommit_cursor(engine: sa.Engine) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             connection.close()
         raise
+
+
+@contextlib.contextmanager
+def callers_or_own(engine: sa.Engine, conn: sa.Connection | None) -> Iterator[sa.Connection]:
+    """The caller's connection as it is (their transaction, they commit), or a new one
+    that is committed and closed at the end of the block."""
+    if conn is not None:
+        yield conn
+        return
+    with engine.connect() as own:
+        yield own
+        own.commit()

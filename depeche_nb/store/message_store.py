@@ -31,7 +31,7 @@ from depeche_nb.core.errors import (
 from depeche_nb.core.identifiers import validate_stream
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
 from depeche_nb.postgres.notifier import notifier_for
-from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.storage import (
     ROW_COLUMNS,
@@ -283,14 +283,8 @@ class MessageStoreBase(RichRepr, Generic[E]):
         finally:
             raw.close()
 
-    @contextlib.contextmanager
-    def _connection(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
-        if conn is not None:
-            yield conn
-            return
-        with self.engine.connect() as own:
-            yield own
-            own.commit()
+    def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
+        return callers_or_own(self.engine, conn)
 
     # -- notebook views (built in `store.frames`; pandas loads on first use) ------------------
 
