@@ -64,6 +64,16 @@ from depeche_nb.engine.subscription import (
     Subscription,
     SubscriptionFactory,
 )
+
+# Importing the notebook package also registers the HTML reprs of the objects
+# above; it loads pandas/ipywidgets/IPython only when a view is used.
+from depeche_nb.notebook.frames import (
+    assignments_dataframe,
+    messages_dataframe,
+    partitions_dataframe,
+    streams_dataframe,
+    subscription_state_dataframe,
+)
 from depeche_nb.postgres.connection import connect
 from depeche_nb.store.message_store import MessageStoreReader
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
@@ -143,5 +153,10 @@ __all__ = [
     "SubscriptionStateProvider",
     "TimeBudget",
     "UnknownMessageTypeError",
+    "assignments_dataframe",
     "connect",
+    "messages_dataframe",
+    "partitions_dataframe",
+    "streams_dataframe",
+    "subscription_state_dataframe",
 ]

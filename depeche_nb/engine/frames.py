@@ -22,8 +22,10 @@ Other lock providers cannot be inspected; their partitions report None/NA.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses as _dc
 import datetime as _dt
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,17 +84,12 @@ def assignments_dataframe(
     import pandas as pd
 
     row_limit = check_limit(limit)
-    if partition is not None and (isinstance(partition, bool) or not isinstance(partition, int)):
+    if partition is None:
+        where, params, order = "TRUE", (), "global_position"
+    elif isinstance(partition, bool) or not isinstance(partition, numbers.Integral):
         raise TypeError(f"partition must be an int or None, got {type(partition).__name__}")
-    where, params, order = (
-        ("partition = %s", (partition,), "position")
-        if partition is not None
-        else (
-            "TRUE",
-            (),
-            "global_position",
-        )
-    )
+    else:
+        where, params, order = "partition = %s", (int(partition),), "position"
     sql = (
         "SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, "
         f"position, {epoch_us_sql('message_occurred_at')}, {epoch_us_sql('projected_at')} "
@@ -101,13 +98,15 @@ def assignments_dataframe(
     fetch = None if row_limit is None else row_limit + 1
     chunks: list[pd.DataFrame] = []
     taken, more = 0, False
-    for chunk in stream_chunks(stream.engine, sql, (*params, fetch)):
-        rows = chunk
-        if row_limit is not None and taken + len(rows) > row_limit:
-            rows, more = rows[: row_limit - taken], True
-        taken += len(rows)
-        if rows:
-            chunks.append(frame_from_rows(rows, _ASSIGNMENT_KINDS))
+    # closing(): see `store.frames.messages_dataframe`.
+    with contextlib.closing(stream_chunks(stream.engine, sql, (*params, fetch))) as fetched:
+        for chunk in fetched:
+            rows = chunk
+            if row_limit is not None and taken + len(rows) > row_limit:
+                rows, more = rows[: row_limit - taken], True
+            taken += len(rows)
+            if rows:
+                chunks.append(frame_from_rows(rows, _ASSIGNMENT_KINDS))
     frame = pd.concat(chunks, ignore_index=True) if chunks else frame_from_rows([], _ASSIGNMENT_KINDS)
     frame.attrs = {"more_available": more}
     return frame

@@ -24,12 +24,13 @@ counts are `int64`; ids and names are strings (pandas' default string dtype,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses as _dc
 import datetime as _dt
 import json
 import numbers
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from depeche_nb.core.identifiers import validate_stream
@@ -122,7 +123,7 @@ def frame_from_rows(rows: Sequence[Sequence[Any]], columns: Sequence[tuple[str, 
 
 def stream_chunks(
     engine: sa.Engine, sql: str, params: Sequence[Any], chunk_rows: int = CHUNK_ROWS
-) -> Iterator[list[tuple[Any, ...]]]:
+) -> Generator[list[tuple[Any, ...]], None, None]:
     """The rows of `sql` in chunks, from a server-side cursor on a connection of its own.
 
     A separate connection (not the thread's shared autocommit one) because a
@@ -232,21 +233,24 @@ def messages_dataframe(
     payload_chunks: list[pd.DataFrame] = []
     raw_payloads: list[dict[str, Any]] = []
     taken, more = 0, False
-    for chunk in stream_chunks(store.engine, sql, (*where_params, *params, fetch)):
-        rows = chunk
-        if row_limit is not None and taken + len(rows) > row_limit:
-            rows, more = rows[: row_limit - taken], True
-        taken += len(rows)
-        if not rows:
-            continue
-        meta, payloads = _message_chunk(rows)
-        meta_chunks.append(meta)
-        if flatten:
-            # dtype=object: keep the raw JSON values per chunk; types are decided
-            # once over all chunks (see `_payload_dtype`).
-            payload_chunks.append(pd.DataFrame(payloads, dtype=object))
-        else:
-            raw_payloads.extend(payloads)
+    # closing(): release the cursor's transaction at once if building a chunk fails,
+    # not when a notebook finally drops the traceback that keeps the generator alive.
+    with contextlib.closing(stream_chunks(store.engine, sql, (*where_params, *params, fetch))) as chunks:
+        for chunk in chunks:
+            rows = chunk
+            if row_limit is not None and taken + len(rows) > row_limit:
+                rows, more = rows[: row_limit - taken], True
+            taken += len(rows)
+            if not rows:
+                continue
+            meta, payloads = _message_chunk(rows)
+            meta_chunks.append(meta)
+            if flatten:
+                # dtype=object: keep the raw JSON values per chunk; types are decided
+                # once over all chunks (see `_payload_dtype`).
+                payload_chunks.append(pd.DataFrame(payloads, dtype=object))
+            else:
+                raw_payloads.extend(payloads)
     frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads)
     frame.attrs = {"more_available": more}
     return frame

@@ -1,0 +1,199 @@
+"""Benchmark: loading a store into pandas with `store.to_dataframe()` against `pandas.read_sql`.
+
+Usage: python bench/bench_frames.py [--messages N] [--repeat R] [--dsn DSN]
+
+Writes N messages (default 100,000; a small pydantic model over 100 streams)
+into a fresh store, then alternates R times (default 5) between
+
+* ours: `store.to_dataframe(limit=None)` — server-side cursor in chunks,
+  payload keys flattened into typed columns, tz-aware timestamps;
+* baseline: `pandas.read_sql` of the same rows (the same SELECT a user would
+  write: metadata columns and the jsonb payload, which psycopg2 decodes to
+  dicts) through the same engine — it does not flatten anything;
+* for context, the baseline plus `pandas.json_normalize(max_level=0)` of the
+  payload column, i.e. what it takes to get the same shape by hand.
+
+Each figure is the median of its R runs, as rows per second. Target: ours
+takes at most 1.5x the time of `read_sql` (a rows/s ratio >= 0.67x). The
+store's table and function are dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pydantic
+import sqlalchemy as sa
+
+from depeche_nb import MessageStore
+from depeche_nb.postgres.names import StoreNames, quote_ident
+from depeche_nb.store.serializers import PydanticMessageSerializer
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    Row,
+    Target,
+    describe_code,
+    describe_server,
+    load_average,
+    print_table,
+    resolve_server,
+)
+
+SETTINGS = ("shared_buffers", "work_mem")
+BATCH = 1000
+STREAMS = 100
+TIME_RATIO_TARGET = 1.5
+
+
+class Deposited(pydantic.BaseModel):
+    message_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    account: str
+    amount: float
+    count: int
+    flagged: bool
+    note: str
+
+    def get_message_id(self) -> uuid.UUID:
+        return self.message_id
+
+    def get_message_time(self) -> dt.datetime:
+        return self.occurred_at
+
+
+def fill(store: MessageStore[Deposited], messages: int) -> None:
+    for batch in range(messages // BATCH):
+        stream = f"account-{batch % STREAMS}"
+        store.write_all(
+            stream,
+            [
+                Deposited(
+                    account=stream,
+                    amount=(batch * BATCH + i) / 100,
+                    count=i,
+                    flagged=i % 7 == 0,
+                    note=f"deposit {i}",
+                )
+                for i in range(BATCH)
+            ],
+        )
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=100_000, help="rows to load (default 100,000)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (default 5)")
+    parser.add_argument("--dsn", help="server to use (default: DEPECHE_NB_DSN, else the embedded server)")
+    args = parser.parse_args(argv)
+    messages = args.messages - args.messages % BATCH
+
+    server = resolve_server(args.dsn)
+    for line in describe_server(server, SETTINGS):
+        print(line)
+    print(describe_code())
+    print(
+        f"pandas {pd.__version__}; {messages:,} messages in {STREAMS} streams; median of {args.repeat} runs"
+    )
+    print(f"at start, {load_average()}")
+    print()
+
+    engine = server.engine()
+    name = f"bench_{uuid.uuid4().hex[:8]}_frames"
+    names = StoreNames(name)
+    table = quote_ident(names.messages_table)
+    try:
+        store: MessageStore[Deposited] = MessageStore(name, engine, PydanticMessageSerializer(Deposited))
+        fill(store, messages)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
+        select = sa.text(
+            f"SELECT global_position, stream, version, message_id, added_at, message FROM {table} "
+            "ORDER BY global_position"
+        )
+
+        def ours() -> pd.DataFrame:
+            return store.to_dataframe(limit=None)
+
+        def baseline() -> pd.DataFrame:
+            return pd.read_sql(select, engine)
+
+        def baseline_flattened() -> pd.DataFrame:
+            frame = pd.read_sql(select, engine)
+            payload = pd.json_normalize(frame.pop("message").tolist(), max_level=0)
+            return pd.concat([frame, payload], axis=1)
+
+        figures: dict[str, list[float]] = {"ours": [], "baseline": [], "flattened": []}
+        shapes: dict[str, tuple[int, int]] = {}
+        for fn in (ours, baseline):  # warm-up: connections, caches, first imports
+            fn()
+        for _ in range(args.repeat):
+            # Interleaved, so a change of machine load hits every figure alike.
+            for key, fn in (("ours", ours), ("baseline", baseline), ("flattened", baseline_flattened)):
+                seconds, frame = timed(fn)
+                figures[key].append(seconds)
+                shapes[key] = frame.shape
+        assert shapes["ours"][0] == shapes["baseline"][0] == messages, shapes
+        median = {key: statistics.median(values) for key, values in figures.items()}
+        for key, label in (
+            ("ours", "ours: store.to_dataframe(limit=None)"),
+            ("baseline", "baseline: pandas.read_sql(SELECT ...)"),
+            ("flattened", "context: read_sql + json_normalize(max_level=0)"),
+        ):
+            runs = ", ".join(f"{s:.3f}" for s in figures[key])
+            print(
+                f"  {label:<50} {messages / median[key]:>10,.0f} rows/s   median {median[key]:.3f} s "
+                f"(runs: {runs}), shape {shapes[key]}"
+            )
+        time_ratio = median["ours"] / median["baseline"]
+        print()
+        print(
+            f"time ours / read_sql: {time_ratio:.2f}  (target <= {TIME_RATIO_TARGET}: "
+            f"{'ok' if time_ratio <= TIME_RATIO_TARGET else 'MISSED'})"
+        )
+        print()
+        target = Target(min_ratio=round(1 / TIME_RATIO_TARGET, 2))
+        print_table(
+            [
+                Row(
+                    "to_dataframe vs read_sql",
+                    messages / median["ours"],
+                    messages / median["baseline"],
+                    target,
+                ),
+                Row(
+                    "to_dataframe vs read_sql + json_normalize",
+                    messages / median["ours"],
+                    messages / median["flattened"],
+                ),
+            ],
+            unit="rows/s",
+        )
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {quote_ident(names.write_function)}")
+        engine.dispose()
+    print(f"at end, {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

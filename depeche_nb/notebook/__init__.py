@@ -1,0 +1,43 @@
+"""The notebook layer: DataFrame views and rich HTML reprs (widgets build on these).
+
+Importing this package registers the HTML renderers with
+`depeche_nb.core.display`, which the lower layers' `RichRepr` objects consult;
+nothing below imports this package. It stays light: pandas, ipywidgets and
+IPython are imported only inside the functions that need them, so
+`import depeche_nb` in a headless worker loads none of them.
+"""
+
+from __future__ import annotations
+
+from depeche_nb.core.display import register_html_renderer
+from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.aggregated_stream import AggregatedStream
+from depeche_nb.engine.projector import ProjectionReport
+from depeche_nb.engine.runner import RunnerReport
+from depeche_nb.engine.subscription import Subscription
+from depeche_nb.notebook import reprs
+from depeche_nb.notebook.frames import (
+    DEFAULT_LIMIT,
+    assignments_dataframe,
+    messages_dataframe,
+    partitions_dataframe,
+    streams_dataframe,
+    subscription_state_dataframe,
+)
+from depeche_nb.store.message_store import MessageStoreBase
+
+register_html_renderer(MessageStoreBase, reprs.render_store)
+register_html_renderer(StoredMessage, reprs.render_stored_message)
+register_html_renderer(AggregatedStream, reprs.render_aggregated_stream)
+register_html_renderer(Subscription, reprs.render_subscription)
+register_html_renderer(ProjectionReport, reprs.render_projection_report)
+register_html_renderer(RunnerReport, reprs.render_runner_report)
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "assignments_dataframe",
+    "messages_dataframe",
+    "partitions_dataframe",
+    "streams_dataframe",
+    "subscription_state_dataframe",
+]

@@ -1,0 +1,283 @@
+"""HTML renderers for the library's objects, registered by `depeche_nb.notebook`.
+
+Each renderer reads a bounded overview (a few aggregate statements with
+LIMITs, see `store.frames` / `engine.frames`), never the full data, and
+builds the page with `notebook.html`. None of them imports pandas, so the
+first repr in a notebook stays fast. A renderer never raises: if the
+database cannot be read, it shows the plain repr and the error instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.aggregated_stream import AggregatedStream
+from depeche_nb.engine.frames import aggregated_stream_overview, subscription_overview
+from depeche_nb.engine.handlers import HANDLED
+from depeche_nb.engine.projector import ProjectionReport
+from depeche_nb.engine.runner import RunnerReport
+from depeche_nb.engine.subscription import Subscription
+from depeche_nb.notebook import html as h
+from depeche_nb.store.frames import store_overview
+from depeche_nb.store.message_store import MessageStoreBase
+
+T = TypeVar("T")
+
+# Rows of the "latest messages" table of a store.
+RECENT_MESSAGES = 5
+
+
+def guarded(render: Callable[[T], str]) -> Callable[[T], str]:
+    """Turn an exception while rendering into a readable error box: IPython would otherwise
+    print a traceback in place of the output."""
+
+    @functools.wraps(render)
+    def wrapper(obj: T) -> str:
+        try:
+            return render(obj)
+        except Exception as error:
+            return h.error_box(obj, error)
+
+    return wrapper
+
+
+@guarded
+def render_store(store: MessageStoreBase[Any]) -> str:
+    ov = store_overview(store, max_streams=h.MAX_ROWS, max_messages=RECENT_MESSAGES)
+    parts = [
+        h.title(type(store).__name__, store.name),
+        h.facts(
+            [
+                h.count(ov.messages, "message"),
+                h.count(ov.streams, "stream"),
+                ("last global position", ov.last_global_position),
+                ("last write", ov.last_added_at),
+            ]
+        ),
+    ]
+    if not ov.messages:
+        parts.append(h.note("empty: nothing written yet"))
+        return h.box(*parts)
+    parts.append(h.section("Streams (most recently written first)"))
+    parts.append(
+        h.table(
+            ("stream", "messages", "first global position", "last global position", "last added at"),
+            [
+                (s.stream, s.messages, s.first_global_position, s.last_global_position, s.last_added_at)
+                for s in ov.recent_streams
+            ],
+            total=ov.streams,
+            keep="first",
+            noun="stream",
+            hint="store.streams_dataframe() lists them all",
+        )
+    )
+    parts.append(h.section("Latest messages"))
+    parts.append(
+        h.table(
+            ("global position", "stream", "version", "type", "payload", "added at"),
+            [
+                (m.global_position, m.stream, m.version, m.message_type, m.payload, m.added_at)
+                for m in ov.recent_messages
+            ],
+            total=ov.messages,
+            noun="message",
+            hint="store.to_dataframe() loads them",
+        )
+    )
+    return h.box(*parts)
+
+
+@guarded
+def render_stored_message(message: StoredMessage[Any]) -> str:
+    return h.box(
+        h.title("StoredMessage", type(message.message).__name__),
+        h.facts(
+            [
+                ("stream", message.stream),
+                ("version", message.version),
+                ("global position", message.global_position),
+                ("added at", message.added_at),
+                ("id", message.message_id),
+            ]
+        ),
+        h.record_table(h.payload_items(message.message)),
+    )
+
+
+@guarded
+def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
+    ov = aggregated_stream_overview(stream)
+    lag_class = "dnb-warn" if ov.unprojected else "dnb-ok"
+    parts = [
+        h.title("AggregatedStream", ov.name),
+        h.facts(
+            [
+                ("store", ov.store),
+                ("wildcards", ", ".join(ov.wildcards)),
+                h.count(len(ov.partitions), "partition"),
+                ("projected", f"{ov.projected:,}"),
+                ("unprojected", f"{ov.unprojected:,}"),
+                ("last projected", ov.last_projected_at),
+            ],
+            css={"unprojected": lag_class},
+        ),
+    ]
+    if ov.unprojected:
+        parts.append(
+            h.note(
+                f"{h.count(ov.unprojected, 'stored message')} matching the wildcards not projected "
+                "yet (stream.projector.step() or an Executor projects them)"
+            )
+        )
+    if not ov.partitions:
+        parts.append(h.note("no partitions yet: nothing projected"))
+        return h.box(*parts)
+    parts.append(
+        h.table(
+            (
+                "partition",
+                "messages",
+                "head position",
+                "first global position",
+                "last global position",
+                "last projected at",
+            ),
+            [
+                (
+                    p.partition,
+                    p.messages,
+                    p.head_position,
+                    p.first_global_position,
+                    p.last_global_position,
+                    p.last_projected_at,
+                )
+                for p in ov.partitions
+            ],
+            keep="first",
+            noun="partition",
+            hint="stream.partitions_dataframe() lists them all",
+        )
+    )
+    return h.box(*parts)
+
+
+@guarded
+def render_subscription(subscription: Subscription[Any]) -> str:
+    ov = subscription_overview(subscription)
+    states = ov.partitions
+    locked = ov.locked
+    parts = [
+        h.title("Subscription", ov.name),
+        h.facts(
+            [
+                ("stream", ov.stream),
+                h.count(len(states), "partition"),
+                ("lag", f"{ov.lag:,}"),
+                ("locked now", "unknown" if locked is None else locked),
+                ("parked", 0 if ov.parked is None else ov.parked),
+                ("initialised", ov.initialized),
+            ],
+            css={
+                "lag": "dnb-warn" if ov.lag else "dnb-ok",
+                "parked": "dnb-warn" if ov.parked else "",
+            },
+        ),
+    ]
+    if not states:
+        parts.append(h.note("no partitions yet: nothing projected into the stream"))
+        return h.box(*parts)
+    shown = states
+    if len(states) > h.MAX_ROWS:
+        # The rows that answer "what is behind?" first.
+        shown = sorted(states, key=lambda s: (-s.lag, s.partition))[: h.MAX_ROWS]
+        parts.append(h.note(f"the {h.MAX_ROWS} partitions furthest behind:"))
+    parts.append(
+        h.table(
+            ("partition", "position", "head", "lag", "locked", "last ack"),
+            [(s.partition, s.position, s.head, s.lag, s.locked, s.last_acked_at) for s in shown],
+            total=len(states),
+            keep="first",
+            noun="partition",
+            hint="subscription.state_dataframe() lists them all",
+        )
+    )
+    return h.box(*parts)
+
+
+@guarded
+def render_projection_report(report: ProjectionReport) -> str:
+    if report.locked:
+        state, css = "another projector is running; nothing done", "dnb-warn"
+    elif report.more_available:
+        state, css = "more to project", "dnb-warn"
+    else:
+        state, css = "caught up", "dnb-ok"
+    partitions = {p.partition for p in report.projected}
+    parts = [
+        h.title("ProjectionReport", report.stream_name),
+        h.facts(
+            [
+                ("projected", h.count(len(report.projected), "message")),
+                ("into", h.count(len(partitions), "partition")),
+                ("state", state),
+            ],
+            css={"state": css},
+        ),
+    ]
+    if report.projected:
+        parts.append(
+            h.table(
+                ("message id", "origin stream", "version", "global position", "partition", "position"),
+                [
+                    (p.message_id, p.origin_stream, p.version, p.global_position, p.partition, p.position)
+                    for p in report.projected
+                ],
+                noun="message",
+                hint="report.to_dataframe() has them all",
+            )
+        )
+    return h.box(*parts)
+
+
+@guarded
+def render_runner_report(report: RunnerReport) -> str:
+    outcomes: dict[str, int] = {}
+    for item in report.handled:
+        outcomes[item.outcome] = outcomes.get(item.outcome, 0) + 1
+    # Anything but a clean HANDLED deserves a second look (parked, ignored, failed).
+    failed = {name for name in outcomes if name != HANDLED}
+    parts = [
+        h.title("RunnerReport", report.subscription_name),
+        h.facts(
+            [("messages", len(report.handled)), *outcomes.items()] if report.handled else ["nothing to do"],
+            css={name: "dnb-warn" for name in failed} | {HANDLED: "dnb-ok"},
+        ),
+    ]
+    if report.handled:
+        parts.append(
+            h.table(
+                ("partition", "position", "type", "outcome", "attempts", "error", "message id"),
+                [
+                    (i.partition, i.position, i.message_type, i.outcome, i.attempts, i.error, i.message_id)
+                    for i in report.handled
+                ],
+                noun="message",
+                hint="report.to_dataframe() has them all",
+            )
+        )
+    return h.box(*parts)
+
+
+__all__ = [
+    "guarded",
+    "render_aggregated_stream",
+    "render_projection_report",
+    "render_runner_report",
+    "render_store",
+    "render_stored_message",
+    "render_subscription",
+]
