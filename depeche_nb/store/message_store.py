@@ -106,11 +106,15 @@ class MessageStoreReader(Generic[E]):
             yield to_stored_message(row, self._serializer)
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
-        for row in self._storage.read(self._conn, stream, min_version):
+        validate_stream(stream)
+        rows = self._conn.exec_driver_sql(self._storage.text_read_sql, (stream, min_version or 0))
+        for row in rows:
             yield to_stored_message(row, self._serializer)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
-        for row in self._storage.read_wildcard(self._conn, stream_wildcard):
+        if not isinstance(stream_wildcard, str):
+            raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
+        for row in self._conn.exec_driver_sql(self._storage.text_wildcard_sql, (stream_wildcard,)):
             yield to_stored_message(row, self._serializer)
 
 
@@ -266,7 +270,7 @@ class MessageStoreBase(RichRepr, Generic[E]):
         """
         if not isinstance(stream_wildcard, str):
             raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
-        yield from self._stream_rows(self._storage.wildcard_sql, (stream_wildcard,))
+        yield from self._stream_rows(self._storage.text_wildcard_sql, (stream_wildcard,))
 
     def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[StoredMessage[E]]:
         raw = self.engine.raw_connection()
@@ -276,9 +280,11 @@ class MessageStoreBase(RichRepr, Generic[E]):
             with dbapi.cursor(name=f"depeche_nb_{uuid.uuid4().hex}") as cursor:
                 cursor.itersize = _STREAM_CHUNK_ROWS
                 cursor.execute(sql, params)
-                deserialize = self._serializer
-                for row in cursor:
-                    yield to_stored_message(row, deserialize)
+                serializer = self._serializer
+                # fetchmany: iterating a named cursor row by row costs a Python call per row.
+                while rows := cursor.fetchmany(_STREAM_CHUNK_ROWS):
+                    for row in rows:
+                        yield to_stored_message(row, serializer)
             dbapi.commit()
         finally:
             raw.close()

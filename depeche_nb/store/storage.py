@@ -98,8 +98,9 @@ class Storage:
         )
         self.text_read_sql = self.read_sql.replace(ROW_COLUMNS, TEXT_ROW_COLUMNS)
         self.wildcard_sql = (
-            f"SELECT {TEXT_ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
+            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
         )
+        self.text_wildcard_sql = self.wildcard_sql.replace(ROW_COLUMNS, TEXT_ROW_COLUMNS)
 
     @staticmethod
     def message_table_name(name: str) -> str:
