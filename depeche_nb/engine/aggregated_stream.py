@@ -26,7 +26,7 @@ from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
-from depeche_nb.store.storage import ROW_COLUMNS
+from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -91,7 +91,7 @@ class AggregatedStream(RichRepr, Generic[E]):
         self._table = table
         self._heads = quote_ident(self.names.heads_table)
         self._slice_messages_sql = (
-            f"SELECT s.partition, s.position, {', '.join('m.' + c for c in ROW_COLUMNS.split(', '))} "
+            f"SELECT s.partition, s.position, {', '.join('m.' + c for c in TEXT_ROW_COLUMNS.split(', '))} "
             f"FROM {table} s JOIN {messages} m ON m.global_position = s.global_position "
             "WHERE s.partition = %s AND s.position >= %s ORDER BY s.position LIMIT %s"
         )

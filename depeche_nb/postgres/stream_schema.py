@@ -3,8 +3,9 @@
 Tables of aggregated stream `A` over store `S`:
 
 * `A_stream`: one row per projected message (a pointer, not a copy): origin
-  stream/version/global position, partition and gapless position. Unique on
-  message id (projected once) and on (partition, position).
+  stream/version/global position, partition and gapless position. Keyed by
+  the message's global position (so a message is projected at most once) and
+  unique on (partition, position).
 * `A_heads`: per partition the highest position, so positions continue
   without scanning.
 * `A_checkpoint`: the projector's progress as PostgreSQL snapshots, see
@@ -69,7 +70,6 @@ def stream_ddl(names: StreamNames) -> list[str]:
             message_occurred_at timestamptz NOT NULL,
             origin_added_at timestamptz NOT NULL,
             projected_at timestamptz NOT NULL DEFAULT now(),
-            CONSTRAINT {quote_ident(names.stream + "_s_mid_uq")} UNIQUE (message_id),
             CONSTRAINT {quote_ident(names.stream + "_s_pp_uq")} UNIQUE (partition, position)
         )
         """,
