@@ -16,7 +16,7 @@ order, then sets ``seen := pending``.
   invisible in some checkpoint and visible in a later one, so it falls into
   exactly one D. A row of a transaction that rolls back is never visible.
 * Nothing is projected twice: the D of successive rounds are disjoint by
-  construction, and `message_id` is unique in the stream table as a backstop.
+  construction, and the stream table is keyed by global position as a backstop.
 * Origin-stream order is kept: version v+1 of a stream is written only after
   the writer of v committed *and released the stream lock*, which PostgreSQL
   does after removing it from the running set. So any snapshot showing v+1
@@ -61,10 +61,11 @@ from depeche_nb.core.interfaces import (
     TimeBudget,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.progress import open_progress
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.message_store import to_stored_message
-from depeche_nb.store.storage import ROW_COLUMNS
+from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -187,7 +188,7 @@ class StreamProjector(Generic[E]):
             "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
         )
         order = "ORDER BY global_position LIMIT %(limit)s"
-        columns = ", ".join(f"m.{c}" for c in ROW_COLUMNS.split(", "))
+        columns = ", ".join(f"m.{c}" for c in TEXT_ROW_COLUMNS.split(", "))
         # First round: walk the primary key in order (everything is new).
         self._rows_first_sql = (
             f"SELECT {columns} FROM {messages} m WHERE m.global_position > %(after)s AND {visible} {order}"
@@ -257,16 +258,35 @@ class StreamProjector(Generic[E]):
     def stop(self) -> None:
         self._keep_running = False
 
-    def run(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
-        """Project until caught up (or the budget is spent)."""
+    def run(
+        self, budget: TimeBudget | None = None, *, progress: bool | None = None
+    ) -> RunOnNotificationResult:
+        """Project until caught up (or the budget is spent).
+
+        `progress`: show a tqdm bar over the backlog (True), never (False), or
+        only in a notebook with more than 1,000 messages waiting (None).
+        """
+        bar = open_progress(progress, self._backlog, f"projecting {self.stream.name}")
         self._keep_running = True
-        while self._keep_running:
-            report = self.step(self.batch_size)
-            if report.locked or not report.more_available:
-                return RunOnNotificationResult.DONE_FOR_NOW
-            if budget is not None and budget.over_budget():
-                return RunOnNotificationResult.WORK_REMAINING
-        return RunOnNotificationResult.DONE_FOR_NOW
+        try:
+            while self._keep_running:
+                report = self.step(self.batch_size)
+                if bar is not None:
+                    bar.update(len(report))
+                if report.locked or not report.more_available:
+                    return RunOnNotificationResult.DONE_FOR_NOW
+                if budget is not None and budget.over_budget():
+                    return RunOnNotificationResult.WORK_REMAINING
+            return RunOnNotificationResult.DONE_FOR_NOW
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _backlog(self) -> int:
+        # Lazy: the count is only needed when a progress bar may be shown.
+        from depeche_nb.engine.frames import unprojected_count
+
+        return unprojected_count(self.stream)
 
     def update_full(self, budget: TimeBudget | None = None) -> FullUpdateResult:
         total, more = 0, False

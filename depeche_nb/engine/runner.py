@@ -26,6 +26,7 @@ from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
 from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED, SubscriptionMessageHandler
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
 from depeche_nb.engine.parking import PARKED as STATUS_PARKED
+from depeche_nb.engine.progress import open_progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 E = TypeVar("E")
 
 FAILED = "failed"
+CONTENTION_RETRY_S = 0.5
 
 
 @_dc.dataclass(frozen=True)
@@ -56,6 +58,8 @@ class RunnerReport(RichRepr):
 
     subscription_name: str
     handled: list[HandledMessage] = _dc.field(default_factory=list)
+    # Partitions with work that another runner had locked at the time.
+    contended_partitions: list[int] = _dc.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.handled)
@@ -111,18 +115,36 @@ class SubscriptionRunner(Generic[E]):
     def stop(self) -> None:
         self._keep_running = False
 
-    def run(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
-        """Handle messages until none are left (or the budget is spent)."""
-        return self.run_once(budget)
+    def run(
+        self, budget: TimeBudget | None = None, *, progress: bool | None = None
+    ) -> RunOnNotificationResult:
+        """Handle messages until none are left (or the budget is spent).
 
-    def run_once(self, budget: TimeBudget | None = None) -> RunOnNotificationResult:
+        `progress`: show a tqdm bar over the backlog (True), never (False), or
+        only in a notebook with more than 1,000 messages waiting (None).
+        """
+        return self.run_once(budget, progress=progress)
+
+    def run_once(
+        self, budget: TimeBudget | None = None, *, progress: bool | None = None
+    ) -> RunOnNotificationResult:
+        bar = open_progress(progress, self._backlog, f"handling {self.subscription.name}")
         self._keep_running = True
         total = RunnerReport(self.subscription.name)
         try:
             while self._keep_running:
                 report = self.step(None)
                 total.handled.extend(report.handled)
+                if bar is not None:
+                    bar.update(len(report.handled))
                 if not report.handled:
+                    if report.contended_partitions:
+                        # Work is left in partitions another runner holds. If that
+                        # runner dies, its locks vanish with its session and nobody
+                        # will notify us: look again shortly instead of waiting
+                        # for the next write or the safety-net timer.
+                        time.sleep(CONTENTION_RETRY_S)
+                        return RunOnNotificationResult.WORK_REMAINING
                     return RunOnNotificationResult.DONE_FOR_NOW
                 if budget is not None and budget.over_budget():
                     return RunOnNotificationResult.WORK_REMAINING
@@ -135,6 +157,11 @@ class SubscriptionRunner(Generic[E]):
             raise
         finally:
             self.last_report = total
+            if bar is not None:
+                bar.close()
+
+    def _backlog(self) -> int:
+        return sum(p.lag for p in self.subscription.partitions_with_work())
 
     # -- stepping -----------------------------------------------------------------------------
 
@@ -170,6 +197,7 @@ class SubscriptionRunner(Generic[E]):
         locks = subscription.lock_provider
         lock_name = subscription.partition_lock_name(partition)
         if not locks.lock(lock_name):
+            report.contended_partitions.append(partition)
             return 0
         try:
             # Read the state under the lock: another runner may have moved on meanwhile.
