@@ -82,12 +82,30 @@ from depeche_nb.store.storage import Storage
 __version__ = "0.1.0"
 
 
+_WIDGET_NAMES = (
+    "PartitionMap",
+    "StreamBrowser",
+    "SubscriptionStepper",
+    "plot_partition_sizes",
+    "plot_subscription_lag",
+)
+
+
 def __getattr__(name: str) -> object:
     # The executor pulls in the listener thread machinery; load it on first use.
     if name == "Executor":
         from depeche_nb.engine.executor import Executor
 
         return Executor
+    # Widgets pull in ipywidgets; a headless worker never pays for them.
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module("depeche_nb.widgets")
+    if name in _WIDGET_NAMES:
+        from depeche_nb import widgets
+
+        return getattr(widgets, name)
     raise AttributeError(f"module 'depeche_nb' has no attribute {name!r}")
 
 

@@ -85,7 +85,7 @@ class LiveRefresher:
         # A bound method is held weakly (see the module notes); other callables strongly.
         self._callback: Callable[[], Callable[[], None] | None]
         if hasattr(callback, "__self__") and hasattr(callback, "__func__"):
-            self._callback = weakref.WeakMethod(callback)  # type: ignore[arg-type]
+            self._callback = weakref.WeakMethod(callback)
         else:
             self._callback = lambda: callback
         self._listener = PgNotificationListener(engine, self.channels)

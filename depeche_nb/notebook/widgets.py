@@ -44,36 +44,34 @@ from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.notebook import html as h
+from depeche_nb.notebook import live as _live
 from depeche_nb.notebook import reprs
-from depeche_nb.notebook.live import MIN_INTERVAL, LiveRefresher, kernel_io_loop
+from depeche_nb.notebook.live import MIN_INTERVAL, LiveRefresher
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.message_store import MessageStoreBase
 from depeche_nb.store.serializers import TYPE_KEY
 
-# Colours for origin streams: readable with dark text on light and dark themes,
-# distinguishable from their neighbours (Tableau 20, lightened where too dark).
+# Colours for origin streams: light enough for the dark cell text on light and dark
+# themes, few enough to tell apart (ColorBrewer Set3 plus four). Two streams can share
+# one; the legend key in each cell tells them apart.
 PALETTE = (
-    "#8fb8de",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#dbb3a8",
-    "#f7b6d2",
-    "#c7c7c7",
-    "#dbdb8d",
+    "#8dd3c7",
+    "#ffffb3",
+    "#bebada",
+    "#fb8072",
+    "#80b1d3",
+    "#fdb462",
+    "#b3de69",
+    "#fccde5",
+    "#d9d9d9",
+    "#bc80bd",
+    "#ccebc5",
+    "#ffed6f",
+    "#66c2a5",
+    "#e78ac3",
+    "#c49c94",
     "#9edae5",
-    "#6baed6",
-    "#fd8d3c",
-    "#74c476",
-    "#f08080",
-    "#b39ddb",
-    "#bcaaa4",
-    "#f48fb1",
-    "#b0bec5",
-    "#d4e157",
-    "#4dd0e1",
 )
 
 WIDGET_STYLE = (
@@ -81,12 +79,13 @@ WIDGET_STYLE = (
     ".dnb .dnb-pm-layout{display:flex;flex-wrap:wrap;gap:8px 24px;align-items:flex-start}"
     ".dnb table.dnb-pm-grid{border-collapse:separate;border-spacing:2px;margin:0 0 4px 0}"
     ".dnb .dnb-pm-grid th{font-weight:600;padding:0 6px 0 0;text-align:right;white-space:nowrap;"
+    "vertical-align:bottom;"
     "background:transparent;color:inherit;border:0}"
     ".dnb .dnb-pm-grid td{min-width:18px;height:18px;padding:0 3px;text-align:center;font-size:11px;"
     "border:0;white-space:nowrap}"
     ".dnb .dnb-pm-grid td.dnb-pm-cell{color:#111;border-radius:2px}"
     ".dnb .dnb-pm-grid td.dnb-pm-more,.dnb .dnb-pm-grid td.dnb-pm-range{opacity:.7;background:transparent;"
-    "color:inherit}"
+    "color:inherit;text-align:right}"
     ".dnb .dnb-pm-legend{display:flex;flex-wrap:wrap;gap:2px 12px;margin:4px 0 0 0}"
     ".dnb .dnb-pm-swatch{display:inline-block;min-width:16px;padding:0 3px;margin-right:4px;"
     "text-align:center;color:#111;border-radius:2px;font-size:11px}"
@@ -146,6 +145,7 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
         super().__init__(**kwargs)
         self._action_lock = threading.Lock()
         self._stale = False
+        self._refresh_failed = False
         self._live: LiveRefresher | None = None
         self.last_error: BaseException | None = None
         self.error = widgets.HTML(value="")
@@ -155,8 +155,9 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
     # -- live refresh -------------------------------------------------------------------------
 
     def _start_live(self, live: bool | None, engine: Any, channels: Sequence[str]) -> None:
+        io_loop = _live.kernel_io_loop()
         if live is None:
-            live = kernel_io_loop() is not None
+            live = io_loop is not None
         if not live:
             return
         refresher = LiveRefresher(
@@ -164,6 +165,7 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
             channels,
             self._on_notification,
             min_interval=MIN_INTERVAL,
+            io_loop=io_loop,
             name=f"depeche-nb-live-{type(self).__name__}",
         )
         try:
@@ -205,6 +207,8 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
             try:
                 if action is not None:
                     self._clear_error()
+                    if self.status.value:
+                        self.status.value = ""  # an old "busy" note no longer applies
                     try:
                         action()
                     except Exception as error:
@@ -223,13 +227,23 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
             self._refresh()
         except Exception as error:
             self._show_error(error, "could not refresh")
+            self._refresh_failed = True
+            return
+        if self._refresh_failed:
+            # Only a refresh's own error goes away with a good refresh; a handler's error
+            # stays until the next click.
+            self._refresh_failed = False
+            self._clear_error()
 
     def refresh(self) -> None:
-        """Re-read the database and redraw (waits for a running action to finish)."""
-        with self._action_lock:
-            self._stale = False
-            self._clear_error()
-            self._guarded_refresh()
+        """Re-read the database and redraw.
+
+        While an action (a click) runs, that action redraws once more at its
+        end instead: this never waits, so it cannot deadlock when called from
+        a message handler that a Step is running.
+        """
+        self._stale = True
+        self._run_locked(None)
 
     def _refresh(self) -> None:
         raise NotImplementedError
@@ -240,6 +254,7 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
 
     def _clear_error(self) -> None:
         self.last_error = None
+        self._refresh_failed = False
         if self.error.value:
             self.error.value = ""
 
@@ -330,8 +345,7 @@ class StreamBrowser(_DnbWidget):
             "WHERE stream LIKE %s AND global_position < %s ORDER BY global_position DESC LIMIT %s) p"
         )
         self._count_sql = (
-            f"SELECT count(*), count(*) FILTER (WHERE global_position < %s) FROM {table} "
-            "WHERE stream LIKE %s"
+            f"SELECT count(*), count(*) FILTER (WHERE global_position < %s) FROM {table} WHERE stream LIKE %s"
         )
         self._message_sql = (
             f"SELECT stream, version, message_id::text, added_at, message->>%s, "
@@ -468,7 +482,7 @@ class StreamBrowser(_DnbWidget):
         if not self.rows:
             return f"no messages in streams matching {self.pattern.value!r}"
         first = self.before + 1
-        return f"messages {first:,}–{first + len(self.rows) - 1:,} of {self.total:,}"
+        return f"messages {first:,}-{first + len(self.rows) - 1:,} of {self.total:,}"
 
     def _table_html(self) -> str:
         title = h.title("StreamBrowser", f"{self.store.name} · {self.pattern.value}")
@@ -498,7 +512,8 @@ class StreamBrowser(_DnbWidget):
             self._run_locked(self._show_payload, "busy: select again in a moment")
 
     def _show_payload(self) -> None:
-        self.payload.value = page(self._payload_html(self.selector.value))
+        body = self._payload_html(self.selector.value)
+        self.payload.value = page(body) if body else ""
 
     def _payload_html(self, global_position: int | None) -> str:
         if global_position is None:
@@ -589,7 +604,7 @@ class PartitionMap(_DnbWidget):
         self.partition_count = 0
         self.projected = 0
         self.latest: list[tuple[int, str, int, int, int]] = []
-        self.keys: dict[str, str] = {}  # origin stream -> legend key
+        self.stream_keys: dict[str, str] = {}  # origin stream -> legend key
 
         self.header = widgets.HTML(value="")
         self.grid = widgets.HTML(value="")
@@ -600,7 +615,7 @@ class PartitionMap(_DnbWidget):
         self.children = (
             self.header,
             widgets.HBox([self.grid, self.assignments_table], layout=widgets.Layout(grid_gap="24px")),
-            self.refresh_button,
+            widgets.HBox([self.refresh_button]),
             self.status,
             self.error,
         )
@@ -621,7 +636,7 @@ class PartitionMap(_DnbWidget):
         self.partitions = partitions
         self.partition_count, self.projected = int(partition_count), int(projected)
         self.latest = latest
-        self.keys = self._legend_keys()
+        self.stream_keys = self._legend_keys()
         self.header.value = page(self._header_html())
         self.grid.value = page(self._grid_html())
         self.assignments_table.value = page(self._assignments_html())
@@ -651,37 +666,46 @@ class PartitionMap(_DnbWidget):
     def _grid_html(self) -> str:
         if not self.partitions:
             return h.note("no partitions yet: nothing projected (stream.projector.step() projects)")
+        # Every row gets the same number of columns (short rows end in one wide empty cell),
+        # so a cell never stretches to the width of a neighbouring row's label.
+        width = max(len(cells) for _, cells in self.partitions.values())
         rows = []
         for partition, (head, cells) in sorted(self.partitions.items()):
             hidden = head + 1 - len(cells)
-            parts = [f"<th>{h.esc(partition)}</th>"]
-            parts.append(f'<td class="dnb-pm-more">{h.esc(f"+{hidden:,}") if hidden > 0 else ""}</td>')
+            first = cells[0][0] if cells else head + 1
+            parts = [
+                f"<th>{h.esc(partition)}</th>",
+                f'<td class="dnb-pm-range">{h.esc(f"{first}-{head}")}</td>',
+                f'<td class="dnb-pm-more">{h.esc(f"+{hidden:,}") if hidden > 0 else ""}</td>',
+            ]
             for position, stream, version, gp in cells:
                 tip = f"partition {partition}, position {position}: {stream} v{version} (global {gp})"
                 parts.append(
                     f'<td class="dnb-pm-cell dnb-c{stream_colour_index(stream)}" '
-                    f'title="{h.esc(h.cut(tip, h.TITLE_CHARS))}">{h.esc(self.keys[stream])}</td>'
+                    f'title="{h.esc(h.cut(tip, h.TITLE_CHARS))}">{h.esc(self.stream_keys[stream])}</td>'
                 )
-            first = cells[0][0] if cells else head + 1
-            parts.append(f'<td class="dnb-pm-range">{h.esc(f"positions {first}–{head}")}</td>')
+            if len(cells) < width:
+                parts.append(f'<td colspan="{width - len(cells)}"></td>')
             rows.append("<tr>" + "".join(parts) + "</tr>")
-        out = [h.section("Partitions (rows) by position (cells, latest on the right)")]
-        out.append(f'<table class="dnb-pm-grid"><tbody>{"".join(rows)}</tbody></table>')
+        out = [h.section("Origin stream at each position (left to right: oldest shown to newest)")]
+        # No label over the cells: a wide one would stretch every cell to its width.
+        head_row = f'<tr><th>partition</th><th>positions</th><th></th><th colspan="{width}"></th></tr>'
+        out.append(
+            f'<table class="dnb-pm-grid"><thead>{head_row}</thead><tbody>{"".join(rows)}</tbody></table>'
+        )
         if self.partition_count > len(self.partitions):
-            out.append(
-                h.note(f"… {self.partition_count - len(self.partitions):,} more partitions not shown")
-            )
+            out.append(h.note(f"… {self.partition_count - len(self.partitions):,} more partitions not shown"))
         out.append(self._legend_html())
         return "".join(out)
 
     def _legend_html(self, limit: int = 40) -> str:
         items = []
-        for stream, key in list(self.keys.items())[:limit]:
+        for stream, key in list(self.stream_keys.items())[:limit]:
             items.append(
                 f'<span><span class="dnb-pm-swatch dnb-c{stream_colour_index(stream)}">{h.esc(key)}</span>'
                 f'<span class="dnb-name">{h.esc(h.cut(stream, 60))}</span></span>'
             )
-        more = len(self.keys) - limit
+        more = len(self.stream_keys) - limit
         legend = f'<div class="dnb-pm-legend">{"".join(items)}</div>'
         return legend + (h.note(f"… {more:,} more streams") if more > 0 else "")
 
@@ -690,7 +714,10 @@ class PartitionMap(_DnbWidget):
             return ""
         return h.section("Latest assignments") + h.table(
             ("global position", "key", "origin stream", "version", "partition", "position"),
-            [(gp, self.keys.get(stream, ""), stream, v, p, pos) for gp, stream, v, p, pos in self.latest],
+            [
+                (gp, self.stream_keys.get(stream, ""), stream, v, p, pos)
+                for gp, stream, v, p, pos in self.latest
+            ],
             total=self.projected,
             noun="assignment",
             hint="stream.assignments_dataframe() has them all",
@@ -846,7 +873,7 @@ class SubscriptionStepper(_DnbWidget):
         self._refresh()
         if failure is not None:
             self._show_error(
-                failure, f"{what} stopped: the message was not acknowledged and will be delivered again"
+                failure, f"{what} stopped by an error (what was not acknowledged will be delivered again)"
             )
 
     def _reset(self) -> None:
