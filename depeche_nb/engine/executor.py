@@ -31,12 +31,13 @@ import signal
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import TypeVar
 
 import sqlalchemy as sa
 
 from depeche_nb.core.interfaces import FixedTimeBudget, RunOnNotification, RunOnNotificationResult
+from depeche_nb.core.lifecycle import StartStopContext
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.listener import PgNotification, PgNotificationListener, validate_channel
 
@@ -96,7 +97,7 @@ class _Worker:
                 return
 
 
-class Executor:
+class Executor(StartStopContext):
     """Runs registered handlers on notifications of their channels.
 
     Give a DSN or an engine; with neither, the database is resolved like
@@ -210,18 +211,6 @@ class Executor:
             restore_signals()
         if self.errors:
             raise self.errors[0][1]
-
-    def __enter__(self) -> Executor:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"

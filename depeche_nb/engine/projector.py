@@ -61,6 +61,7 @@ from depeche_nb.core.interfaces import (
     TimeBudget,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
@@ -154,7 +155,7 @@ def _as_utc(moment: _dt.datetime) -> _dt.datetime:
     return moment.replace(tzinfo=_dt.timezone.utc) if moment.tzinfo is None else moment
 
 
-class StreamProjector(Generic[E]):
+class StreamProjector(NotificationDriven, Generic[E]):
     """Projects the store's matching messages into the aggregated stream's partitions."""
 
     def __init__(
@@ -248,15 +249,6 @@ class StreamProjector(Generic[E]):
     @property
     def notification_channel(self) -> str:
         return self.stream.store_channel
-
-    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
-        return True  # store notifications carry no payload to filter on
-
-    def take_notification_hint(self, notification: dict[str, Any]) -> None:
-        return None
-
-    def stop(self) -> None:
-        self._keep_running = False
 
     def run(
         self, budget: TimeBudget | None = None, *, progress: bool | None = None

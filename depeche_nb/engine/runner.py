@@ -24,6 +24,7 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
 from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED, SubscriptionMessageHandler
+from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
 from depeche_nb.engine.parking import PARKED as STATUS_PARKED
 from depeche_nb.engine.progress import open_progress
@@ -85,7 +86,7 @@ class RunnerReport(RichRepr):
         return f"<RunnerReport {self.summary()}>"
 
 
-class SubscriptionRunner(Generic[E]):
+class SubscriptionRunner(NotificationDriven, Generic[E]):
     """Handles a subscription's messages, one acknowledgement per message."""
 
     def __init__(
@@ -105,15 +106,6 @@ class SubscriptionRunner(Generic[E]):
     @property
     def notification_channel(self) -> str:
         return self.subscription.stream.notification_channel
-
-    def interested_in_notification(self, notification: dict[str, Any]) -> bool:
-        return True
-
-    def take_notification_hint(self, notification: dict[str, Any]) -> None:
-        return None
-
-    def stop(self) -> None:
-        self._keep_running = False
 
     def run(
         self, budget: TimeBudget | None = None, *, progress: bool | None = None

@@ -15,15 +15,8 @@ from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
-from depeche_nb.notebook import reprs
-from depeche_nb.notebook.frames import (
-    DEFAULT_LIMIT,
-    assignments_dataframe,
-    messages_dataframe,
-    partitions_dataframe,
-    streams_dataframe,
-    subscription_state_dataframe,
-)
+from depeche_nb.notebook import frames, reprs
+from depeche_nb.notebook.frames import *  # noqa: F403 - the views, re-exported
 from depeche_nb.store.message_store import MessageStoreBase
 
 register_html_renderer(MessageStoreBase, reprs.render_store)
@@ -33,11 +26,4 @@ register_html_renderer(Subscription, reprs.render_subscription)
 register_html_renderer(ProjectionReport, reprs.render_projection_report)
 register_html_renderer(RunnerReport, reprs.render_runner_report)
 
-__all__ = [
-    "DEFAULT_LIMIT",
-    "assignments_dataframe",
-    "messages_dataframe",
-    "partitions_dataframe",
-    "streams_dataframe",
-    "subscription_state_dataframe",
-]
+__all__ = list(frames.__all__)

@@ -26,13 +26,13 @@ import select
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import psycopg2
 import sqlalchemy as sa
 
 from depeche_nb.core.errors import InvalidIdentifierError
+from depeche_nb.core.lifecycle import StartStopContext
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import open_dbapi_connection
@@ -80,7 +80,7 @@ class _ReconnectFailed(Exception):
     pass
 
 
-class PgNotificationListener:
+class PgNotificationListener(StartStopContext):
     """Receives notifications on `channels` from a background thread; read them with `messages()`.
 
     `dsn` is a SQLAlchemy URL (`postgresql+psycopg2://...`), a libpq URL
@@ -180,18 +180,6 @@ class PgNotificationListener:
                 )
                 if q is not None:
                     q.put(_END)
-
-    def __enter__(self) -> PgNotificationListener:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
