@@ -1,12 +1,14 @@
 """The `depeche-nb` command: the embedded database, the tutorials, and an environment check.
 
-Exit codes: 0 success, 1 a check or tutorial failed, 2 usage error, 3 the
-database could not be reached or started.
+Exit codes: 0 success, 1 a check or tutorial failed (or `db status`: stopped),
+2 usage error or a missing optional package, 3 the database could not be reached
+or started.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,7 +22,11 @@ from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.postgres.embedded import embedded_server
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_DATABASE = 3
+# The doctor must answer quickly even when DEPECHE_NB_DSN names an unreachable host.
+DOCTOR_CONNECT_TIMEOUT_S = 5
+WIDGETS_LABEXTENSION = "@jupyter-widgets/jupyterlab-manager"
 
 
 def _notebooks_dir(given: str | None) -> Path:
@@ -62,12 +68,18 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
         from nbclient import NotebookClient
     except ImportError:
         print("the tutorials need nbclient: pip install 'depeche-nb[tutorials]'", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    if importlib.util.find_spec("ipykernel") is None:
+        print("the tutorials need ipykernel: pip install 'depeche-nb[tutorials]'", file=sys.stderr)
+        return EXIT_USAGE
     folder = _notebooks_dir(args.notebooks)
+    if not folder.is_dir():
+        print(f"no such folder: {folder} (give --notebooks FOLDER)", file=sys.stderr)
+        return EXIT_USAGE
     notebooks = sorted(folder.glob("[0-9]*.ipynb"))
     if not notebooks:
-        print(f"no tutorial notebooks in {folder}", file=sys.stderr)
-        return 2
+        print(f"no tutorial notebooks (named like 01_name.ipynb) in {folder}", file=sys.stderr)
+        return EXIT_USAGE
     if not os.environ.get(DSN_ENV):
         # One server for all kernels, started once here instead of in each of them.
         os.environ[DSN_ENV] = embedded_server().start()
@@ -92,23 +104,43 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    if shutil.which("jupyter-lab") is None:
-        print("JupyterLab is not installed: pip install 'depeche-nb[lab]'", file=sys.stderr)
-        return 2
+    # This interpreter's JupyterLab, not whichever `jupyter-lab` is first on PATH.
+    if importlib.util.find_spec("jupyterlab") is None:
+        print(
+            f"JupyterLab is not installed for {sys.executable}: pip install 'depeche-nb[lab]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    folder = _notebooks_dir(args.notebooks)
+    if not folder.is_dir():
+        print(f"no such folder: {folder} (give --notebooks FOLDER)", file=sys.stderr)
+        return EXIT_USAGE
     if not os.environ.get(DSN_ENV):
         os.environ[DSN_ENV] = embedded_server().start()
-    folder = _notebooks_dir(args.notebooks)
-    return subprocess.call(["jupyter-lab", str(folder), *args.lab_args])
+    return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *args.lab_args])
+
+
+def _labextension_installed(name: str) -> bool:
+    """Whether a prebuilt JupyterLab extension (e.g. `@jupyter-widgets/jupyterlab-manager`) is installed."""
+    folders = [Path(sys.prefix) / "share" / "jupyter" / "labextensions"]
+    try:
+        from jupyter_core.paths import jupyter_path
+
+        folders += [Path(p) for p in jupyter_path("labextensions")]
+    except ImportError:
+        pass
+    return any((folder / name / "package.json").is_file() for folder in folders)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """Required parts fail the check (exit 1); optional ones (tutorials, lab) only warn."""
     problems = 0
 
-    def check(name: str, ok: bool, detail: str, fix: str = "") -> None:
+    def check(name: str, ok: bool, detail: str, fix: str = "", *, required: bool = True) -> None:
         nonlocal problems
-        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}")
+        print(f"[{'ok' if ok else 'FAIL' if required else 'warn'}] {name}: {detail}")
         if not ok:
-            problems += 1
+            problems += required
             if fix:
                 print(f"       fix: {fix}")
 
@@ -125,21 +157,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             check(module, True, getattr(imported, "__version__", "installed"))
         except ImportError:
             check(module, False, "missing", fix)
+    lab_widgets = _labextension_installed(WIDGETS_LABEXTENSION)
+    check(
+        "widgets in JupyterLab",
+        lab_widgets,
+        f"{WIDGETS_LABEXTENSION} {'installed' if lab_widgets else 'missing'}",
+        "pip install 'ipywidgets>=8' jupyterlab_widgets, then restart JupyterLab",
+    )
+    for module, purpose, fix in (
+        ("widgetsnbextension", "widgets in Notebook 6", "pip install widgetsnbextension"),
+        ("nbclient", "`depeche-nb tutorials`", "pip install 'depeche-nb[tutorials]'"),
+        ("ipykernel", "`depeche-nb tutorials`", "pip install 'depeche-nb[tutorials]'"),
+        ("jupyterlab", "`depeche-nb lab`", "pip install 'depeche-nb[lab]'"),
+    ):
+        found = importlib.util.find_spec(module) is not None
+        check(module, found, f"{'installed' if found else 'missing'} (for {purpose})", fix, required=False)
+    from_env = os.environ.get(DSN_ENV)
     try:
         import sqlalchemy as sa
 
         from depeche_nb.postgres.connection import connect
 
-        engine = connect()
-        with engine.connect() as conn:
-            version = conn.execute(sa.text("SHOW server_version")).scalar()
-        source = "DEPECHE_NB_DSN" if os.environ.get(DSN_ENV) else "embedded server"
+        engine = connect(connect_args={"connect_timeout": DOCTOR_CONNECT_TIMEOUT_S})
+        try:
+            with engine.connect() as conn:
+                version = conn.execute(sa.text("SHOW server_version")).scalar()
+        finally:
+            engine.dispose()
+        source = DSN_ENV if from_env else f"embedded server, data in {embedded_server().data_dir}"
         check("database", True, f"PostgreSQL {version} ({source})")
-        engine.dispose()
     except Exception as exc:
-        check(
-            "database", False, str(exc).splitlines()[0], "check DEPECHE_NB_DSN or run `depeche-nb db start`"
-        )
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if from_env:
+            fix = (
+                f"start the server {DSN_ENV} names, correct {DSN_ENV}, or unset it to use the embedded server"
+            )
+        else:
+            fix = "run `depeche-nb db start` and read the server log it shows"
+        check("database", False, message, fix)
     return EXIT_FAILED if problems else 0
 
 

@@ -1,0 +1,258 @@
+"""The `depeche-nb` command, run for real as a subprocess: exit codes, output, and side effects."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+import sqlalchemy as sa
+
+import depeche_nb
+from depeche_nb.postgres.connection import DSN_ENV
+
+SCRIPT = Path(sys.executable).parent / "depeche-nb"
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "depeche_nb"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        capture_output=True,
+        text=True,
+        input=input if input is not None else "",
+        env=env if env is not None else dict(os.environ),
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),  # never pick up ./notebooks by accident
+    )
+
+
+@pytest.fixture
+def traversable_dir() -> Iterator[Path]:
+    """A folder every user can traverse: as root the server runs as the `depeche_nb` user."""
+    folder = Path(tempfile.mkdtemp(prefix="depeche-nb-cli-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_console_script_is_installed_and_lists_its_commands() -> None:
+    assert SCRIPT.exists(), f"pip install -e . should have created {SCRIPT}"
+    result = run("--help", timeout=30)
+    assert result.returncode == 0, result.stderr
+    for command in ("db", "tutorials", "lab", "doctor"):
+        assert command in result.stdout
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+
+def test_db_start_status_url_psql_stop(traversable_dir: Path) -> None:
+    data = str(traversable_dir / "data")
+    try:
+        before = run("db", "status", "--data-dir", data)
+        assert before.returncode == 1
+        assert before.stdout.startswith("stopped")
+
+        started = run("db", "start", "--data-dir", data)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip().startswith("postgresql+psycopg2://")
+        assert (traversable_dir / "data" / "PG_VERSION").exists()
+
+        status = run("db", "status", "--data-dir", data)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.startswith("running") and data in status.stdout
+
+        url = run("db", "url", "--data-dir", data)
+        assert url.returncode == 0, url.stderr
+        dsn = url.stdout.strip()
+        assert dsn == started.stdout.strip()
+        engine = depeche_nb.connect(dsn)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+                # It is the server of this data folder, not the session's.
+                assert conn.execute(sa.text("SHOW data_directory")).scalar() == data
+        finally:
+            engine.dispose()
+
+        psql = run("db", "psql", "--data-dir", data, input="select 42;\n", timeout=60)
+        assert psql.returncode == 0, psql.stderr
+        assert re.search(r"^\s*42\s*$", psql.stdout, re.MULTILINE), psql.stdout
+
+        stopped = run("db", "stop", "--data-dir", data)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == "stopped"
+        after = run("db", "status", "--data-dir", data)
+        assert after.returncode == 1
+        assert after.stdout.startswith("stopped")
+    finally:
+        run("db", "stop", "--data-dir", data, timeout=60)
+
+
+def test_db_start_on_a_foreign_folder_exits_3_with_a_short_message(traversable_dir: Path) -> None:
+    data = traversable_dir / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("not a database")
+    result = run("db", "start", "--data-dir", str(data))
+    assert result.returncode == 3
+    assert result.stderr.startswith("depeche-nb: ")
+    assert "holds no PostgreSQL data" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (data / "notes.txt").read_text() == "not a database"
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def test_doctor_passes_on_the_session_database() -> None:
+    assert os.environ.get(DSN_ENV), "the pytest plugin exports the session's DSN"
+    result = run("doctor", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[ok] database: PostgreSQL 18") for line in lines), result.stdout
+    assert any(line.startswith("[ok] widgets in JupyterLab") for line in lines), result.stdout
+    assert any(line.startswith("[ok] nbclient") for line in lines), result.stdout
+    assert not any(line.startswith("[FAIL]") for line in lines), result.stdout
+
+
+def test_doctor_fails_fast_with_a_fix_when_the_dsn_is_unreachable() -> None:
+    env = dict(os.environ, **{DSN_ENV: "postgresql://x@127.0.0.1:1/x"})
+    started = time.monotonic()
+    result = run("doctor", env=env, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    failed = [i for i, line in enumerate(lines) if line.startswith("[FAIL] database")]
+    assert failed, result.stdout
+    assert lines[failed[0] + 1].strip().startswith("fix:") and DSN_ENV in lines[failed[0] + 1]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert elapsed < 30
+
+
+# -- tutorials --------------------------------------------------------------------------------
+
+
+def _write_notebook(path: Path, *sources: str) -> None:
+    notebook = nbformat.v4.new_notebook()  # type: ignore[no-untyped-call]
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]  # type: ignore[no-untyped-call]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
+
+
+def _tiny_notebook(path: Path, schema: str) -> None:
+    """Two cells: write one message, read it back."""
+    _write_notebook(
+        path,
+        "import datetime as dt, uuid\n"
+        "import pydantic\n"
+        "import depeche_nb as dnb\n"
+        "from depeche_nb.tools import PydanticMessageSerializer\n\n"
+        "class Note(pydantic.BaseModel):\n"
+        "    n: int\n"
+        "    message_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)\n"
+        "    def get_message_id(self): return self.message_id\n"
+        "    def get_message_time(self): return dt.datetime.now(dt.timezone.utc)\n\n"
+        f"engine = dnb.connect(schema={schema!r}, fresh=True)\n"
+        "store = dnb.MessageStore[Note](name='cli_store', engine=engine, "
+        "serializer=PydanticMessageSerializer(Note))\n"
+        "store.write(stream='note-1', message=Note(n=7))",
+        "read = [m.message.n for m in store.read(stream='note-1')]\n"
+        "assert read == [7], read\n"
+        "print('read', read)",
+    )
+
+
+@pytest.fixture
+def schema(engine: sa.Engine) -> Iterator[str]:
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    yield name
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def test_tutorials_runs_a_notebook_on_the_configured_database(
+    tmp_path: Path, engine: sa.Engine, schema: str
+) -> None:
+    _tiny_notebook(tmp_path / "01_tiny.ipynb", schema)
+    result = run("tutorials", "--notebooks", str(tmp_path), "--write", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^ok +01_tiny\.ipynb \(\d+\.\d s\)$", result.stdout, re.MULTILINE), result.stdout
+    assert "1 of 1 tutorials ran cleanly" in result.stdout
+    # The kernel used DEPECHE_NB_DSN: the message is in the session's database.
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f'SELECT count(*) FROM "{schema}".cli_store_messages')).scalar() == 1
+    # --write saved the executed outputs.
+    saved = nbformat.read(tmp_path / "01_tiny.ipynb", as_version=4)  # type: ignore[no-untyped-call]
+    assert saved.cells[1].outputs[0]["text"] == "read [7]\n"
+
+
+def test_tutorials_reports_a_failing_notebook_and_goes_on(
+    tmp_path: Path, engine: sa.Engine, schema: str
+) -> None:
+    _write_notebook(tmp_path / "01_boom.ipynb", "x = 1", "raise RuntimeError('boom-42')")
+    _tiny_notebook(tmp_path / "02_tiny.ipynb", schema)
+    result = run("tutorials", "--notebooks", str(tmp_path), timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    fail = [line for line in result.stdout.splitlines() if line.startswith("FAIL 01_boom.ipynb")]
+    assert fail and "boom-42" in fail[0], result.stdout
+    assert re.search(r"^ok +02_tiny\.ipynb", result.stdout, re.MULTILINE), result.stdout
+    assert "1 of 2 tutorials ran cleanly" in result.stdout
+
+
+# -- usage errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["db"],
+        ["db", "explode"],
+        ["tutorials", "--no-such-option"],
+    ],
+    ids=["nothing", "unknown-command", "db-without-action", "unknown-db-action", "unknown-option"],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = run(*args, timeout=30)
+    assert result.returncode == 2
+    assert "usage: depeche-nb" in result.stderr
+
+
+def test_tutorials_without_notebooks_exits_2(tmp_path: Path) -> None:
+    missing = run("tutorials", "--notebooks", str(tmp_path / "missing"), timeout=30)
+    assert missing.returncode == 2
+    assert "no such folder" in missing.stderr
+    (tmp_path / "README.md").write_text("no notebooks here")
+    empty = run("tutorials", "--notebooks", str(tmp_path), timeout=30)
+    assert empty.returncode == 2
+    assert "no tutorial notebooks" in empty.stderr
+
+
+def test_lab_without_jupyterlab_exits_2_with_the_pip_command() -> None:
+    # The real `main`, in an interpreter where `import jupyterlab` fails whether or not it is installed.
+    code = (
+        "import sys; sys.modules['jupyterlab'] = None\n"
+        "from depeche_nb.cli import main\n"
+        "sys.exit(main(['lab']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)
+    )
+    assert result.returncode == 2
+    assert "pip install 'depeche-nb[lab]'" in result.stderr
+    assert result.stdout == ""
