@@ -143,27 +143,27 @@ class AggregatedStream(RichRepr, Generic[E]):
             yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
 
     def read_slice_messages(
-        self, partition: int, start: int | tuple[str, str, str], count: int
+        self, partition: int, start: int, count: int
     ) -> list[tuple[int, int, StoredMessage[E]]]:
-        """(partition, position, stored message) from `start` on, in one round trip.
+        """(partition, position, stored message) from `start` on, in one round trip."""
+        return self._slice(self._slice_messages_sql, (partition, start, count))
 
-        `start` may instead be (state table, subscription name, _) to start
-        right after that subscription's stored position, read in the same
-        statement (saves a round trip per batch on the hot path).
-        """
+    def read_slice_after_state(
+        self, partition: int, state_table: str, subscription_name: str, count: int
+    ) -> list[tuple[int, int, StoredMessage[E]]]:
+        """The next `count` messages after a subscription's stored position, with the
+        position read in the same statement (one round trip per batch on the hot path).
+        `state_table` is a quoted table name from a `DbSubscriptionStateProvider`."""
+        sql = self._slice_messages_sql.replace(
+            "s.position >= %s",
+            f"s.position > coalesce((SELECT st.position FROM {state_table} st "
+            "WHERE st.subscription_name = %s AND st.partition = %s), -1)",
+        )
+        return self._slice(sql, (partition, subscription_name, partition, count))
+
+    def _slice(self, sql: str, params: tuple[object, ...]) -> list[tuple[int, int, StoredMessage[E]]]:
         with autocommit_cursor(self.engine) as cursor:
-            if isinstance(start, tuple):
-                state_table, subscription_name, _ = start
-                cursor.execute(
-                    self._slice_messages_sql.replace(
-                        "s.position >= %s",
-                        f"s.position > coalesce((SELECT st.position FROM {state_table} st "
-                        "WHERE st.subscription_name = %s AND st.partition = %s), -1)",
-                    ),
-                    (partition, subscription_name, partition, count),
-                )
-            else:
-                cursor.execute(self._slice_messages_sql, (partition, start, count))
+            cursor.execute(sql, params)
             rows = cursor.fetchall()
         serializer = self.store.serializer
         return [(row[0], row[1], to_stored_message(row[2:], serializer)) for row in rows]
