@@ -50,8 +50,6 @@ _SERVER_SETTINGS = {
     "listen_addresses": "''",
     "max_connections": "200",
     "log_min_messages": "warning",
-    # Long-lived notebook connections should not hold snapshots forever unnoticed.
-    "idle_in_transaction_session_timeout": "0",
 }
 _EPHEMERAL_SETTINGS = {
     # Throw-away data: durability buys nothing, speed helps tests.
