@@ -90,10 +90,15 @@ class AggregatedStream(RichRepr, Generic[E]):
         messages = quote_ident(self.names.store.messages_table)
         self._table = table
         self._heads = quote_ident(self.names.heads_table)
+        # The slice is cut first (an ordered scan of the (partition, position)
+        # index), then each pointer is looked up by primary key: a plan that
+        # stays right even before the planner has statistics for new tables.
         self._slice_messages_sql = (
             f"SELECT s.partition, s.position, {', '.join('m.' + c for c in TEXT_ROW_COLUMNS.split(', '))} "
-            f"FROM {table} s JOIN {messages} m ON m.global_position = s.global_position "
-            "WHERE s.partition = %s AND s.position >= %s ORDER BY s.position LIMIT %s"
+            f"FROM (SELECT partition, position, global_position FROM {table} "
+            "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s) s "
+            f"CROSS JOIN LATERAL (SELECT * FROM {messages} m0 "
+            "WHERE m0.global_position = s.global_position) m ORDER BY s.position"
         )
 
     @property
@@ -155,8 +160,8 @@ class AggregatedStream(RichRepr, Generic[E]):
         position read in the same statement (one round trip per batch on the hot path).
         `state_table` is a quoted table name from a `DbSubscriptionStateProvider`."""
         sql = self._slice_messages_sql.replace(
-            "s.position >= %s",
-            f"s.position > coalesce((SELECT st.position FROM {state_table} st "
+            "position >= %s",
+            f"position > coalesce((SELECT st.position FROM {state_table} st "
             "WHERE st.subscription_name = %s AND st.partition = %s), -1)",
         )
         return self._slice(sql, (partition, subscription_name, partition, count))
