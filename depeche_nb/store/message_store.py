@@ -1,11 +1,18 @@
 """The message store: typed messages in, `StoredMessage`s out, with optimistic concurrency.
 
-Notifications: when the store owns the transaction (no `conn` given), the
-data commits without a NOTIFY and the process's `CommitNotifier` sends it
-right after (see `postgres.notifier` for why and for the no-lost-wake-up
-argument). When the caller passes `conn`, the NOTIFY is part of their
-transaction (PostgreSQL folds identical ones, so it is sent once per
-transaction) and fires only if they commit.
+Notifications. PostgreSQL serialises every commit that carries a NOTIFY,
+cluster-wide, on one lock held through that commit's WAL flush, so a NOTIFY
+inside each writing transaction turns concurrent writers into a queue and
+defeats group commit. When the store owns the transaction (no `conn`
+given), one round trip sends: the data transaction (no NOTIFY), its COMMIT,
+then a tiny second transaction with `synchronous_commit = off` holding only
+the NOTIFY, which takes the notify lock for microseconds since it waits for
+no flush. A listener is woken only after the data committed, so it always
+finds it; if the connection dies between the two commits, the wake-up (never
+the data) is lost and consumers' safety-net timer covers it. When the caller
+passes `conn`, the NOTIFY is part of their transaction (PostgreSQL folds
+identical ones, so it is sent once per transaction) and fires only if they
+commit.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from depeche_nb.core.errors import (
 )
 from depeche_nb.core.identifiers import validate_stream
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
-from depeche_nb.postgres.notifier import notifier_for
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.storage import (
@@ -128,6 +134,15 @@ class MessageStoreBase(RichRepr, Generic[E]):
         self._serializer = serializer
         self.name = name
         self.engine = engine
+        # See the module docstring. The write's result travels in a session
+        # setting, because only the last statement's result comes back.
+        self._write_and_notify_sql = (
+            "BEGIN; SELECT set_config('depeche_nb.last_write', "
+            f"(SELECT max(w.version)::text || ',' || max(w.global_position)::text FROM ("
+            f"{self._storage.write_sql}) w), false); COMMIT; "
+            "BEGIN; SET LOCAL synchronous_commit TO off; "
+            f"{self._storage.notify_sql}; COMMIT; SELECT current_setting('depeche_nb.last_write')"
+        )
 
     @property
     def notification_channel(self) -> str:
@@ -234,15 +249,17 @@ class MessageStoreBase(RichRepr, Generic[E]):
         params = self._storage.write_params(stream, expected_version, serialized, notify=False)
         with autocommit_cursor(self.engine) as cursor:
             try:
-                cursor.execute(self._storage.write_sql, params)
-                rows = cursor.fetchall()
+                cursor.execute(self._write_and_notify_sql, params)
+                (last,) = cursor.fetchone()
             except psycopg2.Error as exc:
+                # The string stops at the failing statement, inside our BEGIN.
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
                 translated = translate_write_error(exc, stream)
                 if translated is not None:
                     raise translated from exc
                 raise
-        notifier_for(self.engine).request(self._storage.notification_channel)
-        version, global_position = rows[-1]
+        version, global_position = (int(part) for part in last.split(","))
         return MessagePosition(stream, version, global_position)
 
     # -- reading ------------------------------------------------------------------------------
