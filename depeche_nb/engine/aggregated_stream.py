@@ -208,25 +208,23 @@ class AggregatedStream(RichRepr, Generic[E]):
             raise TypeError(f"time must be a datetime, got {type(time).__name__}")
         if time.tzinfo is None:
             raise ValueError("time must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        with self._connection(None) as c:
-            rows = c.exec_driver_sql(
-                f"SELECT h.partition, coalesce((SELECT min(s.position) FROM {self._table} s "
-                "WHERE s.partition = h.partition AND s.message_occurred_at >= %s), "
-                f"h.max_position + 1) FROM {self._heads} h",
-                (time,),
-            ).all()
-        return {row[0]: row[1] for row in rows}
+        return self._per_partition(
+            "min(s.position)", "s.message_occurred_at >= %s", "h.max_position + 1", time
+        )
 
     def global_position_to_positions(self, global_position: int) -> dict[int, int]:
         """Per partition: the last position whose message is at or before `global_position`
         in the store (-1 if none)."""
         _check_int("global_position", global_position)
+        return self._per_partition("max(s.position)", "s.global_position <= %s", "-1", global_position)
+
+    def _per_partition(self, aggregate: str, condition: str, default: str, value: object) -> dict[int, int]:
+        """For every partition: `aggregate` over its rows meeting `condition`, else `default`."""
         with self._connection(None) as c:
             rows = c.exec_driver_sql(
-                f"SELECT h.partition, coalesce((SELECT max(s.position) FROM {self._table} s "
-                "WHERE s.partition = h.partition AND s.global_position <= %s), -1) "
-                f"FROM {self._heads} h",
-                (global_position,),
+                f"SELECT h.partition, coalesce((SELECT {aggregate} FROM {self._table} s "
+                f"WHERE s.partition = h.partition AND {condition}), {default}) FROM {self._heads} h",
+                (value,),
             ).all()
         return {row[0]: row[1] for row in rows}
 

@@ -63,6 +63,7 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
+from depeche_nb.engine.report_frames import records_dataframe
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.message_store import to_stored_message
@@ -108,14 +109,9 @@ class ProjectionReport(RichRepr):
         return len(self.projected)
 
     def to_dataframe(self) -> pd.DataFrame:
-        import pandas as pd
-
-        columns = [f.name for f in _dc.fields(ProjectedMessage)]
-        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(p) for p in self.projected], columns=columns)
-        frame["message_id"] = frame["message_id"].astype(str)
-        for name in ("version", "global_position", "partition", "position"):
-            frame[name] = frame[name].astype("int64")
-        return frame
+        return records_dataframe(
+            self.projected, ProjectedMessage, ("version", "global_position", "partition", "position")
+        )
 
     def summary(self) -> str:
         if self.locked:

@@ -28,6 +28,7 @@ from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
 from depeche_nb.engine.parking import PARKED as STATUS_PARKED
 from depeche_nb.engine.progress import open_progress
+from depeche_nb.engine.report_frames import records_dataframe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,14 +67,7 @@ class RunnerReport(RichRepr):
         return len(self.handled)
 
     def to_dataframe(self) -> pd.DataFrame:
-        import pandas as pd
-
-        columns = [f.name for f in _dc.fields(HandledMessage)]
-        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(h) for h in self.handled], columns=columns)
-        frame["message_id"] = frame["message_id"].astype(str)
-        for name in ("partition", "position", "attempts"):
-            frame[name] = frame[name].astype("int64")
-        return frame
+        return records_dataframe(self.handled, HandledMessage, ("partition", "position", "attempts"))
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
