@@ -129,6 +129,8 @@ class FullUpdateResult(NamedTuple):
 
 
 def _validate_partition(value: object, message: StoredMessage[Any]) -> int:
+    if type(value) is int and 0 <= value <= _MAX_PARTITION:
+        return value  # the common case, checked without building any error text
     where = (
         f"message {message.message_id} (stream {message.stream!r}, version {message.version}, "
         f"global position {message.global_position})"
@@ -334,6 +336,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         serializer = self.stream.store.serializer
         get_partition = self.partitioner.get_partition
         columns: dict[str, list[Any]] = collections.defaultdict(list)
+        message_ids: list[uuid.UUID] = []
         for row in rows:
             stored: StoredMessage[E] = to_stored_message(row, serializer)
             try:
@@ -346,7 +349,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 ) from exc
             columns["partitions"].append(_validate_partition(partition, stored))
             columns["gps"].append(stored.global_position)
-            columns["ids"].append(str(stored.message_id))
+            columns["ids"].append(row[0])  # the id column as the database sent it
+            message_ids.append(stored.message_id)
             columns["streams"].append(stored.stream)
             columns["versions"].append(stored.version)
             columns["occurred"].append(_as_utc(stored.message.get_message_time()))  # type: ignore[attr-defined]
@@ -354,12 +358,10 @@ class StreamProjector(NotificationDriven, Generic[E]):
         cursor.execute(self._insert_sql, {**columns, "channel": self.stream.names.channel})
         placed = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
         for gp, message_id, stream, version in zip(
-            columns["gps"], columns["ids"], columns["streams"], columns["versions"], strict=True
+            columns["gps"], message_ids, columns["streams"], columns["versions"], strict=True
         ):
             partition, position = placed[gp]
-            report.projected.append(
-                ProjectedMessage(uuid.UUID(message_id), stream, version, gp, partition, position)
-            )
+            report.projected.append(ProjectedMessage(message_id, stream, version, gp, partition, position))
 
     def __repr__(self) -> str:
         return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"
