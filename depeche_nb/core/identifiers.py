@@ -50,3 +50,17 @@ def validate_stream(stream: object) -> str:
     if "\x00" in stream:
         raise ValueError("stream name must not contain NUL characters")
     return stream
+
+
+def validate_wildcard(stream_wildcard: object) -> str:
+    """A SQL LIKE pattern over stream names (passed as a parameter, so any text is safe)."""
+    if not isinstance(stream_wildcard, str):
+        raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
+    return stream_wildcard
+
+
+def check_positive_int(what: str, value: object) -> int:
+    """Batch sizes and step limits: an int >= 1 (bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import sqlalchemy as sa
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.identifiers import validate_name
+from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
     MessagePartitioner,
@@ -68,12 +68,8 @@ class AggregatedStream(RichRepr, Generic[E]):
             raise TypeError(
                 f"partitioner must have a get_partition(message) method, got {type(partitioner).__name__}"
             )
-        if update_batch_size is not None and (
-            isinstance(update_batch_size, bool)
-            or not isinstance(update_batch_size, int)
-            or update_batch_size < 1
-        ):
-            raise ValueError(f"update_batch_size must be a positive int, got {update_batch_size!r}")
+        if update_batch_size is not None:
+            check_positive_int("update_batch_size", update_batch_size)
         # `lookback_for_gaps_hours` is accepted for Depeche DB compatibility and
         # ignored: projection is exact, there is no look-back window to size.
         del lookback_for_gaps_hours

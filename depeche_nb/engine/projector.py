@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import DepecheError
+from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
     RunOnNotificationResult,
@@ -291,9 +292,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
 
     def step(self, max_messages: int | None = None) -> ProjectionReport:
         """Project at most `max_messages` messages in one transaction and report what moved."""
-        limit = self.batch_size if max_messages is None else max_messages
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"max_messages must be a positive int, got {max_messages!r}")
+        limit = self.batch_size if max_messages is None else check_positive_int("max_messages", max_messages)
         report = ProjectionReport(self.stream.name)
         with autocommit_cursor(self.stream.engine) as cursor:
             try:

@@ -15,6 +15,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.display import RichRepr
+from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     ErrorAction,
     RunOnNotificationResult,
@@ -158,10 +159,8 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         message stays un-acknowledged and is delivered again next time, and
         `last_report` still lists what was handled before it.
         """
-        if max_messages is not None and (
-            isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1
-        ):
-            raise ValueError(f"max_messages must be a positive int, got {max_messages!r}")
+        if max_messages is not None:
+            check_positive_int("max_messages", max_messages)
         subscription = self.subscription
         report = RunnerReport(subscription.name)
         self.last_report = report

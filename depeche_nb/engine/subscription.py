@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.identifiers import validate_name
+from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
     CallMiddleware,
     LockProvider,
@@ -93,10 +93,8 @@ class Subscription(RichRepr, Generic[E]):
             raise TypeError(f"ack_strategy must be an AckStrategy, got {ack_strategy!r}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise TypeError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
         engine = stream.engine
         self.name = name
         self.stream = stream

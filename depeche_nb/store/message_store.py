@@ -35,7 +35,7 @@ from depeche_nb.core.errors import (
     MessageNotFound,
     MessageSerializationError,
 )
-from depeche_nb.core.identifiers import validate_stream
+from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
@@ -118,9 +118,8 @@ class MessageStoreReader(Generic[E]):
             yield to_stored_message(row, self._serializer)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
-        if not isinstance(stream_wildcard, str):
-            raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
-        for row in self._conn.exec_driver_sql(self._storage.text_wildcard_sql, (stream_wildcard,)):
+        pattern = validate_wildcard(stream_wildcard)
+        for row in self._conn.exec_driver_sql(self._storage.text_wildcard_sql, (pattern,)):
             yield to_stored_message(row, self._serializer)
 
 
@@ -285,9 +284,7 @@ class MessageStoreBase(RichRepr, Generic[E]):
         Rows arrive in chunks from a server-side cursor, so a large store does
         not have to fit in memory at once.
         """
-        if not isinstance(stream_wildcard, str):
-            raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
-        yield from self._stream_rows(self._storage.text_wildcard_sql, (stream_wildcard,))
+        yield from self._stream_rows(self._storage.text_wildcard_sql, (validate_wildcard(stream_wildcard),))
 
     def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[StoredMessage[E]]:
         raw = self.engine.raw_connection()

@@ -20,7 +20,7 @@ from depeche_nb.core.errors import (
     MessageSerializationError,
     OptimisticConcurrencyError,
 )
-from depeche_nb.core.identifiers import validate_stream
+from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition
 from depeche_nb.postgres.names import StoreNames, quote_ident
 from depeche_nb.postgres.store_schema import VERSION_CONFLICT_SQLSTATE, ensure_store_schema
@@ -177,9 +177,7 @@ class Storage:
         )
 
     def read_wildcard(self, conn: sa.Connection, stream_wildcard: str) -> Iterator[sa.Row[Any]]:
-        if not isinstance(stream_wildcard, str):
-            raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
-        yield from conn.exec_driver_sql(self.wildcard_sql, (stream_wildcard,))
+        yield from conn.exec_driver_sql(self.wildcard_sql, (validate_wildcard(stream_wildcard),))
 
     def get_message_by_id(self, conn: sa.Connection, message_id: uuid.UUID) -> sa.Row[Any] | None:
         return conn.exec_driver_sql(
