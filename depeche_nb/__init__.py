@@ -41,6 +41,7 @@ from depeche_nb.core.messages import (
 )
 from depeche_nb.engine.acks import AckRolledback
 from depeche_nb.engine.aggregated_stream import AggregatedStream, AggregatedStreamFactory
+from depeche_nb.engine.depeche_db_adoption import AdoptionError, AdoptionReport, adopt_depeche_db
 from depeche_nb.engine.error_handlers import (
     LogAndIgnoreSubscriptionErrorHandler,
     ParkSubscriptionErrorHandler,
@@ -67,6 +68,7 @@ from depeche_nb.engine.subscription import (
 
 # Importing the notebook package also registers the HTML reprs of the objects
 # above; it loads pandas/ipywidgets/IPython only when a view is used.
+from depeche_nb.notebook.depeche_db_explorer import DepecheDbExplorer, open_depeche_db
 from depeche_nb.notebook.frames import (
     assignments_dataframe,
     messages_dataframe,
@@ -112,6 +114,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AckRolledback",
     "AckStrategy",
+    "AdoptionError",
+    "AdoptionReport",
     "AggregatedStream",
     "AggregatedStreamFactory",
     "AggregatedStreamMessage",
@@ -119,6 +123,7 @@ __all__ = [
     "AsyncAggregatedStreamReader",
     "BatchedAckSubscriptionRunner",
     "CallMiddleware",
+    "DepecheDbExplorer",
     "DuplicateMessageIdError",
     "EmbeddedServerError",
     "ErrorAction",
@@ -171,9 +176,11 @@ __all__ = [
     "SubscriptionStateProvider",
     "TimeBudget",
     "UnknownMessageTypeError",
+    "adopt_depeche_db",
     "assignments_dataframe",
     "connect",
     "messages_dataframe",
+    "open_depeche_db",
     "partitions_dataframe",
     "streams_dataframe",
     "subscription_state_dataframe",
