@@ -1,4 +1,4 @@
-"""The `depeche-nb` command: the embedded database, the tutorials, and an environment check.
+"""The `depeche-nb` command: the embedded database, the tutorials, an environment check, adoption.
 
 Exit codes: 0 success, 1 a check or tutorial failed (or `db status`: stopped),
 2 usage error or a missing optional package, 3 the database could not be reached
@@ -27,6 +27,7 @@ EXIT_DATABASE = 3
 # The doctor must answer quickly even when DEPECHE_NB_DSN names an unreachable host.
 DOCTOR_CONNECT_TIMEOUT_S = 5
 WIDGETS_LABEXTENSION = "@jupyter-widgets/jupyterlab-manager"
+ADOPT_CONNECT_TIMEOUT_S = 10
 
 
 def _notebooks_dir(given: str | None) -> Path:
@@ -198,6 +199,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else 0
 
 
+def cmd_adopt_depeche_db(args: argparse.Namespace) -> int:
+    """Adopt a Depeche DB 0.13 database in place (see `depeche_nb.adopt_depeche_db`)."""
+    dsn = args.dsn or os.environ.get(DSN_ENV)
+    if not dsn:
+        print(f"name the database: --dsn URL or the {DSN_ENV} environment variable", file=sys.stderr)
+        return EXIT_USAGE
+    stream_stores: dict[str, str] = {}
+    for pair in args.stream_store:
+        stream, sep, store = pair.partition("=")
+        if not sep or not stream or not store:
+            print(f"--stream-store takes STREAM=STORE, got {pair!r}", file=sys.stderr)
+            return EXIT_USAGE
+        stream_stores[stream] = store
+    import sqlalchemy as sa
+
+    from depeche_nb.engine.depeche_db_adoption import AdoptionError, adopt_depeche_db
+    from depeche_nb.postgres.connection import connect
+
+    engine = connect(dsn, connect_args={"connect_timeout": ADOPT_CONNECT_TIMEOUT_S})
+    try:
+        report = adopt_depeche_db(
+            engine,
+            dry_run=args.dry_run,
+            timezone=args.timezone,
+            stream_stores=stream_stores,
+            exclude=args.exclude,
+        )
+    except AdoptionError as exc:
+        print(f"depeche-nb: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:  # an unknown --timezone
+        print(f"depeche-nb: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except sa.exc.OperationalError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc).__name__
+        print(f"depeche-nb: cannot reach the database: {first}", file=sys.stderr)
+        return EXIT_DATABASE
+    finally:
+        engine.dispose()
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depeche-nb", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     lab.set_defaults(func=cmd_lab)
     doctor = commands.add_parser("doctor", help="check the environment and say what to fix")
     doctor.set_defaults(func=cmd_doctor)
+    adopt = commands.add_parser(
+        "adopt-depeche-db",
+        help="adopt a Depeche DB 0.13 database in place (stop its writers and workers first)",
+        description="Copy a Depeche DB 0.13 database's stores, aggregated streams and subscription "
+        "positions into depeche-nb's tables under the same names; Depeche DB's tables stay "
+        "unchanged. Idempotent. Stop Depeche DB's writers and workers first.",
+    )
+    adopt.add_argument("--dsn", default=None, help=f"database URL (default: ${DSN_ENV})")
+    adopt.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    adopt.add_argument(
+        "--timezone", default=None, help="time zone of Depeche DB's timestamps (default: the server's)"
+    )
+    adopt.add_argument(
+        "--stream-store",
+        action="append",
+        default=[],
+        metavar="STREAM=STORE",
+        help="the store an aggregated stream reads, where it cannot be inferred (repeatable)",
+    )
+    adopt.add_argument(
+        "--exclude", action="append", default=[], metavar="NAME", help="a Depeche DB name to leave alone"
+    )
+    adopt.set_defaults(func=cmd_adopt_depeche_db)
     return parser
 
 
