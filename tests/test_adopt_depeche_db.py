@@ -613,3 +613,24 @@ def test_explore_and_adopt_through_psycopg3(ddb: tuple[sa.Engine, dict[str, Any]
     _, orders, audit = open_shop(engine)
     assert our_assignments(orders) == ddb_assignments(engine, "shop_orders")
     assert our_assignments(audit) == ddb_assignments(engine, "shop_audit")
+
+
+def test_an_empty_stream_and_an_unusable_name_are_skipped_not_fatal(
+    ddb: tuple[sa.Engine, dict[str, Any]],
+) -> None:
+    engine, _ = ddb
+    with engine.begin() as conn:
+        # Depeche DB creates the tables of a stream whose projector never ran, and accepts
+        # names depeche-nb cannot use (upper case).
+        conn.exec_driver_sql(
+            "CREATE TABLE depeche_stream_idle (LIKE depeche_stream_shop_orders INCLUDING ALL)"
+        )
+        conn.exec_driver_sql('CREATE TABLE "depeche_msgs_Legacy" (LIKE depeche_msgs_billing INCLUDING ALL)')
+    report = adopt_depeche_db(engine)
+    items = {(i.kind, i.name): i for i in report.items}
+    assert items[("aggregated_stream", "idle")].action == "skipped"
+    assert "empty" in items[("aggregated_stream", "idle")].note
+    assert items[("store", "Legacy")].action == "skipped"
+    assert "not a valid identifier" in items[("store", "Legacy")].note
+    assert items[("aggregated_stream", "shop_orders")].action == "adopted"
+    assert "Legacy" in open_depeche_db(engine).stores

@@ -294,6 +294,19 @@ def _plan_stream(
     if why_not:
         plan.items.append(AdoptionItem(STREAM, stream.name, source, "—", SKIPPED, assignments, why_not))
         return
+    if not assignments and stream.name not in stream_stores and len(catalog.stores) != 1:
+        plan.items.append(
+            AdoptionItem(
+                STREAM,
+                stream.name,
+                source,
+                "—",
+                SKIPPED,
+                0,
+                "empty, nothing to carry over; depeche-nb projects it from the start on first use",
+            )
+        )
+        return
     store_name = _store_of(conn, plan, catalog, stream, assignments, stream_stores)
     if store_name is None:
         return
@@ -526,7 +539,7 @@ def adopt_depeche_db(
         zone = ddb.check_timezone(conn, timezone) if timezone else ddb.session_timezone(conn)
         catalog = ddb.discover(conn)
         if not dry_run:
-            _lock_sources(conn, catalog)
+            _lock_sources(conn, catalog, set(exclude))
         plan = _plan(
             conn, catalog, ddb.register_entries(conn), zone, dict(stream_stores or {}), set(exclude), dry_run
         )
@@ -543,10 +556,11 @@ def adopt_depeche_db(
     return report
 
 
-def _lock_sources(conn: sa.Connection, catalog: ddb.DdbCatalog) -> None:
-    tables = [s.table for s in catalog.stores] + [s.table for s in catalog.streams]
-    tables += [s.maxpos for s in catalog.streams if s.maxpos is not None]
-    tables += [s.table for s in catalog.state_tables]
+def _lock_sources(conn: sa.Connection, catalog: ddb.DdbCatalog, exclude: Collection[str]) -> None:
+    tables = [s.table for s in catalog.stores if s.name not in exclude]
+    tables += [s.table for s in catalog.streams if s.name not in exclude]
+    tables += [s.maxpos for s in catalog.streams if s.maxpos is not None and s.name not in exclude]
+    tables += [s.table for s in catalog.state_tables if s.provider not in exclude]
     for table in tables:
         try:
             ddb.lock_source(conn, table)
