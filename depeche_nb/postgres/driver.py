@@ -64,17 +64,29 @@ def driver_of(engine: sa.Engine) -> str:
 
 def open_connection(engine: sa.Engine, *, autocommit: bool = True) -> Any:
     """A new DBAPI connection to `engine`'s database, outside its pool, with
-    client-side parameter binding (see the module docstring)."""
+    client-side parameter binding (see the module docstring).
+
+    Its session's time zone is UTC, so both drivers hand out timestamps in UTC
+    (`datetime.timezone.utc`) whatever the server's `TimeZone` setting is.
+    """
     driver = driver_of(engine)
     cargs, cparams = engine.dialect.create_connect_args(engine.url)
     if driver == PSYCOPG:
         import psycopg
 
-        return psycopg.connect(*cargs, **cparams, autocommit=autocommit, cursor_factory=_script_cursor())
-    import psycopg2
+        connection = psycopg.connect(*cargs, **cparams, autocommit=True, cursor_factory=_script_cursor())
+    else:
+        import psycopg2
 
-    connection = psycopg2.connect(*cargs, **cparams)
-    connection.autocommit = autocommit
+        connection = psycopg2.connect(*cargs, **cparams)
+        connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        connection.autocommit = autocommit
+    except BaseException:
+        connection.close()
+        raise
     return connection
 
 
