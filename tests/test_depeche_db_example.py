@@ -82,7 +82,10 @@ def test_depeche_db_readme_example_runs_verbatim(
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("[StoredMessage(message_id=UUID(") and "stream='aggregate-me-1', version=1" in lines[0]
+    assert (
+        lines[0].startswith("[StoredMessage(message_id=UUID(")
+        and "stream='aggregate-me-1', version=1" in lines[0]
+    )
     assert "message=MyMessage(content=2" in lines[0]
     handled = [line for line in lines[1:] if line.startswith("SubscriptionMessage(")]
     assert len(handled) == 1 and handled[0].startswith("SubscriptionMessage(partition=2, position=0")

@@ -61,7 +61,9 @@ def test_dispose_closes_every_session_and_drop_database_succeeds(admin: sa.Engin
         thread.start()
     for thread in threads:
         thread.join()
-    stream = store.aggregated_stream(name="orders_by_id", partitioner=_ByNumber(), stream_wildcards=["order-%"])
+    stream = store.aggregated_stream(
+        name="orders_by_id", partitioner=_ByNumber(), stream_wildcards=["order-%"]
+    )
     assert len(stream.projector.step()) == 4
     handler = Count()
     subscription = stream.subscription(name="counter", handlers=handler)
@@ -79,7 +81,10 @@ def test_dispose_closes_every_session_and_drop_database_succeeds(admin: sa.Engin
     assert not listener.is_running
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE "{database}"')
-        assert conn.exec_driver_sql("SELECT count(*) FROM pg_database WHERE datname = %s", (database,)).scalar() == 0
+        assert (
+            conn.exec_driver_sql("SELECT count(*) FROM pg_database WHERE datname = %s", (database,)).scalar()
+            == 0
+        )
 
 
 def test_a_disposed_engine_can_be_used_again(engine: sa.Engine, unique_name: str) -> None:

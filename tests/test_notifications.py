@@ -65,9 +65,7 @@ def wait_for_notifications(
     return received
 
 
-def wait_until_quiet(
-    conn: Any, quiet: float, limit: float, **kwargs: Any
-) -> list[Any]:
+def wait_until_quiet(conn: Any, quiet: float, limit: float, **kwargs: Any) -> list[Any]:
     """Collect notifications until none arrived for `quiet` seconds (at most `limit` seconds in all)."""
     received: list[Any] = []
     deadline = time.monotonic() + limit
@@ -97,9 +95,7 @@ def test_write_without_conn_notifies(store: MessageStore, listener: Any) -> None
     assert all(n.channel == store.notification_channel for n in received)
 
 
-def test_data_is_visible_when_the_notification_arrives(
-    store: MessageStore, listener: Any
-) -> None:
+def test_data_is_visible_when_the_notification_arrives(store: MessageStore, listener: Any) -> None:
     message = Numbered(number=1)
     seen: list[bool] = []
     store.write("s", message)
@@ -112,9 +108,7 @@ def test_data_is_visible_when_the_notification_arrives(
     assert seen[0] is True
 
 
-def test_last_notification_comes_after_the_last_commit(
-    store: MessageStore, listener: Any
-) -> None:
+def test_last_notification_comes_after_the_last_commit(store: MessageStore, listener: Any) -> None:
     """Rapid writes may be coalesced into fewer notifications, but none is lost: when the
     last one arrives, every message is visible."""
     count = 30
@@ -128,9 +122,7 @@ def test_last_notification_comes_after_the_last_commit(
     assert seen_counts[-1] == count
 
 
-def test_caller_conn_notifies_only_at_commit(
-    engine: sa.Engine, store: MessageStore, listener: Any
-) -> None:
+def test_caller_conn_notifies_only_at_commit(engine: sa.Engine, store: MessageStore, listener: Any) -> None:
     message = Numbered(number=1)
     with engine.connect() as conn:
         store.write("s", message, conn=conn)
@@ -147,9 +139,7 @@ def test_caller_conn_notifies_only_at_commit(
     assert wait_for_notifications(listener, SILENCE_S) == []  # and only one
 
 
-def test_caller_conn_rollback_does_not_notify(
-    engine: sa.Engine, store: MessageStore, listener: Any
-) -> None:
+def test_caller_conn_rollback_does_not_notify(engine: sa.Engine, store: MessageStore, listener: Any) -> None:
     with engine.connect() as conn:
         store.write("s", Numbered(number=1), conn=conn)
         store.write_all("s", [Numbered(number=2), Numbered(number=3)], conn=conn)

@@ -29,9 +29,8 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.engine.parking import IGNORED, PARKED
 from depeche_nb.engine.state import DbSubscriptionStateProvider
-from depeche_nb.postgres.locks import DbLockProvider, advisory_key
+from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.frames import (
@@ -242,26 +241,9 @@ def locked_partitions(subscription: Subscription[Any], partitions: Sequence[int]
     provider = subscription.lock_provider
     if not isinstance(provider, DbLockProvider):
         return {p: None for p in partitions}
-    if not partitions:
-        return {}
-    keys = [advisory_key(provider.name, subscription.partition_lock_name(p)) for p in partitions]
-    # Python's >> on a negative int shifts arithmetically; masking yields the
-    # unsigned 32-bit halves PostgreSQL stores in classid/objid.
-    high = [(key >> 32) & _MASK32 for key in keys]
-    low = [key & _MASK32 for key in keys]
-    sql = """
-        SELECT u.partition FROM unnest(%s::int[], %s::int8[], %s::int8[]) AS u(partition, hi, lo)
-        WHERE EXISTS (
-            SELECT 1 FROM pg_locks l
-            WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
-              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND l.classid = u.hi::oid AND l.objid = u.lo::oid
-        )
-    """
-    with autocommit_cursor(subscription.stream.engine) as cursor:
-        cursor.execute(sql, (list(partitions), high, low))
-        held = {row[0] for row in cursor.fetchall()}
-    return {p: p in held for p in partitions}
+    names = {p: subscription.partition_lock_name(p) for p in partitions}
+    held = provider.held_by_anyone(list(names.values()))
+    return {p: names[p] in held for p in partitions}
 
 
 def partition_states(subscription: Subscription[Any]) -> list[PartitionState]:
@@ -275,17 +257,9 @@ def partition_states(subscription: Subscription[Any]) -> list[PartitionState]:
     provider = subscription.state_provider
     acked_at: dict[int, _dt.datetime] = {}
     if isinstance(provider, DbSubscriptionStateProvider):
-        # One statement for positions and their times (the provider's read()
-        # has no times).
-        with autocommit_cursor(provider.engine) as cursor:
-            cursor.execute(
-                f"SELECT partition, position, updated_at FROM {provider.table} "
-                "WHERE subscription_name = %s AND partition >= 0",
-                (subscription.name,),
-            )
-            rows = cursor.fetchall()
-        positions = {row[0]: row[1] for row in rows}
-        acked_at = {row[0]: row[2] for row in rows}
+        stored = provider.read_with_times(subscription.name)
+        positions = {p: position for p, (position, _) in stored.items()}
+        acked_at = {p: at for p, (_, at) in stored.items()}
     else:
         positions = dict(provider.read(subscription.name).positions)
     partitions = sorted(set(heads) | set(positions))
@@ -319,15 +293,8 @@ def subscription_state_dataframe(subscription: Subscription[Any]) -> pd.DataFram
 
 
 def parked_count(subscription: Subscription[Any]) -> int | None:
-    """Unresolved parked/ignored messages, or None when the parked table does not exist
-    (it is created on first use; a display must not create it)."""
-    table = subscription.parked_messages.table  # already quoted
-    with autocommit_cursor(subscription.stream.engine) as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-        if not cursor.fetchone()[0]:
-            return None
-        cursor.execute(f"SELECT count(*) FROM {table} WHERE status IN (%s, %s)", (PARKED, IGNORED))
-        return int(cursor.fetchone()[0])
+    """Unresolved parked/ignored messages, or None when nothing was ever parked."""
+    return subscription.parked_messages.count_unresolved()
 
 
 def subscription_overview(subscription: Subscription[Any]) -> SubscriptionOverview:

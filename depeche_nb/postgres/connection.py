@@ -42,8 +42,10 @@ def resolve_dsn(
     started = embedded_server(data_dir, ephemeral=ephemeral).start()
     if driver is None:
         return started
-    return sa.make_url(started).set(drivername=f"postgresql+{check_driver(driver)}").render_as_string(
-        hide_password=False
+    return (
+        sa.make_url(started)
+        .set(drivername=f"postgresql+{check_driver(driver)}")
+        .render_as_string(hide_password=False)
     )
 
 
@@ -67,8 +69,9 @@ def connect(
     `schema` keeps every table of this engine in that PostgreSQL schema (created
     if missing); `fresh=True` drops it first, so a notebook can start clean on
     any server. `driver` ("psycopg" or "psycopg2") applies to URLs that name none
-    (the default: `DEPECHE_NB_DRIVER`, else psycopg 3). Notification channels and lock keys are database-wide, so two
-    schemas with equally named stores share wake-ups (harmless, only extra work).
+    (the default: `DEPECHE_NB_DRIVER`, else psycopg 3). Notification channels and
+    lock keys are database-wide, so two schemas with equally named stores share
+    wake-ups (harmless, only extra work).
     """
     if isinstance(dsn, sa.Engine):
         if ephemeral or data_dir is not None or engine_options or schema is not None or driver:

@@ -39,7 +39,7 @@ def default_driver() -> str:
 def check_driver(driver: object, what: str = "driver") -> str:
     if driver not in DRIVERS:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, DRIVERS))}, got {driver!r}")
-    return driver  # type: ignore[return-value]
+    return str(driver)
 
 
 def with_driver(url: str, driver: str | None = None) -> str:

@@ -35,8 +35,8 @@ from typing import Any
 
 import platformdirs
 
-from depeche_nb.postgres.driver import with_driver
 from depeche_nb.core.errors import EmbeddedServerError
+from depeche_nb.postgres.driver import with_driver
 
 _log = logging.getLogger("depeche_nb.embedded")
 
