@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from depeche_nb.engine.state import DbSubscriptionStateProvider
 from depeche_nb.postgres.locks import DbLockProvider
-from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.frames import (
     DEFAULT_LIMIT,
@@ -41,7 +40,6 @@ from depeche_nb.store.frames import (
     STRING,
     UTC,
     check_limit,
-    epoch_us_sql,
     frame_from_rows,
     stream_chunks,
 )
@@ -89,11 +87,7 @@ def assignments_dataframe(
         raise TypeError(f"partition must be an int or None, got {type(partition).__name__}")
     else:
         where, params, order = "partition = %s", (int(partition),), "position"
-    sql = (
-        "SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, "
-        f"position, {epoch_us_sql('message_occurred_at')}, {epoch_us_sql('projected_at')} "
-        f"FROM {quote_ident(stream.names.table)} WHERE {where} ORDER BY {order} LIMIT %s"
-    )
+    sql = stream.views.assignments_sql(where, order)
     fetch = None if row_limit is None else row_limit + 1
     chunks: list[pd.DataFrame] = []
     taken, more = 0, False
@@ -138,24 +132,15 @@ class AggregatedStreamOverview:
 
 def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]:
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(
-            "SELECT partition, count(*), max(position), min(global_position), max(global_position), "
-            f"max(projected_at) FROM {quote_ident(stream.names.table)} GROUP BY partition ORDER BY partition"
-        )
+        cursor.execute(stream.views.partition_summaries_sql)
         return [PartitionSummary(*row) for row in cursor.fetchall()]
 
 
 def unprojected_count(stream: AggregatedStream[Any]) -> int:
     """Stored messages matching the stream's wildcards that no partition holds yet: exactly
     the projector's backlog (it selects with the same `LIKE ANY`)."""
-    messages = quote_ident(stream.names.store.messages_table)
-    table = quote_ident(stream.names.table)
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(
-            f"SELECT count(*) FROM {messages} m WHERE m.stream LIKE ANY(%s) AND NOT EXISTS "
-            f"(SELECT 1 FROM {table} s WHERE s.global_position = m.global_position)",
-            (list(stream.stream_wildcards),),
-        )
+        cursor.execute(stream.views.unprojected_count_sql, (list(stream.stream_wildcards),))
         return int(cursor.fetchone()[0])
 
 
@@ -188,7 +173,7 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
     summaries = partition_summaries(stream)
     unprojected = unprojected_count(stream)
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(f"SELECT updated_at FROM {quote_ident(stream.names.checkpoint_table)}")
+        cursor.execute(stream.views.checkpoint_updated_sql)
         row = cursor.fetchone()
     return AggregatedStreamOverview(
         name=stream.name,

@@ -21,8 +21,13 @@ from depeche_nb.core.errors import (
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition
 from depeche_nb.postgres.driver import UNIQUE_VIOLATION, diagnostic, driver_error, sqlstate
+from depeche_nb.postgres.messages_table import (
+    VERSION_CONFLICT_SQLSTATE,
+    MessagesViews,
+    ensure_store_schema,
+)
 from depeche_nb.postgres.names import StoreNames, quote_ident
-from depeche_nb.postgres.store_schema import VERSION_CONFLICT_SQLSTATE, ensure_store_schema
+from depeche_nb.store.serializers import TYPE_KEY
 
 # Column order of every full row this module returns.
 ROW_COLUMNS = "message_id, stream, version, message, global_position, added_at"
@@ -88,6 +93,7 @@ class Storage:
         self.table = quote_ident(self.names.messages_table)
         self.notification_channel = self.names.channel
         ensure_store_schema(engine, self.names)
+        self.views = MessagesViews(self.names, TYPE_KEY)
         fn = quote_ident(self.names.write_function)
         self.write_sql = (
             f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s::uuid[], %s::jsonb[], %s)"
