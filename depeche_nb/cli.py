@@ -148,6 +148,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     check("python", sys.version_info >= (3, 10), sys.version.split()[0], "use Python 3.10 or newer")
     for module, fix in (
         ("sqlalchemy", "pip install 'sqlalchemy>=2'"),
+        ("psycopg", "pip install 'psycopg[binary]'"),
         ("psycopg2", "pip install psycopg2-binary"),
         ("pydantic", "pip install 'pydantic>=2'"),
         ("pandas", "pip install pandas"),

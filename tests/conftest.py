@@ -1,21 +1,63 @@
-"""Fixtures on the session's real PostgreSQL (started by `depeche_nb.pytest_plugin`)."""
+"""Fixtures on the session's real PostgreSQL (started by `depeche_nb.pytest_plugin`).
+
+Both drivers are first-class: tests in `DRIVER_SENSITIVE` modules run once per driver
+(their `engine` fixture is parametrised), the rest on the default driver
+(`DEPECHE_NB_DRIVER`, else psycopg 3). While an engine of one driver is in use,
+`DEPECHE_NB_DSN` names that driver too, so worker processes the tests start use it.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from depeche_nb.postgres.connection import connect
+from depeche_nb.postgres.connection import DSN_ENV, connect
+from depeche_nb.postgres.driver import DRIVERS, default_driver
+
+# The store, engine, notification, executor and event-sourcing tests, and the views
+# that read through raw connections.
+DRIVER_SENSITIVE = {
+    "test_adopt_depeche_db",
+    "test_concurrency_store",
+    "test_event_sourcing",
+    "test_executor",
+    "test_executor_end_to_end",
+    "test_executor_failover",
+    "test_frames",
+    "test_notifications",
+    "test_parallel_consumers",
+    "test_projector_exactness",
+    "test_serializer_fast_path",
+    "test_store_read",
+    "test_store_write",
+    "test_subscription",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" not in metafunc.fixturenames:
+        return
+    default = default_driver()
+    drivers = [default]
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in DRIVER_SENSITIVE:
+        drivers += [d for d in DRIVERS if d != default]
+    metafunc.parametrize("engine", drivers, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def engine() -> Iterator[sa.Engine]:
-    eng = connect(pool_size=10, max_overflow=20)
+def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    driver = getattr(request, "param", default_driver())
+    session_dsn = os.environ[DSN_ENV]
+    url = sa.make_url(session_dsn).set(drivername=f"postgresql+{driver}")
+    os.environ[DSN_ENV] = url.render_as_string(hide_password=False)
+    eng = connect(os.environ[DSN_ENV], pool_size=10, max_overflow=20)
     yield eng
     eng.dispose()
+    os.environ[DSN_ENV] = session_dsn
 
 
 @pytest.fixture

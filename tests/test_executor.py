@@ -206,7 +206,7 @@ def test_listener_messages_timeout_ends_the_iteration(listener: PgNotificationLi
 def test_listener_accepts_dsn_strings(engine: sa.Engine, channel: str, form: str) -> None:
     url = engine.url.render_as_string(hide_password=False)
     if form == "libpq_url":
-        url = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+        url = url.replace(f"postgresql+{engine.dialect.driver}://", "postgresql://", 1)
     with PgNotificationListener(url, [channel]) as lst:
         notify(engine, channel, '{"x": true}')
         assert next_message(lst) == PgNotification(channel, {"x": True})

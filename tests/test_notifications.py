@@ -6,20 +6,24 @@ import select
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
-import psycopg2
-import psycopg2.extensions
-import psycopg2.sql
 import pytest
 import sqlalchemy as sa
 
 from depeche_nb import MessageStore, OptimisticConcurrencyError, Storage
+from depeche_nb.postgres.driver import open_connection, pending_notifications
+from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
 ARRIVAL_TIMEOUT_S = 2.0  # upper bound for a notification that must come
 SILENCE_S = 0.5  # how long we watch for a notification that must not come
+
+
+class Notified(NamedTuple):
+    channel: str
+    payload: str
 
 
 @pytest.fixture
@@ -28,21 +32,17 @@ def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
 
 
 @pytest.fixture
-def listener(engine: sa.Engine, store: MessageStore) -> Iterator[psycopg2.extensions.connection]:
-    """A raw autocommit psycopg2 connection LISTENing on the store's channel."""
-    cargs, cparams = engine.dialect.create_connect_args(engine.url)
-    conn = psycopg2.connect(*cargs, **cparams)
-    conn.autocommit = True
+def listener(engine: sa.Engine, store: MessageStore) -> Iterator[Any]:
+    """A raw autocommit connection (the engine's driver) LISTENing on the store's channel."""
+    conn = open_connection(engine)
     with conn.cursor() as cursor:
-        cursor.execute(
-            psycopg2.sql.SQL("LISTEN {}").format(psycopg2.sql.Identifier(store.notification_channel))
-        )
+        cursor.execute(f"LISTEN {quote_ident(store.notification_channel)}")
     yield conn
     conn.close()
 
 
 def wait_for_notifications(
-    conn: psycopg2.extensions.connection,
+    conn: Any,
     timeout: float,
     *,
     until_first: bool = True,
@@ -55,9 +55,8 @@ def wait_for_notifications(
         readable, _, _ = select.select([conn], [], [], remaining)
         if not readable:
             continue
-        conn.poll()
-        while conn.notifies:
-            notification = conn.notifies.pop(0)
+        for channel, payload in pending_notifications(conn):
+            notification = Notified(channel, payload)
             received.append(notification)
             if on_each is not None:
                 on_each(notification)
@@ -66,9 +65,7 @@ def wait_for_notifications(
     return received
 
 
-def wait_until_quiet(
-    conn: psycopg2.extensions.connection, quiet: float, limit: float, **kwargs: Any
-) -> list[Any]:
+def wait_until_quiet(conn: Any, quiet: float, limit: float, **kwargs: Any) -> list[Any]:
     """Collect notifications until none arrived for `quiet` seconds (at most `limit` seconds in all)."""
     received: list[Any] = []
     deadline = time.monotonic() + limit
@@ -80,27 +77,25 @@ def wait_until_quiet(
     return received
 
 
-def visible_ids(conn: psycopg2.extensions.connection, store: MessageStore) -> set[uuid.UUID]:
-    table = psycopg2.sql.Identifier(Storage.message_table_name(store.name))
+def visible_ids(conn: Any, store: MessageStore) -> set[uuid.UUID]:
+    table = quote_ident(Storage.message_table_name(store.name))
     with conn.cursor() as cursor:
-        cursor.execute(psycopg2.sql.SQL("SELECT message_id::text FROM {}").format(table))
+        cursor.execute(f"SELECT message_id::text FROM {table}")
         return {uuid.UUID(row[0]) for row in cursor.fetchall()}
 
 
-def test_listener_is_quiet_before_any_write(listener: psycopg2.extensions.connection) -> None:
+def test_listener_is_quiet_before_any_write(listener: Any) -> None:
     assert wait_for_notifications(listener, SILENCE_S) == []
 
 
-def test_write_without_conn_notifies(store: MessageStore, listener: psycopg2.extensions.connection) -> None:
+def test_write_without_conn_notifies(store: MessageStore, listener: Any) -> None:
     store.write("s", Numbered(number=1))
     received = wait_for_notifications(listener, ARRIVAL_TIMEOUT_S)
     assert len(received) >= 1
     assert all(n.channel == store.notification_channel for n in received)
 
 
-def test_data_is_visible_when_the_notification_arrives(
-    store: MessageStore, listener: psycopg2.extensions.connection
-) -> None:
+def test_data_is_visible_when_the_notification_arrives(store: MessageStore, listener: Any) -> None:
     message = Numbered(number=1)
     seen: list[bool] = []
     store.write("s", message)
@@ -113,9 +108,7 @@ def test_data_is_visible_when_the_notification_arrives(
     assert seen[0] is True
 
 
-def test_last_notification_comes_after_the_last_commit(
-    store: MessageStore, listener: psycopg2.extensions.connection
-) -> None:
+def test_last_notification_comes_after_the_last_commit(store: MessageStore, listener: Any) -> None:
     """Rapid writes may be coalesced into fewer notifications, but none is lost: when the
     last one arrives, every message is visible."""
     count = 30
@@ -129,9 +122,7 @@ def test_last_notification_comes_after_the_last_commit(
     assert seen_counts[-1] == count
 
 
-def test_caller_conn_notifies_only_at_commit(
-    engine: sa.Engine, store: MessageStore, listener: psycopg2.extensions.connection
-) -> None:
+def test_caller_conn_notifies_only_at_commit(engine: sa.Engine, store: MessageStore, listener: Any) -> None:
     message = Numbered(number=1)
     with engine.connect() as conn:
         store.write("s", message, conn=conn)
@@ -148,9 +139,7 @@ def test_caller_conn_notifies_only_at_commit(
     assert wait_for_notifications(listener, SILENCE_S) == []  # and only one
 
 
-def test_caller_conn_rollback_does_not_notify(
-    engine: sa.Engine, store: MessageStore, listener: psycopg2.extensions.connection
-) -> None:
+def test_caller_conn_rollback_does_not_notify(engine: sa.Engine, store: MessageStore, listener: Any) -> None:
     with engine.connect() as conn:
         store.write("s", Numbered(number=1), conn=conn)
         store.write_all("s", [Numbered(number=2), Numbered(number=3)], conn=conn)
@@ -159,7 +148,7 @@ def test_caller_conn_rollback_does_not_notify(
 
 
 def test_many_writes_in_one_transaction_notify_once(
-    engine: sa.Engine, store: MessageStore, listener: psycopg2.extensions.connection
+    engine: sa.Engine, store: MessageStore, listener: Any
 ) -> None:
     with engine.connect() as conn:
         for n in range(20):
@@ -170,7 +159,7 @@ def test_many_writes_in_one_transaction_notify_once(
     assert len(visible_ids(listener, store)) == 20
 
 
-def test_failed_write_does_not_notify(store: MessageStore, listener: psycopg2.extensions.connection) -> None:
+def test_failed_write_does_not_notify(store: MessageStore, listener: Any) -> None:
     store.write("s", Numbered(number=1))
     assert wait_for_notifications(listener, ARRIVAL_TIMEOUT_S)
     wait_until_quiet(listener, 0.2, 1.0)  # drain any coalesced leftovers
@@ -181,7 +170,7 @@ def test_failed_write_does_not_notify(store: MessageStore, listener: psycopg2.ex
 
 
 def test_other_store_writes_do_not_notify_this_channel(
-    engine: sa.Engine, unique_name: str, store: MessageStore, listener: psycopg2.extensions.connection
+    engine: sa.Engine, unique_name: str, store: MessageStore, listener: Any
 ) -> None:
     other = MessageStore(
         name=f"{unique_name}_other", engine=engine, serializer=PydanticMessageSerializer(Numbered)

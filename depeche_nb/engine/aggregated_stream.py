@@ -23,7 +23,7 @@ from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
-from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
+from depeche_nb.postgres.stream_tables import StreamNames, StreamViews, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
 from depeche_nb.store.storage import TEXT_ROW_COLUMNS
@@ -78,6 +78,7 @@ class AggregatedStream(RichRepr, Generic[E]):
         self.names = StreamNames(name, store._storage.names)
         self.notification_channel = self.names.channel
         ensure_stream_schema(store.engine, self.names)
+        self.views = StreamViews(self.names)
         self.projector: StreamProjector[E] = StreamProjector(
             self, partitioner, wildcards, batch_size=update_batch_size
         )

@@ -69,10 +69,10 @@ from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import DepecheError, InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres import depeche_db_tables as ddb
+from depeche_nb.postgres.messages_table import ensure_store_schema
 from depeche_nb.postgres.names import StoreNames, lock_namespace
-from depeche_nb.postgres.store_schema import ensure_store_schema
-from depeche_nb.postgres.stream_schema import StreamNames, ensure_stream_schema
-from depeche_nb.postgres.subscription_schema import ensure_state_schema, state_table
+from depeche_nb.postgres.state_table import StateTable
+from depeche_nb.postgres.stream_tables import StreamNames, ensure_stream_schema
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -448,7 +448,7 @@ def _plan_state(
     if why_not:
         plan.items.append(AdoptionItem(STATE, state.provider, source, "—", SKIPPED, len(rows), why_not))
         return
-    target = state_table(state.provider)
+    target = StateTable(state.provider).name
     subscriptions = sorted({r[0] for r in rows})
     note = _describe_subscriptions(conn, catalog, rows)
     entry = register.get((STATE, state.provider))
@@ -590,7 +590,7 @@ def _ensure_schemas(engine: sa.Engine, plan: _Plan) -> None:
                 ensure_stream_schema(engine, stream.names)
     for state in plan.states:
         if state.adopt:
-            ensure_state_schema(engine, state.source.provider)
+            StateTable(state.source.provider).ensure(engine)
 
 
 def _execute(conn: sa.Connection, plan: _Plan, timezone: str) -> None:

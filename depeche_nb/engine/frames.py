@@ -29,10 +29,8 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.engine.parking import IGNORED, PARKED
 from depeche_nb.engine.state import DbSubscriptionStateProvider
-from depeche_nb.postgres.locks import DbLockProvider, advisory_key
-from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.frames import (
     DEFAULT_LIMIT,
@@ -42,7 +40,6 @@ from depeche_nb.store.frames import (
     STRING,
     UTC,
     check_limit,
-    epoch_us_sql,
     frame_from_rows,
     stream_chunks,
 )
@@ -90,11 +87,7 @@ def assignments_dataframe(
         raise TypeError(f"partition must be an int or None, got {type(partition).__name__}")
     else:
         where, params, order = "partition = %s", (int(partition),), "position"
-    sql = (
-        "SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, "
-        f"position, {epoch_us_sql('message_occurred_at')}, {epoch_us_sql('projected_at')} "
-        f"FROM {quote_ident(stream.names.table)} WHERE {where} ORDER BY {order} LIMIT %s"
-    )
+    sql = stream.views.assignments_sql(where, order)
     fetch = None if row_limit is None else row_limit + 1
     chunks: list[pd.DataFrame] = []
     taken, more = 0, False
@@ -139,24 +132,15 @@ class AggregatedStreamOverview:
 
 def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]:
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(
-            "SELECT partition, count(*), max(position), min(global_position), max(global_position), "
-            f"max(projected_at) FROM {quote_ident(stream.names.table)} GROUP BY partition ORDER BY partition"
-        )
+        cursor.execute(stream.views.partition_summaries_sql)
         return [PartitionSummary(*row) for row in cursor.fetchall()]
 
 
 def unprojected_count(stream: AggregatedStream[Any]) -> int:
     """Stored messages matching the stream's wildcards that no partition holds yet: exactly
     the projector's backlog (it selects with the same `LIKE ANY`)."""
-    messages = quote_ident(stream.names.store.messages_table)
-    table = quote_ident(stream.names.table)
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(
-            f"SELECT count(*) FROM {messages} m WHERE m.stream LIKE ANY(%s) AND NOT EXISTS "
-            f"(SELECT 1 FROM {table} s WHERE s.global_position = m.global_position)",
-            (list(stream.stream_wildcards),),
-        )
+        cursor.execute(stream.views.unprojected_count_sql, (list(stream.stream_wildcards),))
         return int(cursor.fetchone()[0])
 
 
@@ -189,7 +173,7 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
     summaries = partition_summaries(stream)
     unprojected = unprojected_count(stream)
     with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(f"SELECT updated_at FROM {quote_ident(stream.names.checkpoint_table)}")
+        cursor.execute(stream.views.checkpoint_updated_sql)
         row = cursor.fetchone()
     return AggregatedStreamOverview(
         name=stream.name,
@@ -242,26 +226,9 @@ def locked_partitions(subscription: Subscription[Any], partitions: Sequence[int]
     provider = subscription.lock_provider
     if not isinstance(provider, DbLockProvider):
         return {p: None for p in partitions}
-    if not partitions:
-        return {}
-    keys = [advisory_key(provider.name, subscription.partition_lock_name(p)) for p in partitions]
-    # Python's >> on a negative int shifts arithmetically; masking yields the
-    # unsigned 32-bit halves PostgreSQL stores in classid/objid.
-    high = [(key >> 32) & _MASK32 for key in keys]
-    low = [key & _MASK32 for key in keys]
-    sql = """
-        SELECT u.partition FROM unnest(%s::int[], %s::int8[], %s::int8[]) AS u(partition, hi, lo)
-        WHERE EXISTS (
-            SELECT 1 FROM pg_locks l
-            WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
-              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND l.classid = u.hi::oid AND l.objid = u.lo::oid
-        )
-    """
-    with autocommit_cursor(subscription.stream.engine) as cursor:
-        cursor.execute(sql, (list(partitions), high, low))
-        held = {row[0] for row in cursor.fetchall()}
-    return {p: p in held for p in partitions}
+    names = {p: subscription.partition_lock_name(p) for p in partitions}
+    held = provider.held_by_anyone(list(names.values()))
+    return {p: names[p] in held for p in partitions}
 
 
 def partition_states(subscription: Subscription[Any]) -> list[PartitionState]:
@@ -275,17 +242,9 @@ def partition_states(subscription: Subscription[Any]) -> list[PartitionState]:
     provider = subscription.state_provider
     acked_at: dict[int, _dt.datetime] = {}
     if isinstance(provider, DbSubscriptionStateProvider):
-        # One statement for positions and their times (the provider's read()
-        # has no times).
-        with autocommit_cursor(provider.engine) as cursor:
-            cursor.execute(
-                f"SELECT partition, position, updated_at FROM {provider.table} "
-                "WHERE subscription_name = %s AND partition >= 0",
-                (subscription.name,),
-            )
-            rows = cursor.fetchall()
-        positions = {row[0]: row[1] for row in rows}
-        acked_at = {row[0]: row[2] for row in rows}
+        stored = provider.read_with_times(subscription.name)
+        positions = {p: position for p, (position, _) in stored.items()}
+        acked_at = {p: at for p, (_, at) in stored.items()}
     else:
         positions = dict(provider.read(subscription.name).positions)
     partitions = sorted(set(heads) | set(positions))
@@ -319,15 +278,8 @@ def subscription_state_dataframe(subscription: Subscription[Any]) -> pd.DataFram
 
 
 def parked_count(subscription: Subscription[Any]) -> int | None:
-    """Unresolved parked/ignored messages, or None when the parked table does not exist
-    (it is created on first use; a display must not create it)."""
-    table = subscription.parked_messages.table  # already quoted
-    with autocommit_cursor(subscription.stream.engine) as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-        if not cursor.fetchone()[0]:
-            return None
-        cursor.execute(f"SELECT count(*) FROM {table} WHERE status IN (%s, %s)", (PARKED, IGNORED))
-        return int(cursor.fetchone()[0])
+    """Unresolved parked/ignored messages, or None when nothing was ever parked."""
+    return subscription.parked_messages.count_unresolved()
 
 
 def subscription_overview(subscription: Subscription[Any]) -> SubscriptionOverview:

@@ -11,20 +11,17 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from depeche_nb.core.interfaces import SubscriptionMessage
-from depeche_nb.postgres.names import quote_ident
-from depeche_nb.postgres.subscription_schema import ensure_parked_schema, parked_table
+from depeche_nb.postgres.parked_table import (
+    DISCARDED,
+    IGNORED,
+    PARKED,
+    REPLAYED,
+    ParkedTable,
+)
+from depeche_nb.postgres.rawconn import autocommit_cursor
 
 if TYPE_CHECKING:
     import pandas as pd
-
-PARKED = "parked"
-IGNORED = "ignored"
-REPLAYED = "replayed"
-DISCARDED = "discarded"
-_COLUMNS = (
-    "id, partition, position, message_id, global_position, message_type, status, attempts, "
-    "error, traceback, recorded_at, resolved_at"
-)
 
 
 @_dc.dataclass(frozen=True)
@@ -49,7 +46,8 @@ class ParkedMessages:
     def __init__(self, engine: sa.Engine, subscription_name: str) -> None:
         self.engine = engine
         self.subscription_name = subscription_name
-        self.table = quote_ident(parked_table(subscription_name))
+        self._sql = ParkedTable(subscription_name)
+        self.table = self._sql.table
 
     def record(
         self,
@@ -62,9 +60,7 @@ class ParkedMessages:
         self._ensure()
         stored = message.stored_message
         row = conn.exec_driver_sql(
-            f"INSERT INTO {self.table} (partition, position, message_id, global_position, "
-            "message_type, status, attempts, error, traceback) "
-            "VALUES (%s, %s, %s::uuid, %s, %s, %s, %s, %s, %s) RETURNING id",
+            self._sql.insert_sql,
             (
                 message.partition,
                 message.position,
@@ -81,21 +77,19 @@ class ParkedMessages:
 
     def list(self, include_resolved: bool = False) -> list[ParkedMessage]:
         self._ensure()
-        where = "" if include_resolved else f"WHERE status IN ('{PARKED}', '{IGNORED}')"
+        sql = self._sql.list_all_sql if include_resolved else self._sql.list_unresolved_sql
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(f"SELECT {_COLUMNS} FROM {self.table} {where} ORDER BY id").all()
+            rows = conn.exec_driver_sql(sql).all()
         return [_to_parked(row) for row in rows]
 
     def _ensure(self) -> None:
         # Created on first use: most subscriptions never park anything.
-        ensure_parked_schema(self.engine, self.subscription_name)
+        self._sql.ensure(self.engine)
 
     def get(self, parked_id: int) -> ParkedMessage:
         self._ensure()
         with self.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT {_COLUMNS} FROM {self.table} WHERE id = %s", (parked_id,)
-            ).first()
+            row = conn.exec_driver_sql(self._sql.get_sql, (parked_id,)).first()
         if row is None:
             raise KeyError(f"no parked message with id {parked_id}")
         return _to_parked(row)
@@ -103,13 +97,19 @@ class ParkedMessages:
     def resolve(self, parked_id: int, status: str) -> None:
         self._ensure()
         with self.engine.begin() as conn:
-            updated = conn.exec_driver_sql(
-                f"UPDATE {self.table} SET status = %s, resolved_at = now() "
-                f"WHERE id = %s AND status IN ('{PARKED}', '{IGNORED}')",
-                (status, parked_id),
-            ).rowcount
+            updated = conn.exec_driver_sql(self._sql.resolve_sql, (status, parked_id)).rowcount
         if updated != 1:
             raise KeyError(f"no unresolved parked message with id {parked_id}")
+
+    def count_unresolved(self) -> int | None:
+        """Unresolved parked/ignored messages, or None when nothing was ever parked (the
+        table does not exist yet; a display must not create it)."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self._sql.exists_sql, (self.table,))
+            if not cursor.fetchone()[0]:
+                return None
+            cursor.execute(self._sql.count_unresolved_sql)
+            return int(cursor.fetchone()[0])
 
     def to_dataframe(self, include_resolved: bool = False) -> pd.DataFrame:
         import pandas as pd
@@ -127,3 +127,6 @@ def _to_parked(row: Any) -> ParkedMessage:
     values = list(row)
     values[3] = values[3] if isinstance(values[3], uuid.UUID) else uuid.UUID(str(values[3]))
     return ParkedMessage(*values)
+
+
+__all__ = ["DISCARDED", "IGNORED", "PARKED", "REPLAYED", "ParkedMessage", "ParkedMessages"]

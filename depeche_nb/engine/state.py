@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 from typing import Any
 
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.core.interfaces import SubscriptionState
-from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
-from depeche_nb.postgres.subscription_schema import INIT_PARTITION, ensure_state_schema, state_table
+from depeche_nb.postgres.state_table import INIT_PARTITION, StateTable
 
 
 class DbSubscriptionStateProvider:
@@ -21,33 +21,36 @@ class DbSubscriptionStateProvider:
     def __init__(self, name: str, engine: sa.Engine) -> None:
         self.name = validate_name(name, "state provider name")
         self.engine = engine
-        ensure_state_schema(engine, name)
-        table = quote_ident(state_table(name))
-        self.table = table
-        self._upsert_sql = (
-            f"INSERT INTO {table} (subscription_name, partition, position) VALUES (%s, %s, %s) "
-            "ON CONFLICT (subscription_name, partition) "
-            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
-        )
-        self._read_sql = (
-            f"SELECT partition, position FROM {table} WHERE subscription_name = %s AND partition >= 0"
-        )
+        self.sql = StateTable(name)
+        self.sql.ensure(engine)
         self._initialized: set[str] = set()
 
     def store(self, subscription_name: str, partition: int, position: int) -> None:
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._upsert_sql, (subscription_name, partition, position))
+            cursor.execute(self.sql.upsert_sql, (subscription_name, partition, position))
 
     def store_many(self, subscription_name: str, positions: dict[int, int]) -> None:
         """Set several partitions' positions in one transaction (used by resets)."""
         with self.engine.begin() as conn:
             for partition, position in positions.items():
-                conn.exec_driver_sql(self._upsert_sql, (subscription_name, partition, position))
+                conn.exec_driver_sql(self.sql.upsert_sql, (subscription_name, partition, position))
 
     def read(self, subscription_name: str) -> SubscriptionState:
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._read_sql, (subscription_name,))
+            cursor.execute(self.sql.read_sql, (subscription_name,))
             return SubscriptionState({row[0]: row[1] for row in cursor.fetchall()})
+
+    def read_with_times(self, subscription_name: str) -> dict[int, tuple[int, _dt.datetime]]:
+        """Each partition's position and when it was stored (for displays)."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self.sql.read_with_times_sql, (subscription_name,))
+            return {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
+
+    def progress(self, subscription_name: str, heads_table: str) -> list[tuple[int, int, int]]:
+        """(partition, position, head) beside an aggregated stream's quoted heads table."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self.sql.progress_sql(heads_table), (subscription_name,))
+            return [tuple(row) for row in cursor.fetchall()]
 
     def initialize(self, subscription_name: str) -> None:
         self.store(subscription_name, INIT_PARTITION, INIT_PARTITION)
@@ -57,10 +60,7 @@ class DbSubscriptionStateProvider:
         if subscription_name in self._initialized:
             return True
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(
-                f"SELECT 1 FROM {self.table} WHERE subscription_name = %s AND partition = %s",
-                (subscription_name, INIT_PARTITION),
-            )
+            cursor.execute(self.sql.initialized_sql, (subscription_name,))
             found = cursor.fetchone() is not None
         if found:
             self._initialized.add(subscription_name)
@@ -69,9 +69,7 @@ class DbSubscriptionStateProvider:
     def forget(self, subscription_name: str) -> None:
         """Delete all state of a subscription (it starts again from its start point)."""
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"DELETE FROM {self.table} WHERE subscription_name = %s", (subscription_name,)
-            )
+            conn.exec_driver_sql(self.sql.forget_sql, (subscription_name,))
         self._initialized.discard(subscription_name)
 
     def session(self, conn: sa.Connection | None = None, **kwargs: Any) -> _StateSession:
@@ -88,10 +86,10 @@ class _StateSession:
         self._conn = conn
 
     def store(self, subscription_name: str, partition: int, position: int) -> None:
-        self._conn.exec_driver_sql(self._provider._upsert_sql, (subscription_name, partition, position))
+        self._conn.exec_driver_sql(self._provider.sql.upsert_sql, (subscription_name, partition, position))
 
     def read(self, subscription_name: str) -> SubscriptionState:
-        rows = self._conn.exec_driver_sql(self._provider._read_sql, (subscription_name,)).all()
+        rows = self._conn.exec_driver_sql(self._provider.sql.read_sql, (subscription_name,)).all()
         return SubscriptionState({row[0]: row[1] for row in rows})
 
     def initialize(self, subscription_name: str) -> None:

@@ -37,7 +37,6 @@ from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage,
 from depeche_nb.engine.state import DbSubscriptionStateProvider
 from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.postgres.names import quote_ident
-from depeche_nb.postgres.rawconn import autocommit_cursor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -154,15 +153,8 @@ class Subscription(RichRepr, Generic[E]):
         provider = self._state_provider
         if isinstance(provider, DbSubscriptionStateProvider):
             # Heads and state side by side in one statement.
-            with autocommit_cursor(self._stream.engine) as cursor:
-                cursor.execute(
-                    f"SELECT h.partition, coalesce(st.position, -1), h.max_position "
-                    f"FROM {quote_ident(self._stream.names.heads_table)} h "
-                    f"LEFT JOIN {provider.table} st "
-                    "ON st.subscription_name = %s AND st.partition = h.partition ORDER BY h.partition",
-                    (self.name,),
-                )
-                return [PartitionProgress(*row) for row in cursor.fetchall()]
+            heads_table = quote_ident(self._stream.names.heads_table)
+            return [PartitionProgress(*row) for row in provider.progress(self.name, heads_table)]
         heads = self._stream.get_max_aggregated_stream_positions()
         positions = self._state_provider.read(self.name).positions
         return [PartitionProgress(p, positions.get(p, -1), heads[p]) for p in sorted(heads)]
@@ -178,7 +170,7 @@ class Subscription(RichRepr, Generic[E]):
         """The next `count` unacknowledged messages of a partition (call with its lock held)."""
         provider = self._state_provider
         if isinstance(provider, DbSubscriptionStateProvider):
-            return self._stream.read_slice_after_state(partition, provider.table, self.name, count)
+            return self._stream.read_slice_after_state(partition, provider.sql.table, self.name, count)
         start = provider.read(self.name).positions.get(partition, -1) + 1
         return self._stream.read_slice_messages(partition, start, count)
 

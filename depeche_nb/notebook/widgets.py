@@ -47,10 +47,7 @@ from depeche_nb.notebook import html as h
 from depeche_nb.notebook import live as _live
 from depeche_nb.notebook import reprs
 from depeche_nb.notebook.live import MIN_INTERVAL, LiveRefresher
-from depeche_nb.postgres.names import quote_ident
-from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.message_store import MessageStoreBase
-from depeche_nb.store.serializers import TYPE_KEY
 
 # Colours for origin streams: light enough for the dark cell text on light and dark
 # themes, few enough to tell apart (ColorBrewer Set3 plus four). Two streams can share
@@ -331,27 +328,7 @@ class StreamBrowser(_DnbWidget):
             raise TypeError(f"pattern must be a str (a stream name or LIKE pattern), got {pattern!r}")
         self.store = store
         self.page_size = _positive_int("page_size", page_size, MAX_PAGE_SIZE)
-        table = store._storage.table  # already quoted
-        self._page_sql = (
-            f"SELECT global_position, stream, version, message_id::text, added_at, message->>%s, "
-            f"left((message - %s)::text, %s) FROM {table} "
-            "WHERE stream LIKE %s AND global_position >= %s ORDER BY global_position LIMIT %s"
-        )
-        self._last_page_sql = self._page_sql.replace("global_position >= %s", "TRUE").replace(
-            "ORDER BY global_position", "ORDER BY global_position DESC"
-        )
-        self._prev_sql = (
-            f"SELECT min(global_position) FROM (SELECT global_position FROM {table} "
-            "WHERE stream LIKE %s AND global_position < %s ORDER BY global_position DESC LIMIT %s) p"
-        )
-        self._count_sql = (
-            f"SELECT count(*), count(*) FILTER (WHERE global_position < %s) FROM {table} WHERE stream LIKE %s"
-        )
-        self._message_sql = (
-            f"SELECT stream, version, message_id::text, added_at, message->>%s, "
-            f"left((message - %s)::text, %s), length((message - %s)::text) FROM {table} "
-            "WHERE global_position = %s"
-        )
+        self._views = store._storage.views
         # Page state: the first global position shown (None = the beginning), or the tail.
         self._start: int | None = None
         self._at_end = False
@@ -429,9 +406,9 @@ class StreamBrowser(_DnbWidget):
 
     def _go_prev(self) -> None:
         if self.rows:
-            with autocommit_cursor(self.store.engine) as cursor:
-                cursor.execute(self._prev_sql, (self.pattern.value, self.rows[0][0], self.page_size))
-                start = cursor.fetchone()[0]
+            start = self._views.page_start_before(
+                self.store.engine, self.pattern.value, self.rows[0][0], self.page_size
+            )
             self._start, self._at_end = start, False
         self._refresh()
 
@@ -451,25 +428,12 @@ class StreamBrowser(_DnbWidget):
     # -- reading and drawing ------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        pattern = self.pattern.value
-        with autocommit_cursor(self.store.engine) as cursor:
-            if self._at_end:
-                cursor.execute(
-                    self._last_page_sql, (TYPE_KEY, TYPE_KEY, PREVIEW_CHARS + 1, pattern, self.page_size)
-                )
-                rows = list(reversed(cursor.fetchall()))
-                more_after = False
-            else:
-                cursor.execute(
-                    self._page_sql,
-                    (TYPE_KEY, TYPE_KEY, PREVIEW_CHARS + 1, pattern, self._start or 0, self.page_size + 1),
-                )
-                rows = cursor.fetchall()
-                more_after = len(rows) > self.page_size
-                rows = rows[: self.page_size]
-            first = rows[0][0] if rows else (self._start or 0)
-            cursor.execute(self._count_sql, (first, pattern))
-            total, before = cursor.fetchone()
+        start = None if self._at_end else (self._start or 0)
+        rows, total, before = self._views.page(
+            self.store.engine, self.pattern.value, start, self.page_size, PREVIEW_CHARS + 1
+        )
+        more_after = not self._at_end and len(rows) > self.page_size
+        rows = rows[: self.page_size]
         self.rows, self.total, self.before = rows, int(total), int(before)
         self.first_button.disabled = self.prev_button.disabled = self.before == 0
         self.next_button.disabled = not more_after
@@ -518,11 +482,7 @@ class StreamBrowser(_DnbWidget):
     def _payload_html(self, global_position: int | None) -> str:
         if global_position is None:
             return ""
-        with autocommit_cursor(self.store.engine) as cursor:
-            cursor.execute(
-                self._message_sql, (TYPE_KEY, TYPE_KEY, PAYLOAD_CHARS + 1, TYPE_KEY, global_position)
-            )
-            row = cursor.fetchone()
+        row = self._views.message(self.store.engine, global_position, PAYLOAD_CHARS + 1)
         if row is None:
             return h.note(f"message at global position {global_position} is gone")
         stream, version, message_id, added_at, message_type, text, length = row
@@ -584,21 +544,6 @@ class PartitionMap(_DnbWidget):
         self.positions = _positive_int("positions", positions, 500)
         self.max_partitions = _positive_int("max_partitions", max_partitions, 1000)
         self.assignments = _positive_int("assignments", assignments, 500)
-        table = quote_ident(aggregated_stream.names.table)
-        heads = quote_ident(aggregated_stream.names.heads_table)
-        # Positions are gapless, so "the last N" is a range on the (partition, position) key.
-        self._cells_sql = (
-            f"WITH h AS (SELECT partition, max_position FROM {heads} ORDER BY partition LIMIT %s) "
-            "SELECT h.partition, h.max_position, s.position, s.origin_stream, s.origin_stream_version, "
-            f"s.global_position FROM h CROSS JOIN LATERAL (SELECT * FROM {table} s "
-            "WHERE s.partition = h.partition AND s.position > h.max_position - %s) s "
-            "ORDER BY h.partition, s.position"
-        )
-        self._totals_sql = f"SELECT count(*), coalesce(sum(max_position + 1), 0) FROM {heads}"
-        self._latest_sql = (
-            "SELECT global_position, origin_stream, origin_stream_version, partition, position "
-            f"FROM {table} ORDER BY global_position DESC LIMIT %s"
-        )
         # Read state, kept for the snapshot and for tests.
         self.partitions: dict[int, tuple[int, list[tuple[int, str, int, int]]]] = {}
         self.partition_count = 0
@@ -623,13 +568,9 @@ class PartitionMap(_DnbWidget):
         self._start_live(live, aggregated_stream.engine, [aggregated_stream.notification_channel])
 
     def _refresh(self) -> None:
-        with autocommit_cursor(self.aggregated_stream.engine) as cursor:
-            cursor.execute(self._cells_sql, (self.max_partitions, self.positions))
-            cell_rows = cursor.fetchall()
-            cursor.execute(self._totals_sql)
-            partition_count, projected = cursor.fetchone()
-            cursor.execute(self._latest_sql, (self.assignments,))
-            latest = list(reversed(cursor.fetchall()))
+        cell_rows, (partition_count, projected), latest = self.aggregated_stream.views.partition_map(
+            self.aggregated_stream.engine, self.max_partitions, self.positions, self.assignments
+        )
         partitions: dict[int, tuple[int, list[tuple[int, str, int, int]]]] = {}
         for partition, head, position, stream, version, gp in cell_rows:
             partitions.setdefault(partition, (head, []))[1].append((position, stream, version, gp))

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import forget_ddl_for
+from depeche_nb.postgres.driver import check_driver, driver_of, with_driver
 from depeche_nb.postgres.embedded import embedded_server
 from depeche_nb.postgres.names import lock_namespace
 
@@ -17,25 +18,35 @@ DSN_ENV = "DEPECHE_NB_DSN"
 _SCHEMA_LOCK = lock_namespace("ddl", "schemas")
 
 
-def normalize_dsn(dsn: str) -> str:
-    """Accept libpq-style `postgres://`/`postgresql://` URLs and pin the psycopg2 driver."""
-    for prefix in ("postgres://", "postgresql://"):
-        if dsn.startswith(prefix):
-            return "postgresql+psycopg2://" + dsn[len(prefix) :]
-    return dsn
+def normalize_dsn(dsn: str, driver: str | None = None) -> str:
+    """Accept libpq-style `postgres://`/`postgresql://` URLs and give them a driver:
+    `driver`, else `DEPECHE_NB_DRIVER`, else psycopg 3 (what SQLAlchemy 2.1 picks)."""
+    return with_driver(dsn, driver)
 
 
 def resolve_dsn(
-    dsn: str | None = None, *, ephemeral: bool = False, data_dir: str | Path | None = None
+    dsn: str | None = None,
+    *,
+    ephemeral: bool = False,
+    data_dir: str | Path | None = None,
+    driver: str | None = None,
 ) -> str:
-    """An explicit DSN, else `DEPECHE_NB_DSN`, else the (started) embedded server's DSN."""
+    """An explicit DSN, else `DEPECHE_NB_DSN`, else the (started) embedded server's DSN;
+    a URL that names no driver gets `driver` (default: see `normalize_dsn`)."""
     if dsn is not None:
-        return normalize_dsn(dsn)
+        return normalize_dsn(dsn, driver)
     if not ephemeral and data_dir is None:
         from_env = os.environ.get(DSN_ENV)
         if from_env:
-            return normalize_dsn(from_env)
-    return embedded_server(data_dir, ephemeral=ephemeral).start()
+            return normalize_dsn(from_env, driver)
+    started = embedded_server(data_dir, ephemeral=ephemeral).start()
+    if driver is None:
+        return started
+    return (
+        sa.make_url(started)
+        .set(drivername=f"postgresql+{check_driver(driver)}")
+        .render_as_string(hide_password=False)
+    )
 
 
 def connect(
@@ -45,6 +56,7 @@ def connect(
     data_dir: str | Path | None = None,
     schema: str | None = None,
     fresh: bool = False,
+    driver: str | None = None,
     **engine_options: Any,
 ) -> sa.Engine:
     """Return a SQLAlchemy engine for the database depeche-nb should use.
@@ -56,14 +68,17 @@ def connect(
 
     `schema` keeps every table of this engine in that PostgreSQL schema (created
     if missing); `fresh=True` drops it first, so a notebook can start clean on
-    any server. Notification channels and lock keys are database-wide, so two
-    schemas with equally named stores share wake-ups (harmless, only extra work).
+    any server. `driver` ("psycopg" or "psycopg2") applies to URLs that name none
+    (the default: `DEPECHE_NB_DRIVER`, else psycopg 3). Notification channels and
+    lock keys are database-wide, so two schemas with equally named stores share
+    wake-ups (harmless, only extra work).
     """
     if isinstance(dsn, sa.Engine):
-        if ephemeral or data_dir is not None or engine_options or schema is not None:
+        if ephemeral or data_dir is not None or engine_options or schema is not None or driver:
             raise ValueError(
-                "ephemeral, data_dir, schema and engine options cannot be combined with an engine"
+                "ephemeral, data_dir, schema, driver and engine options cannot be combined with an engine"
             )
+        driver_of(dsn)
         return dsn
     if fresh and schema is None:
         raise ValueError("fresh=True needs a schema to empty")
@@ -71,7 +86,9 @@ def connect(
         raise TypeError(f"dsn must be a str or a SQLAlchemy Engine, got {type(dsn).__name__}")
     if dsn is not None and (ephemeral or data_dir is not None):
         raise ValueError("give either a dsn or ephemeral/data_dir, not both")
-    url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir)
+    if driver is not None:
+        check_driver(driver)
+    url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir, driver=driver)
     if schema is None:
         return sa.create_engine(url, **engine_options)
     validate_name(schema, "schema")

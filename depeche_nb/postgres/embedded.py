@@ -36,6 +36,7 @@ from typing import Any
 import platformdirs
 
 from depeche_nb.core.errors import EmbeddedServerError
+from depeche_nb.postgres.driver import with_driver
 
 _log = logging.getLogger("depeche_nb.embedded")
 
@@ -203,8 +204,9 @@ class EmbeddedServer:
 
     @property
     def dsn(self) -> str:
-        """SQLAlchemy URL of the server (unix socket, trust authentication)."""
-        return f"postgresql+psycopg2://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}&port={PORT}"
+        """SQLAlchemy URL of the server (unix socket, trust authentication), with the
+        default driver (`DEPECHE_NB_DRIVER`, else psycopg 3)."""
+        return with_driver(f"postgresql://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}&port={PORT}")
 
     @property
     def libpq_dsn(self) -> str:

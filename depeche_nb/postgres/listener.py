@@ -28,12 +28,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg2
 import sqlalchemy as sa
 
 from depeche_nb.core.errors import InvalidIdentifierError
 from depeche_nb.core.lifecycle import StartStopContext
 from depeche_nb.postgres.connection import connect
+from depeche_nb.postgres.driver import backend_pid, is_driver_error, pending_notifications
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import open_dbapi_connection
 
@@ -83,7 +83,7 @@ class _ReconnectFailed(Exception):
 class PgNotificationListener(StartStopContext):
     """Receives notifications on `channels` from a background thread; read them with `messages()`.
 
-    `dsn` is a SQLAlchemy URL (`postgresql+psycopg2://...`), a libpq URL
+    `dsn` is a SQLAlchemy URL (`postgresql+psycopg://...`, `postgresql+psycopg2://...`), a libpq URL
     (`postgresql://...`) or an `Engine`. `start()` connects and runs LISTEN
     before returning, so every notification sent after it returns is
     delivered; it raises if the database cannot be reached.
@@ -204,10 +204,11 @@ class PgNotificationListener(StartStopContext):
                 try:
                     if self._stop_requested(connection, stop_fd):
                         return
-                    connection.poll()
                     self._drain(connection, q)
-                except (psycopg2.Error, OSError, ValueError) as exc:
+                except Exception as exc:
                     # ValueError: select() on a connection whose socket is already closed.
+                    if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError))):
+                        raise
                     logger.warning("notification listener lost its connection (%s); reconnecting", exc)
                     _close_quietly(connection)
                     connection = self._reconnect(stop_fd, exc)
@@ -225,9 +226,8 @@ class PgNotificationListener(StartStopContext):
         return stop_fd in readable
 
     def _drain(self, connection: Any, q: queue.Queue[object]) -> None:
-        while connection.notifies:
-            notify = connection.notifies.pop(0)
-            q.put(PgNotification(notify.channel, self._parse(notify.payload)))
+        for channel, payload in pending_notifications(connection):
+            q.put(PgNotification(channel, self._parse(payload)))
 
     def _parse(self, payload: str) -> dict[str, Any]:
         # Our store sends empty payloads; other senders may send anything.
@@ -262,7 +262,9 @@ class PgNotificationListener(StartStopContext):
         ) from last_error
 
     def _connect(self) -> Any:
-        connection = open_dbapi_connection(self._engine)
+        # Disposing the engine must end our session too; a listener cannot
+        # quietly open a new one then, so it stops (consumers see the end).
+        connection = open_dbapi_connection(self._engine, on_dispose=self.stop)
         try:
             statements = [f"SET application_name TO {quote_ident(APPLICATION_NAME)}"]
             statements += [f"LISTEN {quote_ident(channel)}" for channel in self.channels]
@@ -271,7 +273,7 @@ class PgNotificationListener(StartStopContext):
         except BaseException:
             _close_quietly(connection)
             raise
-        self._backend_pid = connection.get_backend_pid()
+        self._backend_pid = backend_pid(connection)
         return connection
 
 

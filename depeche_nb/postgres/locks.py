@@ -10,12 +10,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.rawconn import open_dbapi_connection
+from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
+
+_MASK32 = 0xFFFFFFFF
+_HELD_SQL = """
+    SELECT u.i FROM unnest(%s::int[], %s::int8[], %s::int8[]) AS u(i, hi, lo)
+    WHERE EXISTS (
+        SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid = u.hi::oid AND l.objid = u.lo::oid
+    )
+"""
 
 
 def advisory_key(namespace: str, name: str) -> int:
@@ -62,6 +74,20 @@ class DbLockProvider:
     def held(self) -> frozenset[str]:
         with self._mutex:
             return frozenset(self._held)
+
+    def held_by_anyone(self, names: Sequence[str]) -> set[str]:
+        """Which of `names` some session (any provider object of this name, any process)
+        holds right now; read from `pg_locks`, taking nothing."""
+        if not names:
+            return set()
+        keys = [advisory_key(self.name, name) for name in names]
+        # A bigint advisory key shows in pg_locks as its unsigned 32-bit halves;
+        # Python's >> on a negative int shifts arithmetically, so mask.
+        high = [(key >> 32) & _MASK32 for key in keys]
+        low = [key & _MASK32 for key in keys]
+        with autocommit_cursor(self._engine) as cursor:
+            cursor.execute(_HELD_SQL, (list(range(len(keys))), high, low))
+            return {names[row[0]] for row in cursor.fetchall()}
 
     def finalize(self) -> None:
         """Close the lock session, releasing every lock at once."""

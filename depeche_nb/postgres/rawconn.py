@@ -1,9 +1,18 @@
-"""Direct DBAPI connections for the hot paths.
+"""Direct DBAPI connections for the hot paths, and their clean-up with the engine.
 
 SQLAlchemy's pool checkout/return and statement layer cost about 0.1 ms per
 call, as much as a local round trip. The write path therefore keeps one
-autocommit psycopg2 connection per (process, thread, engine), opened with the
-engine's own connect arguments; every statement on it commits on its own.
+autocommit connection per (process, thread, engine), opened through the
+driver seam with the engine's own connect arguments; every statement on it
+commits on its own.
+
+These connections live outside the engine's pool, so `engine.dispose()`
+alone would not close them and a `DROP DATABASE` after it would fail on
+our sessions. Every connection opened here is therefore registered with its
+engine and closed by `close_connections(engine)`, which runs on SQLAlchemy's
+`engine_disposed` event: thread-local write connections of every thread,
+lock sessions and listener sessions alike. Their owners open a new one on
+next use, except listeners, which stop (see `PgNotificationListener`).
 """
 
 from __future__ import annotations
@@ -12,14 +21,21 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
 
+from depeche_nb.postgres.driver import is_closed, is_connection_error, open_connection
+
 _local = threading.local()
 # Rendering an engine's URL costs ~15 us, too much per write; cache it per engine.
 _url_keys: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
+_registry_guard = threading.Lock()
+# engine -> {id(connection): (connection, on_dispose callback or None)}
+_opened: weakref.WeakKeyDictionary[sa.Engine, dict[int, tuple[Any, Callable[[], None] | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _url_key(engine: sa.Engine) -> str:
@@ -29,36 +45,59 @@ def _url_key(engine: sa.Engine) -> str:
     return key
 
 
-def open_dbapi_connection(engine: sa.Engine, *, autocommit: bool = True) -> Any:
-    """A new psycopg2 connection to the engine's database, outside its pool."""
-    cargs, cparams = engine.dialect.create_connect_args(engine.url)
-    connection = engine.dialect.dbapi.connect(*cargs, **cparams)  # type: ignore[union-attr]
-    connection.autocommit = autocommit
+def open_dbapi_connection(
+    engine: sa.Engine, *, autocommit: bool = True, on_dispose: Callable[[], None] | None = None
+) -> Any:
+    """A new connection to the engine's database, outside its pool, closed when the
+    engine is disposed (after `on_dispose` ran, if given)."""
+    connection = open_connection(engine, autocommit=autocommit)
+    with _registry_guard:
+        connections = _opened.get(engine)
+        if connections is None:
+            connections = _opened[engine] = {}
+            sa.event.listen(engine, "engine_disposed", close_connections)
+        # Forget connections closed meanwhile, so the registry does not grow.
+        for key in [k for k, (c, _) in connections.items() if is_closed(c)]:
+            del connections[key]
+        connections[id(connection)] = (connection, on_dispose)
     return connection
+
+
+def close_connections(engine: sa.Engine) -> None:
+    """Close every connection `open_dbapi_connection` opened for `engine`, in all threads."""
+    with _registry_guard:
+        entries = list(_opened.pop(engine, {}).values())
+    for connection, on_dispose in entries:
+        if on_dispose is not None:
+            with contextlib.suppress(Exception):
+                on_dispose()
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 @contextlib.contextmanager
 def autocommit_cursor(engine: sa.Engine) -> Iterator[Any]:
     """A cursor on this thread's autocommit connection for `engine`.
 
-    A connection that failed (server restart, network) is dropped and the
-    next call opens a fresh one.
+    A connection that failed (server restart, network) or was closed by
+    `engine.dispose()` is dropped and the next call opens a fresh one.
     """
     connections: dict[tuple[int, int, str], Any] = getattr(_local, "connections", None) or {}
     _local.connections = connections
     # The URL is part of the key: a collected engine's id may be reused by another.
     key = (os.getpid(), id(engine), _url_key(engine))
     connection = connections.get(key)
-    if connection is None or connection.closed:
+    if connection is None or is_closed(connection):
         connection = open_dbapi_connection(engine)
         connections[key] = connection
     try:
         with connection.cursor() as cursor:
             yield cursor
-    except engine.dialect.dbapi.OperationalError:  # type: ignore[union-attr]
-        connections.pop(key, None)
-        with contextlib.suppress(Exception):
-            connection.close()
+    except Exception as exc:
+        if is_connection_error(exc) or is_closed(connection):
+            connections.pop(key, None)
+            with contextlib.suppress(Exception):
+                connection.close()
         raise
 
 

@@ -62,12 +62,6 @@ NULLABLE_BOOL = "boolean"
 OBJECT = "object"
 
 
-def epoch_us_sql(column: str) -> str:
-    """SQL for a timestamptz as integer epoch microseconds: cheaper to transfer and convert
-    than psycopg2's per-row datetime objects, and exact (numeric, not float)."""
-    return f"(extract(epoch FROM {column}) * 1000000)::int8"
-
-
 # -- column building ----------------------------------------------------------------------------
 
 
@@ -222,11 +216,7 @@ def messages_dataframe(
         where, where_params, order = "stream LIKE %s", (wildcard,), "global_position"
     else:
         where, where_params, order = "TRUE", (), "global_position"
-    sql = (
-        f"SELECT global_position, stream, version, message_id::text, {epoch_us_sql('added_at')}, "
-        f"message::text FROM {store._storage.table} WHERE {where} AND {condition} "
-        f"ORDER BY {order} LIMIT %s"
-    )
+    sql = store._storage.views.frame_sql(where, condition, order)
     # One row beyond the limit tells whether there is more, without a count(*).
     fetch = None if row_limit is None else row_limit + 1
     meta_chunks: list[pd.DataFrame] = []
@@ -331,12 +321,8 @@ def _payload_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
 def streams_dataframe(store: MessageStoreBase[Any]) -> pd.DataFrame:
     """One row per stream, by name: `stream`, `messages`, `first_global_position`,
     `last_global_position`, `last_added_at`."""
-    sql = (
-        "SELECT stream, count(*), min(global_position), max(global_position), "
-        f"{epoch_us_sql('max(added_at)')} FROM {store._storage.table} GROUP BY stream ORDER BY stream"
-    )
     with autocommit_cursor(store.engine) as cursor:
-        cursor.execute(sql)
+        cursor.execute(store._storage.views.streams_sql)
         rows = cursor.fetchall()
     return frame_from_rows(rows, _STREAM_KINDS)
 
@@ -395,29 +381,9 @@ def store_overview(
     store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5
 ) -> StoreOverview:
     """Everything a store's repr shows, in two statements whose results are bounded."""
-    table = store._storage.table
-    # The window totals are computed before LIMIT, so one scan gives both the
-    # totals and the first `max_streams` groups.
-    streams_sql = f"""
-        WITH s AS (
-            SELECT stream, count(*) AS n, min(global_position) AS first_gp,
-                   max(global_position) AS last_gp, max(added_at) AS last_at
-            FROM {table} GROUP BY stream
-        )
-        SELECT stream, n, first_gp, last_gp, last_at, count(*) OVER (), sum(n) OVER ()
-        FROM s ORDER BY last_gp DESC LIMIT %s
-    """
-    # Cut server-side: a huge payload is never transferred for a preview.
-    messages_sql = (
-        f"SELECT global_position, stream, version, message_id::text, added_at, "
-        f"message->>%s, left((message - %s)::text, %s) FROM {table} "
-        "ORDER BY global_position DESC LIMIT %s"
+    stream_rows, message_rows = store._storage.views.overview(
+        store.engine, max_streams, max_messages, PREVIEW_CHARS + 1
     )
-    with autocommit_cursor(store.engine) as cursor:
-        cursor.execute(streams_sql, (max_streams,))
-        stream_rows = cursor.fetchall()
-        cursor.execute(messages_sql, (TYPE_KEY, TYPE_KEY, PREVIEW_CHARS + 1, max_messages))
-        message_rows = cursor.fetchall()
     summaries = [StreamSummary(*row[:5]) for row in stream_rows]
     previews = [MessagePreview(*row) for row in reversed(message_rows)]
     if not stream_rows:

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import psycopg2
 import sqlalchemy as sa
 
 from depeche_nb.core.display import RichRepr
@@ -37,6 +36,7 @@ from depeche_nb.core.errors import (
 )
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
+from depeche_nb.postgres.driver import is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.storage import (
@@ -250,7 +250,9 @@ class MessageStoreBase(RichRepr, Generic[E]):
             try:
                 cursor.execute(self._write_and_notify_sql, params)
                 (last,) = cursor.fetchone()
-            except psycopg2.Error as exc:
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
                 # The string stops at the failing statement, inside our BEGIN.
                 if not cursor.connection.closed:
                     cursor.execute("ROLLBACK")

@@ -11,8 +11,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
 import sqlalchemy as sa
 
 from depeche_nb.core.errors import (
@@ -22,8 +20,14 @@ from depeche_nb.core.errors import (
 )
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition
+from depeche_nb.postgres.driver import UNIQUE_VIOLATION, diagnostic, driver_error, sqlstate
+from depeche_nb.postgres.messages_table import (
+    VERSION_CONFLICT_SQLSTATE,
+    MessagesViews,
+    ensure_store_schema,
+)
 from depeche_nb.postgres.names import StoreNames, quote_ident
-from depeche_nb.postgres.store_schema import VERSION_CONFLICT_SQLSTATE, ensure_store_schema
+from depeche_nb.store.serializers import TYPE_KEY
 
 # Column order of every full row this module returns.
 ROW_COLUMNS = "message_id, stream, version, message, global_position, added_at"
@@ -57,18 +61,19 @@ def payload_json(payload: dict[str, Any], message_type: str) -> str:
 
 def translate_write_error(error: BaseException, stream: str) -> Exception | None:
     """Map a database error from the write function to the library's error, or None."""
-    orig = getattr(error, "orig", error)
-    if not isinstance(orig, psycopg2.Error):
+    orig = driver_error(error)
+    if orig is None:
         return None
-    if orig.pgcode == VERSION_CONFLICT_SQLSTATE:
-        message = orig.diag.message_primary or str(orig)
+    state = sqlstate(orig)
+    if state == VERSION_CONFLICT_SQLSTATE:
+        message = diagnostic(orig, "message_primary") or str(orig)
         return OptimisticConcurrencyError(f"optimistic concurrency failure: {message}")
-    if isinstance(orig, psycopg2.errors.UniqueViolation):
-        constraint = orig.diag.constraint_name or ""
+    if state == UNIQUE_VIOLATION:
+        constraint = diagnostic(orig, "constraint_name") or ""
         if constraint.endswith("_msg_id_uq"):
+            detail = diagnostic(orig, "message_detail") or ""
             return DuplicateMessageIdError(
-                f"a message with this id is already stored (stream {stream!r}): "
-                f"{orig.diag.message_detail or ''}".strip()
+                f"a message with this id is already stored (stream {stream!r}): {detail}".strip()
             )
         if constraint.endswith("_msg_sv_uq"):
             return OptimisticConcurrencyError(
@@ -88,6 +93,7 @@ class Storage:
         self.table = quote_ident(self.names.messages_table)
         self.notification_channel = self.names.channel
         ensure_store_schema(engine, self.names)
+        self.views = MessagesViews(self.names, TYPE_KEY)
         fn = quote_ident(self.names.write_function)
         self.write_sql = (
             f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s::uuid[], %s::jsonb[], %s)"

@@ -1,0 +1,198 @@
+"""The driver seam: the only module that knows how psycopg 3 and psycopg2 differ.
+
+Both drivers are first-class. A plain `postgresql://` URL selects psycopg 3
+(as SQLAlchemy 2.1 does) unless `DEPECHE_NB_DRIVER=psycopg2`; an engine a user
+passes keeps its own driver. Everything above this module talks to
+connections through the functions here, so no other module imports a driver.
+
+Connections we open ourselves (outside SQLAlchemy's pool, see `rawconn`) use
+client-side parameter binding on both drivers: psycopg2 always does, and
+psycopg 3's `ClientCursor` does the same. That keeps our hot paths' scripts
+of several statements (BEGIN ...; COMMIT) in one round trip; psycopg 3's
+default server-side binding refuses several statements in one execute.
+Statements that go through a SQLAlchemy connection (a caller's transaction)
+are always single statements, which both binding styles accept.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the embedded server uses this module without SQLAlchemy installed
+    import sqlalchemy as sa
+
+PSYCOPG = "psycopg"
+PSYCOPG2 = "psycopg2"
+DRIVERS = (PSYCOPG, PSYCOPG2)
+DRIVER_ENV = "DEPECHE_NB_DRIVER"
+
+
+def default_driver() -> str:
+    """The driver for URLs that name none: `DEPECHE_NB_DRIVER`, else psycopg 3."""
+    chosen = os.environ.get(DRIVER_ENV, "").strip() or PSYCOPG
+    return check_driver(chosen, f"{DRIVER_ENV}")
+
+
+def check_driver(driver: object, what: str = "driver") -> str:
+    if driver not in DRIVERS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, DRIVERS))}, got {driver!r}")
+    return str(driver)
+
+
+def with_driver(url: str, driver: str | None = None) -> str:
+    """A SQLAlchemy URL for `url`: libpq-style `postgres://`/`postgresql://` URLs get
+    `driver` (default: `default_driver()`); a URL naming its driver keeps it."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            chosen = check_driver(driver) if driver is not None else default_driver()
+            return f"postgresql+{chosen}://" + url[len(prefix) :]
+    return url
+
+
+def driver_of(engine: sa.Engine) -> str:
+    driver = engine.dialect.driver
+    if engine.dialect.name != "postgresql" or driver not in DRIVERS:
+        raise ValueError(
+            f"depeche-nb needs a PostgreSQL engine using psycopg (3) or psycopg2, "
+            f"got {engine.dialect.name}+{driver}"
+        )
+    return driver
+
+
+def open_connection(engine: sa.Engine, *, autocommit: bool = True) -> Any:
+    """A new DBAPI connection to `engine`'s database, outside its pool, with
+    client-side parameter binding (see the module docstring).
+
+    Its session's time zone is UTC, so both drivers hand out timestamps in UTC
+    (`datetime.timezone.utc`) whatever the server's `TimeZone` setting is.
+    """
+    driver = driver_of(engine)
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    if driver == PSYCOPG:
+        import psycopg
+
+        connection = psycopg.connect(*cargs, **cparams, autocommit=True, cursor_factory=_script_cursor())
+    else:
+        import psycopg2
+
+        connection = psycopg2.connect(*cargs, **cparams)
+        connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        connection.autocommit = autocommit
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+@functools.cache
+def _script_cursor() -> type:
+    """psycopg 3's client-side binding cursor, positioned after a script on its last
+    statement's result as psycopg2 is (psycopg 3 starts at the first)."""
+    import psycopg
+
+    class ScriptCursor(psycopg.ClientCursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ScriptCursor:
+            super().execute(query, params, **kwargs)
+            while self.nextset():
+                pass
+            return self
+
+    return ScriptCursor
+
+
+def backend_pid(connection: Any) -> int:
+    info = getattr(connection, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    if pid is None:
+        pid = connection.get_backend_pid()
+    return int(pid)
+
+
+def is_closed(connection: Any) -> bool:
+    return bool(connection.closed)
+
+
+def pending_notifications(connection: Any) -> list[tuple[str, str]]:
+    """Notifications that arrived on a listening connection, without blocking."""
+    if hasattr(connection, "notifies") and callable(connection.notifies):
+        return [(n.channel, n.payload) for n in connection.notifies(timeout=0)]
+    connection.poll()
+    received = []
+    while connection.notifies:
+        notify = connection.notifies.pop(0)
+        received.append((notify.channel, notify.payload))
+    return received
+
+
+def _driver_error_types() -> tuple[type[BaseException], ...]:
+    # Only drivers already imported can have raised; importing the other costs time.
+    types: list[type[BaseException]] = []
+    for module_name in DRIVERS:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            types.append(module.Error)
+    return tuple(types)
+
+
+def driver_error(error: BaseException) -> BaseException | None:
+    """The driver's exception behind `error` (itself, or a SQLAlchemy error's `.orig`)."""
+    orig = getattr(error, "orig", error)
+    return orig if isinstance(orig, _driver_error_types()) else None
+
+
+def is_driver_error(error: BaseException) -> bool:
+    return driver_error(error) is not None
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True for errors of a broken or unreachable connection (the driver's OperationalError)."""
+    orig = driver_error(error)
+    if orig is None:
+        return False
+    module = sys.modules[type(orig).__module__.split(".")[0]]
+    return isinstance(orig, module.OperationalError)
+
+
+def sqlstate(error: BaseException) -> str | None:
+    orig = driver_error(error)
+    if orig is None:
+        return None
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def diagnostic(error: BaseException, field: str) -> str | None:
+    """A field of the server's error report (`message_primary`, `constraint_name`, ...)."""
+    orig = driver_error(error)
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, field, None) if diag is not None else None
+
+
+UNIQUE_VIOLATION = "23505"
+
+
+__all__ = [
+    "DRIVERS",
+    "DRIVER_ENV",
+    "PSYCOPG",
+    "PSYCOPG2",
+    "UNIQUE_VIOLATION",
+    "backend_pid",
+    "check_driver",
+    "default_driver",
+    "diagnostic",
+    "driver_error",
+    "driver_of",
+    "is_closed",
+    "is_connection_error",
+    "is_driver_error",
+    "open_connection",
+    "pending_notifications",
+    "sqlstate",
+    "with_driver",
+]

@@ -1,0 +1,198 @@
+"""Gateway of a store's messages table: its DDL, its write function and every statement
+about it, for the store, the projector, the DataFrame views and the widgets.
+
+Write protocol (`<store>_write`): a transaction-level advisory lock per
+(store, stream) serialises writers of one stream and nobody else; under it the
+head version is read (a fresh snapshot per statement in a VOLATILE plpgsql
+function under READ COMMITTED) and the batch is inserted with consecutive
+versions in one statement. Consequences:
+
+* versions are gapless from 1: each writer sees the committed head and
+  appends directly after it, and a failed batch leaves no row;
+* global positions increase within a stream: the next writer of a stream
+  draws its sequence values only after the previous one committed;
+* `txid` records the writing transaction, which the projector needs to
+  project exactly (see the engine's projector).
+
+The unique (stream, version) constraint is the backstop: under REPEATABLE
+READ a caller's stale snapshot may compute a taken version, which then fails
+and is reported as an optimistic-concurrency conflict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from depeche_nb.postgres.ddl import run_ddl_once
+from depeche_nb.postgres.names import StoreNames, quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+
+# Custom SQLSTATE raised by the write function on an expected-version mismatch.
+VERSION_CONFLICT_SQLSTATE = "DN409"
+
+
+def store_ddl(names: StoreNames) -> list[str]:
+    table = quote_ident(names.messages_table)
+    fn = quote_ident(names.write_function)
+    channel = names.channel.replace("'", "''")
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {table} (
+            global_position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            message_id uuid NOT NULL,
+            stream text COLLATE "C" NOT NULL,
+            version integer NOT NULL CHECK (version > 0),
+            message jsonb NOT NULL,
+            added_at timestamptz NOT NULL DEFAULT now(),
+            txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            CONSTRAINT {quote_ident(names.message_id_constraint)} UNIQUE (message_id),
+            CONSTRAINT {quote_ident(names.stream_version_constraint)} UNIQUE (stream, version)
+        )
+        """,
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.txid_index)} ON {table} (txid)",
+        f"""
+        CREATE OR REPLACE FUNCTION {fn}(
+            p_stream text, p_expected bigint, p_ids uuid[], p_messages jsonb[],
+            p_notify boolean
+        ) RETURNS TABLE (version integer, global_position bigint)
+        LANGUAGE plpgsql VOLATILE AS $fn$
+        DECLARE
+            v_head integer;
+        BEGIN
+            PERFORM pg_advisory_xact_lock({names.stream_lock_namespace}, hashtext(p_stream));
+            SELECT max(m.version) INTO v_head FROM {table} m WHERE m.stream = p_stream;
+            v_head := coalesce(v_head, 0);
+            IF p_expected IS NOT NULL AND p_expected <> v_head THEN
+                RAISE EXCEPTION 'stream % is at version %, expected version %',
+                    p_stream, v_head, p_expected
+                    USING ERRCODE = '{VERSION_CONFLICT_SQLSTATE}';
+            END IF;
+            RETURN QUERY
+                INSERT INTO {table} AS m (message_id, stream, version, message)
+                SELECT u.id, p_stream, v_head + u.ord::integer, u.msg
+                FROM unnest(p_ids, p_messages) WITH ORDINALITY AS u(id, msg, ord)
+                ORDER BY u.ord
+                RETURNING m.version, m.global_position;
+            IF p_notify THEN
+                PERFORM pg_notify('{channel}', '');
+            END IF;
+        END
+        $fn$
+        """,
+    ]
+
+
+def ensure_store_schema(engine: sa.Engine, names: StoreNames) -> None:
+    run_ddl_once(engine, f"store:{names.store}", store_ddl(names))
+
+
+def epoch_us_sql(column: str) -> str:
+    """SQL for a timestamptz as integer epoch microseconds: cheaper to transfer and convert
+    than per-row datetime objects, and exact (numeric, not float)."""
+    return f"(extract(epoch FROM {column}) * 1000000)::int8"
+
+
+class MessagesViews:
+    """The read-only statements of the notebook views on one store's messages table.
+
+    Payload previews are cut server-side, so a huge payload is never transferred
+    for a display; `type_key` is the payload key holding the message type.
+    """
+
+    def __init__(self, names: StoreNames, type_key: str) -> None:
+        table = quote_ident(names.messages_table)
+        self.table = table
+        self._type_key = type_key
+        self.streams_sql = (
+            "SELECT stream, count(*), min(global_position), max(global_position), "
+            f"{epoch_us_sql('max(added_at)')} FROM {table} GROUP BY stream ORDER BY stream"
+        )
+        # The window totals are computed before LIMIT, so one scan gives both the
+        # totals and the first groups.
+        self.overview_streams_sql = f"""
+            WITH s AS (
+                SELECT stream, count(*) AS n, min(global_position) AS first_gp,
+                       max(global_position) AS last_gp, max(added_at) AS last_at
+                FROM {table} GROUP BY stream
+            )
+            SELECT stream, n, first_gp, last_gp, last_at, count(*) OVER (), sum(n) OVER ()
+            FROM s ORDER BY last_gp DESC LIMIT %s
+        """
+        preview = "message->>%s, left((message - %s)::text, %s)"
+        self.overview_messages_sql = (
+            f"SELECT global_position, stream, version, message_id::text, added_at, {preview} "
+            f"FROM {table} ORDER BY global_position DESC LIMIT %s"
+        )
+        self._page_sql = (
+            f"SELECT global_position, stream, version, message_id::text, added_at, {preview} FROM {table} "
+            "WHERE stream LIKE %s AND global_position >= %s ORDER BY global_position LIMIT %s"
+        )
+        self._last_page_sql = (
+            f"SELECT global_position, stream, version, message_id::text, added_at, {preview} FROM {table} "
+            "WHERE stream LIKE %s ORDER BY global_position DESC LIMIT %s"
+        )
+        self._page_start_before_sql = (
+            f"SELECT min(global_position) FROM (SELECT global_position FROM {table} "
+            "WHERE stream LIKE %s AND global_position < %s ORDER BY global_position DESC LIMIT %s) p"
+        )
+        self._count_sql = (
+            f"SELECT count(*), count(*) FILTER (WHERE global_position < %s) FROM {table} WHERE stream LIKE %s"
+        )
+        self._message_sql = (
+            f"SELECT stream, version, message_id::text, added_at, {preview}, "
+            f"length((message - %s)::text) FROM {table} WHERE global_position = %s"
+        )
+
+    def frame_sql(self, where: str, condition: str, order: str) -> str:
+        """Rows for a messages DataFrame; `where`, `condition` and `order` are fixed SQL
+        fragments of the caller's (values travel as parameters), the last parameter the limit."""
+        return (
+            f"SELECT global_position, stream, version, message_id::text, {epoch_us_sql('added_at')}, "
+            f"message::text FROM {self.table} WHERE {where} AND {condition} ORDER BY {order} LIMIT %s"
+        )
+
+    def overview(
+        self, engine: sa.Engine, max_streams: int, max_messages: int, preview_chars: int
+    ) -> tuple[list[Any], list[Any]]:
+        """The most recently written streams (with totals) and the latest messages."""
+        key = self._type_key
+        with autocommit_cursor(engine) as cursor:
+            cursor.execute(self.overview_streams_sql, (max_streams,))
+            streams = cursor.fetchall()
+            cursor.execute(self.overview_messages_sql, (key, key, preview_chars, max_messages))
+            return streams, cursor.fetchall()
+
+    def page(
+        self, engine: sa.Engine, pattern: str, start: int | None, size: int, preview_chars: int
+    ) -> tuple[list[Any], int, int]:
+        """A page of messages of streams matching `pattern` from global position `start`
+        (None: the last page), at most `size` + 1 rows (one more tells there is a next
+        page), with the count of all matches and of those before the page."""
+        key = self._type_key
+        with autocommit_cursor(engine) as cursor:
+            if start is None:
+                cursor.execute(self._last_page_sql, (key, key, preview_chars, pattern, size))
+                rows = list(reversed(cursor.fetchall()))
+            else:
+                cursor.execute(self._page_sql, (key, key, preview_chars, pattern, start, size + 1))
+                rows = cursor.fetchall()
+            first = rows[0][0] if rows else (start or 0)
+            cursor.execute(self._count_sql, (first, pattern))
+            total, before = cursor.fetchone()
+        return rows, int(total), int(before)
+
+    def page_start_before(self, engine: sa.Engine, pattern: str, before: int, size: int) -> int | None:
+        """The global position a page of `size` matches ending just before `before` starts at."""
+        with autocommit_cursor(engine) as cursor:
+            cursor.execute(self._page_start_before_sql, (pattern, before, size))
+            start: int | None = cursor.fetchone()[0]
+            return start
+
+    def message(self, engine: sa.Engine, global_position: int, payload_chars: int) -> Any:
+        """(stream, version, id, added_at, type, payload text cut, payload length) or None."""
+        key = self._type_key
+        with autocommit_cursor(engine) as cursor:
+            cursor.execute(self._message_sql, (key, key, payload_chars, key, global_position))
+            return cursor.fetchone()

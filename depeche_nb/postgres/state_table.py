@@ -1,0 +1,81 @@
+"""Gateway of subscription state: one row per (subscription, partition) with its acknowledged
+position. Every statement about the table lives here; `engine.state` runs them.
+
+The row with partition `INIT_PARTITION` marks a subscription as initialised
+(Depeche DB's convention).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.postgres.ddl import run_ddl_once
+from depeche_nb.postgres.names import quote_ident
+
+INIT_PARTITION = -1
+
+
+class StateTable:
+    """The SQL of one state provider's table (`<provider>_subscription_state`)."""
+
+    def __init__(self, provider_name: str) -> None:
+        self.provider_name = validate_name(provider_name, "state provider name")
+        self.name = f"{provider_name}_subscription_state"
+        self.table = quote_ident(self.name)
+        table = self.table
+        self.upsert_sql = (
+            f"INSERT INTO {table} (subscription_name, partition, position) VALUES (%s, %s, %s) "
+            "ON CONFLICT (subscription_name, partition) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
+        )
+        self.read_sql = (
+            f"SELECT partition, position FROM {table} WHERE subscription_name = %s AND partition >= 0"
+        )
+        self.read_with_times_sql = (
+            f"SELECT partition, position, updated_at FROM {table} "
+            "WHERE subscription_name = %s AND partition >= 0"
+        )
+        self.initialized_sql = (
+            f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
+        )
+        self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
+
+    def ddl(self) -> list[str]:
+        return [
+            f"""
+            CREATE TABLE IF NOT EXISTS {self.table} (
+                subscription_name text NOT NULL,
+                partition integer NOT NULL,
+                position integer NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (subscription_name, partition)
+            )
+            """
+        ]
+
+    def ensure(self, engine: sa.Engine) -> None:
+        run_ddl_once(engine, f"state:{self.provider_name}", self.ddl())
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of streams per provider, kept for life
+    def progress_sql(self, heads_table: str) -> str:
+        """Each partition's head (from an aggregated stream's quoted heads table) beside the
+        subscription's position there (-1 before its first ack), in one statement."""
+        return (
+            f"SELECT h.partition, coalesce(st.position, -1), h.max_position FROM {heads_table} h "
+            f"LEFT JOIN {self.table} st ON st.subscription_name = %s AND st.partition = h.partition "
+            "ORDER BY h.partition"
+        )
+
+    def position_subquery(self, partition_sql: str, subscription_sql: str) -> str:
+        """A scalar subquery: the stored position of a partition (-1 before its first ack),
+        for statements of other tables that read "after the acknowledged position"."""
+        return (
+            f"coalesce((SELECT st.position FROM {self.table} st WHERE st.subscription_name = "
+            f"{subscription_sql} AND st.partition = {partition_sql}), -1)"
+        )
+
+
+__all__ = ["INIT_PARTITION", "StateTable"]

@@ -1,0 +1,158 @@
+"""Gateway of an aggregated stream's tables: partition assignments, heads, checkpoint.
+Their DDL and every statement about them live here.
+
+Tables of aggregated stream `A` over store `S`:
+
+* `A_stream`: one row per projected message (a pointer, not a copy): origin
+  stream/version/global position, partition and gapless position. Keyed by
+  the message's global position (so a message is projected at most once) and
+  unique on (partition, position).
+* `A_heads`: per partition the highest position, so positions continue
+  without scanning.
+* `A_checkpoint`: the projector's progress as PostgreSQL snapshots, see
+  `engine.projector`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from depeche_nb.core.identifiers import validate_name
+from depeche_nb.postgres.ddl import run_ddl_once
+from depeche_nb.postgres.messages_table import epoch_us_sql
+from depeche_nb.postgres.names import StoreNames, lock_namespace, quote_ident
+from depeche_nb.postgres.rawconn import autocommit_cursor
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    stream: str
+    store: StoreNames
+
+    def __post_init__(self) -> None:
+        validate_name(self.stream, "aggregated stream name")
+
+    @property
+    def table(self) -> str:
+        return f"{self.stream}_stream"
+
+    @property
+    def heads_table(self) -> str:
+        return f"{self.stream}_heads"
+
+    @property
+    def checkpoint_table(self) -> str:
+        return f"{self.stream}_checkpoint"
+
+    @property
+    def channel(self) -> str:
+        # Distinct from the store's `<name>_messages`, so a store and a stream
+        # may share a name without sharing a channel.
+        return f"{self.stream}_stream"
+
+    @property
+    def projector_lock(self) -> tuple[int, int]:
+        return lock_namespace("projector", self.stream), 0
+
+
+def stream_ddl(names: StreamNames) -> list[str]:
+    table = quote_ident(names.table)
+    heads = quote_ident(names.heads_table)
+    checkpoint = quote_ident(names.checkpoint_table)
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {table} (
+            global_position bigint PRIMARY KEY,
+            message_id uuid NOT NULL,
+            origin_stream text COLLATE "C" NOT NULL,
+            origin_stream_version integer NOT NULL,
+            partition integer NOT NULL CHECK (partition >= 0),
+            position integer NOT NULL CHECK (position >= 0),
+            message_occurred_at timestamptz NOT NULL,
+            origin_added_at timestamptz NOT NULL,
+            projected_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT {quote_ident(names.stream + "_s_pp_uq")} UNIQUE (partition, position)
+        )
+        """,
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(names.stream + '_s_occ')} "
+        f"ON {table} (partition, message_occurred_at)",
+        f"""
+        CREATE TABLE IF NOT EXISTS {heads} (
+            partition integer PRIMARY KEY,
+            max_position integer NOT NULL
+        )
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {checkpoint} (
+            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+            seen pg_snapshot,
+            pending pg_snapshot,
+            pending_after bigint,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )
+        """,
+        f"INSERT INTO {checkpoint} (singleton) VALUES (true) ON CONFLICT DO NOTHING",
+    ]
+
+
+def ensure_stream_schema(engine: sa.Engine, names: StreamNames) -> None:
+    run_ddl_once(engine, f"stream:{names.stream}", stream_ddl(names))
+
+
+class StreamViews:
+    """The read-only statements of the notebook views on one aggregated stream."""
+
+    def __init__(self, names: StreamNames) -> None:
+        table = quote_ident(names.table)
+        heads = quote_ident(names.heads_table)
+        messages = quote_ident(names.store.messages_table)
+        self.table = table
+        self.partition_summaries_sql = (
+            "SELECT partition, count(*), max(position), min(global_position), max(global_position), "
+            f"max(projected_at) FROM {table} GROUP BY partition ORDER BY partition"
+        )
+        # Exactly the projector's backlog: it selects with the same LIKE ANY.
+        self.unprojected_count_sql = (
+            f"SELECT count(*) FROM {messages} m WHERE m.stream LIKE ANY(%s) AND NOT EXISTS "
+            f"(SELECT 1 FROM {table} s WHERE s.global_position = m.global_position)"
+        )
+        self.checkpoint_updated_sql = f"SELECT updated_at FROM {quote_ident(names.checkpoint_table)}"
+        # Positions are gapless, so "the last N" is a range on the (partition, position) key.
+        self._cells_sql = (
+            f"WITH h AS (SELECT partition, max_position FROM {heads} ORDER BY partition LIMIT %s) "
+            "SELECT h.partition, h.max_position, s.position, s.origin_stream, s.origin_stream_version, "
+            f"s.global_position FROM h CROSS JOIN LATERAL (SELECT * FROM {table} s "
+            "WHERE s.partition = h.partition AND s.position > h.max_position - %s) s "
+            "ORDER BY h.partition, s.position"
+        )
+        self._totals_sql = f"SELECT count(*), coalesce(sum(max_position + 1), 0) FROM {heads}"
+        self._latest_sql = (
+            "SELECT global_position, origin_stream, origin_stream_version, partition, position "
+            f"FROM {table} ORDER BY global_position DESC LIMIT %s"
+        )
+
+    def assignments_sql(self, where: str, order: str) -> str:
+        """Rows for an assignments DataFrame; `where` and `order` are fixed SQL fragments of
+        the caller's (values travel as parameters), the last parameter the limit."""
+        return (
+            "SELECT message_id::text, origin_stream, origin_stream_version, global_position, partition, "
+            f"position, {epoch_us_sql('message_occurred_at')}, {epoch_us_sql('projected_at')} "
+            f"FROM {self.table} WHERE {where} ORDER BY {order} LIMIT %s"
+        )
+
+    def partition_map(
+        self, engine: sa.Engine, max_partitions: int, positions: int, latest: int
+    ) -> tuple[list[Any], tuple[int, int], list[Any]]:
+        """The last `positions` cells of the first `max_partitions` partitions, the totals
+        (partitions, projected messages) and the `latest` assignments, oldest first."""
+        with autocommit_cursor(engine) as cursor:
+            cursor.execute(self._cells_sql, (max_partitions, positions))
+            cells = cursor.fetchall()
+            cursor.execute(self._totals_sql)
+            partition_count, projected = cursor.fetchone()
+            cursor.execute(self._latest_sql, (latest,))
+            newest = list(reversed(cursor.fetchall()))
+        return cells, (int(partition_count), int(projected)), newest
