@@ -5,12 +5,19 @@ style code keeps working; `connect()` adds the zero-setup embedded database.
 """
 
 from depeche_nb.core.errors import (
+    BatchAckError,
+    DepecheError,
     DuplicateMessageIdError,
     EmbeddedServerError,
+    HandlerOverlapError,
+    HandlerRegistrationError,
+    HandlerSignatureError,
+    HandlerTypeError,
     InvalidIdentifierError,
     MessageIdMismatchError,
     MessageNotFound,
     MessageSerializationError,
+    MissingMessageTypeError,
     OptimisticConcurrencyError,
     UnknownMessageTypeError,
 )
@@ -48,7 +55,6 @@ from depeche_nb.engine.error_handlers import (
 )
 from depeche_nb.engine.handlers import (
     ExitSubscriptionErrorHandler,
-    HandlerRegistrationError,
     MessageHandler,
     MessageHandlerRegister,
     SubscriptionMessageHandler,
@@ -117,8 +123,10 @@ __all__ = [
     "AggregatedStreamMessage",
     "AggregatedStreamReader",
     "AsyncAggregatedStreamReader",
+    "BatchAckError",
     "BatchedAckSubscriptionRunner",
     "CallMiddleware",
+    "DepecheError",
     "DuplicateMessageIdError",
     "EmbeddedServerError",
     "ErrorAction",
@@ -126,7 +134,10 @@ __all__ = [
     "ExitSubscriptionErrorHandler",
     "FixedTimeBudget",
     "HandlerDescriptor",
+    "HandlerOverlapError",
     "HandlerRegistrationError",
+    "HandlerSignatureError",
+    "HandlerTypeError",
     "InvalidIdentifierError",
     "LockProvider",
     "LogAndIgnoreSubscriptionErrorHandler",
@@ -144,6 +155,7 @@ __all__ = [
     "MessageStoreProtocol",
     "MessageStoreReader",
     "MessageStoreReaderProtocol",
+    "MissingMessageTypeError",
     "OptimisticConcurrencyError",
     "ParkSubscriptionErrorHandler",
     "PartitionProgress",
