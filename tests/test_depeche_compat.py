@@ -24,6 +24,7 @@ from depeche_nb import (
     MessageHandlerRegister,
     MessageIdMismatchError,
     MessageNotFound,
+    MessagePosition,
     MessageStore,
     OptimisticConcurrencyError,
     StartAtPointInTime,
@@ -194,3 +195,226 @@ def test_extra_handler_parameters_without_middleware_are_a_value_error() -> None
 
     with pytest.raises(ValueError):
         SubscriptionMessageHandler(handler_register=register)
+
+
+# -- Storage: Depeche DB's low-level table API ---------------------------------------------------
+
+
+def written_rows(store: MessageStore[Numbered]) -> list[tuple[str, Numbered, MessagePosition]]:
+    out = []
+    for i, stream in enumerate(["s", "t", "s", "u"]):
+        message = Numbered(number=i)
+        out.append((stream, message, store.write(stream, message)))
+    return out
+
+
+def check_full_row(row: Any, stream: str, message: Numbered, position: MessagePosition) -> None:
+    message_id, row_stream, version, payload, global_position, added_at = row
+    assert isinstance(message_id, uuid.UUID) and message_id == message.message_id
+    assert row_stream == stream
+    assert version == position.version
+    assert isinstance(payload, dict) and payload["number"] == message.number
+    assert payload["__typename__"] == "Numbered"
+    assert global_position == position.global_position
+    assert isinstance(added_at, dt.datetime) and added_at.tzinfo is None
+
+
+FULL_ROW = ["message_id", "stream", "version", "message", "global_position", "added_at"]
+
+
+def test_storage_read_rows_leave_out_the_stream(engine: sa.Engine, store: MessageStore[Numbered]) -> None:
+    written = written_rows(store)
+    storage = store._storage
+    before = utcnow_naive() - dt.timedelta(minutes=5)
+    with engine.connect() as conn:
+        result = storage.read(conn, "s")
+        assert list(result.keys()) == ["message_id", "version", "message", "global_position", "added_at"]
+        rows = result.fetchall()
+        assert len(rows) == 2
+        for row, (_, message, position) in zip(rows, [w for w in written if w[0] == "s"], strict=True):
+            message_id, version, payload, global_position, added_at = row
+            assert isinstance(message_id, uuid.UUID) and message_id == message.message_id
+            assert version == position.version and global_position == position.global_position
+            assert isinstance(payload, dict) and payload["number"] == message.number
+            assert added_at.tzinfo is None and before <= added_at <= utcnow_naive() + dt.timedelta(minutes=5)
+        assert [row.version for row in storage.read(conn, "s", min_version=2)] == [2]
+
+
+def test_storage_full_rows(engine: sa.Engine, store: MessageStore[Numbered]) -> None:
+    written = written_rows(store)
+    storage = store._storage
+    by_id = {m.message_id: (stream, m, pos) for stream, m, pos in written}
+    with engine.connect() as conn:
+        multiple = storage.read_multiple(conn, ["s", "u"])
+        assert list(multiple.keys()) == FULL_ROW
+        rows = list(multiple)
+        assert [(r.stream, r.version) for r in rows] == [("s", 1), ("s", 2), ("u", 1)]
+        for row in rows:
+            check_full_row(row, *by_id[row[0]])
+
+        wildcard = storage.read_wildcard(conn, "%")
+        assert list(wildcard.keys()) == FULL_ROW
+        rows = list(wildcard)
+        assert [r.message_id for r in rows] == [m.message_id for _, m, _ in written]
+        for row in rows:
+            check_full_row(row, *by_id[row[0]])
+
+        stream, message, position = written[1]
+        row = storage.get_message_by_id(conn, message.message_id)
+        assert row is not None
+        check_full_row(row, stream, message, position)
+        assert storage.get_message_by_id(conn, uuid.uuid4()) is None
+
+        wanted = [written[0][1].message_id, uuid.uuid4(), written[3][1].message_id]
+        rows = list(storage.get_messages_by_ids(conn, wanted))
+        assert {r[0] for r in rows} == {wanted[0], wanted[2]}
+        for row in rows:
+            check_full_row(row, *by_id[row[0]])
+
+
+def test_storage_other_methods(engine: sa.Engine, store: MessageStore[Numbered]) -> None:
+    storage = store._storage
+    with engine.connect() as conn:
+        assert storage.get_global_position(conn) == 0
+        assert storage.get_max_version(conn, "s") == MessagePosition("s", 0, None)
+    written = written_rows(store)
+    with engine.connect() as conn:
+        assert storage.get_global_position(conn) == written[-1][2].global_position
+        assert storage.get_max_version(conn, "s") == written[2][2]
+        ids = list(storage.get_message_ids(conn, "s"))
+        assert all(isinstance(i, uuid.UUID) for i in ids)
+        assert ids == [written[0][1].message_id, written[2][1].message_id]
+        assert storage.truncate(conn) is None  # type: ignore[func-returns-value]
+        conn.commit()
+    assert list(store.read("s")) == []
+
+
+def test_storage_message_table_matches_the_database(engine: sa.Engine, store: MessageStore[Numbered]) -> None:
+    table = store._storage.message_table
+    assert isinstance(table, sa.Table)
+    assert table.name == Storage.message_table_name(store.name)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = :name"
+            ),
+            {"name": table.name},
+        ).all()
+    in_database = dict(rows)  # type: ignore[arg-type]
+    assert set(in_database) == set(table.c.keys())
+    assert in_database["added_at"] == "timestamp with time zone"
+    assert in_database["message_id"] == "uuid" and in_database["message"] == "jsonb"
+
+
+def driver_engines(engine: sa.Engine) -> list[sa.Engine]:
+    """The fixture's engine and one on the same database through the other driver, if installed."""
+    engines = [engine]
+    other = "psycopg" if engine.dialect.driver == "psycopg2" else "psycopg2"
+    try:
+        __import__(other)
+    except ImportError:
+        return engines
+    engines.append(
+        sa.create_engine(engine.url.set(drivername=f"postgresql+{other}"), poolclass=sa.pool.NullPool)
+    )
+    return engines
+
+
+def test_storage_message_table_in_core_selects_on_both_drivers(
+    engine: sa.Engine, store: MessageStore[Numbered]
+) -> None:
+    written = written_rows(store)
+    t = store._storage.message_table
+    before = utcnow_naive() - dt.timedelta(minutes=5)
+    for eng in driver_engines(engine):
+        with eng.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    t.c.message_id, t.c.stream, t.c.version, t.c.message, t.c.global_position, t.c.added_at
+                )
+                .where(t.c.stream.like("s%"), t.c.added_at >= before)  # a naive bound, taken as UTC
+                .order_by(t.c.global_position)
+            ).all()
+            expected = [w for w in written if w[0] == "s"]
+            assert len(rows) == len(expected), eng.dialect.driver
+            for row, (stream, message, position) in zip(rows, expected, strict=True):
+                check_full_row(row, stream, message, position)
+            # The whole table, txid included, and a count through the ORM-free Core API.
+            assert len(conn.execute(sa.select(t)).all()) == len(written)
+            assert conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == len(written)
+
+
+# -- naive UTC datetimes on Depeche DB's surface ---------------------------------------------------
+
+
+def test_stored_message_added_at_is_naive_utc(store: MessageStore[Numbered]) -> None:
+    store.write("s", Numbered(number=1))
+    (stored,) = store.read("s")
+    assert stored.added_at.tzinfo is None
+    # What Depeche DB user code does with it: compare with utcnow()-style values.
+    age = utcnow_naive() - stored.added_at
+    assert dt.timedelta(0) <= age < dt.timedelta(minutes=5)
+    with store.reader() as reader:
+        assert reader.get_message_by_id(stored.message_id).added_at == stored.added_at
+        assert [m.added_at for m in reader.read("s")] == [stored.added_at]
+        assert [m.added_at for m in reader.read_wildcard("%")] == [stored.added_at]
+    # The notebook view keeps the offset.
+    assert "+00:00" in stored._repr_html_()
+
+
+def test_partition_statistics_are_naive_utc(store: MessageStore[Numbered], unique_name: str) -> None:
+    stream = store.aggregated_stream(name=f"{unique_name}_a", partitioner=ByNumber(), stream_wildcards=["%"])
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    first = Numbered(number=0, occurred_at=dt.datetime(2024, 5, 1, 14, 30, tzinfo=plus_two))
+    store.write("s-1", first)
+    store.write("s-1", Numbered(number=3, occurred_at=dt.datetime(2024, 5, 2, tzinfo=UTC)))
+    store.write("s-2", Numbered(number=1, occurred_at=dt.datetime(2024, 5, 3, tzinfo=UTC)))
+    stream.projector.run()
+
+    stats = {s.partition_number: s for s in stream.get_partition_statistics()}
+    assert set(stats) == {0, 1}
+    zero = stats[0]
+    assert zero.next_message_id == first.message_id
+    assert zero.next_message_position == 0 and zero.max_position == 1
+    assert zero.next_message_occurred_at == dt.datetime(2024, 5, 1, 12, 30)
+    assert zero.next_message_occurred_at.tzinfo is None
+    assert stats[1].next_message_occurred_at == dt.datetime(2024, 5, 3)
+    # result_limit orders by occurrence, oldest first
+    (oldest,) = stream.get_partition_statistics(result_limit=1)
+    assert oldest.partition_number == 0
+
+    # time_to_positions takes aware times in any offset
+    assert stream.time_to_positions(dt.datetime(2024, 5, 1, 14, 30, tzinfo=plus_two)) == {0: 0, 1: 0}
+    assert stream.time_to_positions(dt.datetime(2024, 5, 1, 12, 31, tzinfo=UTC)) == {0: 1, 1: 0}
+    assert stream.time_to_positions(dt.datetime(2024, 6, 1, tzinfo=UTC)) == {0: 2, 1: 1}
+
+
+def test_naive_utc_does_not_depend_on_the_session_time_zone(engine: sa.Engine, unique_name: str) -> None:
+    """A server or role whose TimeZone is not UTC must not shift any of these values."""
+    kolkata = sa.create_engine(engine.url.update_query_dict({"options": "-c TimeZone=Asia/Kolkata"}))
+    try:
+        with kolkata.connect() as conn:
+            assert conn.exec_driver_sql("SHOW TimeZone").scalar_one() == "Asia/Kolkata"
+        store = MessageStore(name=unique_name, engine=kolkata, serializer=PydanticMessageSerializer(Numbered))
+        stream = store.aggregated_stream(
+            name=f"{unique_name}_a", partitioner=ByNumber(), stream_wildcards=["%"]
+        )
+        occurred = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+        store.write("s", Numbered(number=0, occurred_at=occurred))
+        stream.projector.run()
+        (stored,) = store.read("s")
+        assert abs(utcnow_naive() - stored.added_at) < dt.timedelta(minutes=5)
+        (stat,) = stream.get_partition_statistics()
+        assert stat.next_message_occurred_at == dt.datetime(2024, 5, 1, 12, 0)
+        with kolkata.connect() as conn:
+            # The projector copied the store's added_at unchanged (it went through Python as naive UTC).
+            same = conn.exec_driver_sql(
+                f"SELECT a.origin_added_at = m.added_at FROM {stream.names.table} a "
+                f"JOIN {stream.names.store.messages_table} m USING (global_position)"
+            ).scalar_one()
+            assert same is True
+            row = store._storage.get_message_by_id(conn, stored.message_id)
+            assert row is not None and row.added_at == stored.added_at
+    finally:
+        kolkata.dispose()

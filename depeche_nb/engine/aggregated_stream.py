@@ -186,11 +186,13 @@ class AggregatedStream(RichRepr, Generic[E]):
     def get_partition_statistics(
         self, result_limit: int | None = None, conn: sa.Connection | None = None
     ) -> Iterator[StreamPartitionStatistic]:
-        """Per partition: its first message and its head position."""
+        """Per partition: its first message and its head position (Depeche DB's shape:
+        `next_message_occurred_at` is a naive UTC datetime)."""
         limit = "" if result_limit is None else f"ORDER BY s.message_occurred_at LIMIT {int(result_limit)}"
         with self._connection(conn) as c:
             rows = c.exec_driver_sql(
-                f"SELECT h.partition, s.message_id, s.position, s.message_occurred_at, h.max_position "
+                "SELECT h.partition, s.message_id, s.position, "
+                "s.message_occurred_at AT TIME ZONE 'UTC', h.max_position "
                 f"FROM {self._heads} h CROSS JOIN LATERAL (SELECT * FROM {self._table} s "
                 "WHERE s.partition = h.partition ORDER BY s.position LIMIT 1) s " + limit
             ).all()
