@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import depeche_nb
 from depeche_nb import (
     DepecheError,
     HandlerRegistrationError,
@@ -418,3 +419,126 @@ def test_naive_utc_does_not_depend_on_the_session_time_zone(engine: sa.Engine, u
             assert row is not None and row.added_at == stored.added_at
     finally:
         kolkata.dispose()
+
+
+# -- Subscription.get_next_message_batch ---------------------------------------------------------
+
+
+@pytest.fixture
+def stream(store: MessageStore[Numbered], unique_name: str) -> depeche_nb.AggregatedStream[Numbered]:
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_a", partitioner=ByNumber(), stream_wildcards=["n-%"]
+    )
+    for number in range(9):  # partitions 0, 1, 2 get three messages each
+        store.write(f"n-{number}", Numbered(number=number))
+    stream.projector.run()
+    return stream
+
+
+def positions(subscription: depeche_nb.Subscription[Any]) -> dict[int, int]:
+    return subscription.state_provider.read(subscription.name).positions
+
+
+def test_get_next_message_batch_locks_one_partition_until_acked(
+    stream: depeche_nb.AggregatedStream[Numbered], unique_name: str
+) -> None:
+    subscription = stream.subscription(name=f"{unique_name}_s")
+    # A second worker on the same subscription: its own lock session.
+    other = stream.subscription(name=f"{unique_name}_s")
+
+    batch = subscription.get_next_message_batch(count=2)
+    assert isinstance(batch, depeche_nb.SubscriptionMessageBatch)
+    assert [m.position for m in batch.messages] == [0, 1]
+    assert {m.partition for m in batch.messages} == {batch.partition}
+    assert (batch.first_position, batch.last_position, batch.ackd_position) == (0, 1, -1)
+    assert batch.lock_key == f"subscription-{subscription.name}-{batch.partition}"
+    assert all(isinstance(m, SubscriptionMessage) for m in batch.messages)
+    assert [m.stored_message.message.number % 3 for m in batch.messages] == [batch.partition] * 2
+    assert batch.message_ids == {m.stored_message.message_id for m in batch.messages}
+    with pytest.raises(RuntimeError):  # acknowledgement is per batch
+        batch.messages[0].ack.execute()
+
+    # While the batch is out, the other worker gets the other partitions only.
+    seen_by_other = set()
+    while (other_batch := other.get_next_message_batch(count=10)) is not None:
+        assert other_batch.partition != batch.partition
+        seen_by_other.add(other_batch.partition)
+        for message in other_batch.messages:
+            other_batch.ack(message)
+        other.ack_message_batch(other_batch, success=True)
+    assert seen_by_other == {0, 1, 2} - {batch.partition}
+
+    batch.ack(batch.messages[0])
+    subscription.ack_message_batch(batch, success=True)
+    assert positions(subscription)[batch.partition] == 0
+    # Released: the rest of that partition is next, from position 1.
+    rest = other.get_next_message_batch(count=10)
+    assert rest is not None and rest.partition == batch.partition
+    assert [m.position for m in rest.messages] == [1, 2]
+    other.unlock_message_batch(rest)
+
+
+def test_get_next_message_batch_ack_rules(
+    stream: depeche_nb.AggregatedStream[Numbered], unique_name: str
+) -> None:
+    subscription = stream.subscription(name=f"{unique_name}_s")
+    batch = subscription.get_next_message_batch(count=3)
+    assert batch is not None
+    other = subscription.get_next_message_batch(count=3)
+    assert other is not None and other.partition != batch.partition
+    first, second, third = batch.messages
+    with pytest.raises(ValueError):  # not part of this batch
+        batch.ack(other.messages[0])
+    batch.ack(first)
+    with pytest.raises(AssertionError):  # no gaps
+        batch.ack(third)
+    batch.ack(second)
+    assert batch.ackd_position == 1
+
+    # success=False stores nothing; both partitions are released either way.
+    subscription.ack_message_batch(batch, success=False)
+    subscription.ack_message_batch(other, success=True)  # nothing acked: nothing stored
+    assert positions(subscription) == {}
+
+    # Acking only the last message of a batch acknowledges the whole batch.
+    again = subscription.get_next_message_batch(count=2)
+    assert again is not None and [m.position for m in again.messages] == [0, 1]
+    again.ack(again.messages[-1])
+    subscription.ack_message_batch(again, success=True)
+    assert positions(subscription) == {again.partition: 1}
+
+    # A batch handed back with nothing acknowledged never rewinds its partition
+    # (Depeche DB would store -1 and deliver the partition again from the start).
+    held = []
+    while (later := subscription.get_next_message_batch(count=1)) is not None:
+        if later.partition == again.partition:
+            assert [m.position for m in later.messages] == [2]
+            subscription.ack_message_batch(later, success=True)
+            break
+        held.append(later)
+    for batch in held:
+        subscription.unlock_message_batch(batch)
+    assert positions(subscription) == {again.partition: 1}
+
+    with pytest.raises(ValueError):
+        subscription.get_next_message_batch(count=0)
+
+
+def test_get_next_message_batch_redelivers_unacked_and_ends_with_none(
+    stream: depeche_nb.AggregatedStream[Numbered], unique_name: str
+) -> None:
+    subscription = stream.subscription(name=f"{unique_name}_s")
+    batch = subscription.get_next_message_batch(count=1)
+    assert batch is not None
+    subscription.unlock_message_batch(batch)  # e.g. the handler crashed
+    handled: list[tuple[int, int]] = []
+    while (batch := subscription.get_next_message_batch(count=2)) is not None:
+        for message in batch.messages:
+            handled.append((message.partition, message.position))
+            batch.ack(message)
+        subscription.ack_message_batch(batch, success=True)
+    assert sorted(handled) == [(p, pos) for p in range(3) for pos in range(3)]
+    assert positions(subscription) == {0: 2, 1: 2, 2: 2}
+    assert subscription.get_next_message_batch(count=5) is None
+    # The per-message API still works on top of it, and has nothing left either.
+    assert list(subscription.get_next_messages(count=5)) == []

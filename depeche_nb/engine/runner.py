@@ -147,6 +147,11 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             if bar is not None:
                 bar.close()
 
+    def handle(self, message: SubscriptionMessage[E]) -> None:
+        """Depeche DB's per-message entry point: call the handler, apply the error handler
+        (EXIT re-raises); no retries, parking or acknowledgement."""
+        self.message_handler.handle(message)
+
     def _backlog(self) -> int:
         return sum(p.lag for p in self.subscription.partitions_with_work())
 
