@@ -10,7 +10,10 @@ whatever engine the fixtures give (psycopg2 or psycopg 3).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import threading
 import uuid
 from typing import Any
 
@@ -18,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+import depeche_nb.tools
 from depeche_nb import (
     DepecheError,
     HandlerRegistrationError,
@@ -34,7 +38,9 @@ from depeche_nb import (
     SubscriptionMessage,
     SubscriptionMessageHandler,
 )
+from depeche_nb.postgres.async_listener import libpq_dsn
 from depeche_nb.tools import (
+    AsyncPgNotificationListener,
     DbLockProvider,
     DbSubscriptionStateProvider,
     PydanticMessageSerializer,
@@ -542,3 +548,224 @@ def test_get_next_message_batch_redelivers_unacked_and_ends_with_none(
     assert subscription.get_next_message_batch(count=5) is None
     # The per-message API still works on top of it, and has nothing left either.
     assert list(subscription.get_next_messages(count=5)) == []
+
+
+# -- asyncio: AsyncPgNotificationListener and AggregatedStream.async_reader() -----------------------
+
+
+class Ticker:
+    """Counts how often the event loop got to run it; a blocked loop stops the count."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self.ticks += 1
+
+    def __enter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def notify(engine: sa.Engine, channel: str, payload: str) -> None:
+    with engine.connect() as conn:
+        conn.execute(
+            sa.text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
+        )
+        conn.commit()
+
+
+def test_libpq_dsn_keeps_credentials_and_query_and_drops_the_driver() -> None:
+    url = sa.make_url(
+        "postgresql+psycopg2://user:p%40ss@/db?host=%2Ftmp%2Fsock&port=5433&options=-csearch_path%3Dx"
+    )
+    dsn = libpq_dsn(url)
+    assert dsn.startswith("postgresql://user:p%40ss@/db?")
+    assert sa.make_url(dsn).query == url.query
+    assert sa.make_url(dsn).password == "p@ss"
+    assert libpq_dsn(sa.make_url("postgresql+psycopg://u@h:1/d")) == "postgresql://u@h:1/d"
+
+
+def test_async_listener_on_both_drivers_does_not_block_the_loop(engine: sa.Engine, unique_name: str) -> None:
+    channel = f"{unique_name}_chan"
+    seen_drivers = []
+
+    async def scenario(eng: sa.Engine) -> None:
+        listener = AsyncPgNotificationListener(eng, [channel])
+        assert listener.uses_asyncio_driver is (eng.dialect.driver == "psycopg")
+        async with listener:
+            assert listener.is_running and listener.backend_pid is not None
+            threads = {t.name for t in threading.enumerate()}
+            # psycopg 3 waits inside the loop; psycopg2 runs the sync listener in a thread.
+            assert ("depeche-nb-listener" in threads) is (eng.dialect.driver != "psycopg")
+            with Ticker() as ticker:
+                # Nothing arrives for 0.5 s: the loop keeps running meanwhile.
+                assert [n async for n in listener.messages(timeout=0.5)] == []
+                assert ticker.ticks >= 20, ticker.ticks
+                await asyncio.to_thread(notify, engine, channel, '{"partition": 3, "position": 7}')
+                await asyncio.to_thread(notify, engine, channel, "not json")
+                received = []
+                async for notification in listener.messages(timeout=2):
+                    received.append(notification)
+                    if len(received) == 2:
+                        break
+            assert [(n.channel, n.payload) for n in received] == [
+                (channel, {"partition": 3, "position": 7}),
+                (channel, {}),
+            ]
+        assert not listener.is_running
+        assert [n async for n in listener.messages(timeout=0.2)] == []  # stopped: ends at once
+        seen_drivers.append(eng.dialect.driver)
+
+    for eng in driver_engines(engine):
+        asyncio.run(scenario(eng))
+    assert engine.dialect.driver in seen_drivers
+
+
+def test_async_listener_stop_ends_a_waiting_consumer(engine: sa.Engine, unique_name: str) -> None:
+    async def scenario(eng: sa.Engine) -> None:
+        listener = AsyncPgNotificationListener(eng, [f"{unique_name}_chan"])
+        await listener.start()
+
+        async def consume() -> list[Any]:
+            return [n async for n in listener.messages()]  # no timeout: until stop()
+
+        consumer = asyncio.get_running_loop().create_task(consume())
+        await asyncio.sleep(0.2)
+        assert not consumer.done()
+        await listener.stop()
+        assert await asyncio.wait_for(consumer, 5) == []
+
+    for eng in driver_engines(engine):
+        asyncio.run(scenario(eng))
+
+
+def test_async_listener_reconnects_after_its_backend_is_terminated(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    channel = f"{unique_name}_chan"
+
+    async def scenario(eng: sa.Engine) -> None:
+        async with AsyncPgNotificationListener(
+            eng, [channel], reconnect_delays=(0.1, 0.2, 0.5, 1.0)
+        ) as listener:
+            pid = listener.backend_pid
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+            # The lost connection is replaced, and the consumer is told to look again.
+            wake_up = await asyncio.wait_for(listener.messages().__anext__(), 10)
+            assert (wake_up.channel, wake_up.payload) == (channel, {})
+            assert listener.backend_pid not in (None, pid)
+            await asyncio.to_thread(notify, engine, channel, '{"after": "reconnect"}')
+            after = await asyncio.wait_for(listener.messages().__anext__(), 5)
+            assert after.payload == {"after": "reconnect"}
+
+    for eng in driver_engines(engine):
+        asyncio.run(scenario(eng))
+
+
+def test_async_reader_reads_partitions_then_follows_new_messages(
+    store: MessageStore[Numbered], stream: depeche_nb.AggregatedStream[Numbered]
+) -> None:
+    def write_and_project(numbers: list[int]) -> None:
+        for number in numbers:
+            store.write(f"n-{number}", Numbered(number=number))
+        stream.projector.run()
+
+    async def scenario() -> None:
+        reader = stream.async_reader()
+        assert isinstance(reader, depeche_nb.AsyncAggregatedStreamReader)
+        async with reader:
+            got: list[StoredMessage[Numbered]] = []
+            with Ticker() as ticker:
+                async with contextlib.aclosing(reader.get_messages(timeout=5)) as messages:
+                    async for message in messages:
+                        got.append(message)
+                        if len(got) == 9:
+                            # Everything already there came; now a write while we wait.
+                            writer = asyncio.get_running_loop().create_task(
+                                asyncio.to_thread(write_and_project, [9, 10])
+                            )
+                        if len(got) == 11:
+                            break
+                await writer
+            assert ticker.ticks > 0
+        numbers = [m.message.number for m in got]
+        assert sorted(numbers) == list(range(11))
+        assert numbers[9:] in ([9, 10], [10, 9])
+        # Within a partition, in position order.
+        for partition in range(3):
+            mine = [n for n in numbers if n % 3 == partition]
+            assert mine == sorted(mine)
+
+    asyncio.run(scenario())
+
+
+def test_async_reader_resumes_after_the_last_message_taken(
+    stream: depeche_nb.AggregatedStream[Numbered],
+) -> None:
+    async def take(reader: depeche_nb.AsyncAggregatedStreamReader[Numbered], n: int) -> list[int]:
+        out: list[int] = []
+        async with contextlib.aclosing(reader.get_messages(timeout=0.3)) as messages:
+            async for message in messages:
+                out.append(message.message.number)
+                if len(out) == n:
+                    break
+        return out
+
+    async def scenario() -> None:
+        reader = stream.async_reader()
+        try:
+            first = await take(reader, 2)
+            # The second one was handed out but not taken past: it comes again, the first not.
+            rest = await take(reader, 100)
+            assert first[1] in rest and first[0] not in rest
+            assert sorted(first[:1] + rest) == list(range(9))
+            assert await take(reader, 100) == []
+        finally:
+            await reader.stop()
+
+    asyncio.run(scenario())
+
+
+def test_async_reader_with_a_start_point(store: MessageStore[Numbered], stream: Any) -> None:
+    async def scenario() -> list[int]:
+        reader = stream.async_reader(start_point=depeche_nb.StartAtNextMessage())
+        try:
+            assert [m async for m in reader.get_messages(timeout=0.3)] == []
+            await asyncio.to_thread(store.write, "n-20", Numbered(number=20))
+            await asyncio.to_thread(stream.projector.run)
+            return [m.message.number async for m in reader.get_messages(timeout=0.5)]
+        finally:
+            await reader.stop()
+
+    assert asyncio.run(scenario()) == [20]
+
+
+def test_sync_reader_has_depeche_dbs_attributes_and_follows_new_messages(
+    store: MessageStore[Numbered], stream: depeche_nb.AggregatedStream[Numbered]
+) -> None:
+    reader = stream.reader()
+    assert isinstance(reader, depeche_nb.AggregatedStreamReader)
+    assert isinstance(reader.subscription, depeche_nb.Subscription)
+    assert isinstance(reader.notification_listener, depeche_nb.tools.PgNotificationListener)
+    reader.start()
+    try:
+        got = []
+        for message in reader.get_messages(timeout=5):
+            got.append(message.message.number)
+            if len(got) == 9:
+                store.write("n-9", Numbered(number=9))
+                stream.projector.run()
+            if len(got) == 10:
+                break
+        assert sorted(got) == list(range(10)) and got[-1] == 9
+    finally:
+        reader.stop()

@@ -31,7 +31,7 @@ from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.reader import AggregatedStreamReader
+    from depeche_nb.engine.reader import AggregatedStreamReader, AsyncAggregatedStreamReader
 
 E = TypeVar("E")
 
@@ -173,6 +173,14 @@ class AggregatedStream(RichRepr, Generic[E]):
         from depeche_nb.engine.reader import AggregatedStreamReader
 
         return AggregatedStreamReader(self, start_point)
+
+    def async_reader(
+        self, start_point: SubscriptionStartPoint | None = None
+    ) -> AsyncAggregatedStreamReader[E]:
+        """A reader for asyncio code (`async for m in reader.get_messages()`)."""
+        from depeche_nb.engine.reader import AsyncAggregatedStreamReader
+
+        return AsyncAggregatedStreamReader(self, start_point)
 
     def get_max_aggregated_stream_positions(self, conn: sa.Connection | None = None) -> dict[int, int]:
         """Partition -> head position (highest assigned position)."""
