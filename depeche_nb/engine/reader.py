@@ -191,18 +191,16 @@ class AsyncAggregatedStreamReader(Generic[E]):
         """Everything after the start point, then each new message as it is projected;
         ends after `timeout` seconds without news (0: until `stop()`)."""
         await self.start()
-        async for message in self._drained():
-            yield message
-        async for _ in self.notification_listener.messages(timeout=timeout):
-            async for message in self._drained():
-                yield message
-
-    async def _drained(self) -> AsyncIterator[StoredMessage[E]]:
-        # Closing the consumer's generator closes the drain at once (not at garbage
-        # collection), so the position of what was taken is stored before it returns.
+        # aclosing: when the consumer closes this generator, the drain is closed at
+        # once (not at garbage collection), so what was taken is recorded first.
         async with contextlib.aclosing(self._drain()) as messages:
             async for message in messages:
                 yield message
+        async with contextlib.aclosing(self.notification_listener.messages(timeout=timeout)) as wake_ups:
+            async for _ in wake_ups:
+                async with contextlib.aclosing(self._drain()) as messages:
+                    async for message in messages:
+                        yield message
 
     async def __aenter__(self) -> AsyncAggregatedStreamReader[E]:
         await self.start()

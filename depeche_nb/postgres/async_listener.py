@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -149,7 +149,7 @@ class AsyncPgNotificationListener:
             await self._start_threaded(queue)
         self._queue = queue
 
-    async def messages(self, timeout: float = 0) -> AsyncIterator[PgNotification]:
+    async def messages(self, timeout: float = 0) -> AsyncGenerator[PgNotification, None]:
         """Yield notifications as they arrive.
 
         Ends when `stop()` is called or, with `timeout > 0`, after `timeout`
