@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
+import inspect
 import threading
 import uuid
 from typing import Any
@@ -769,3 +771,299 @@ def test_sync_reader_has_depeche_dbs_attributes_and_follows_new_messages(
         assert sorted(got) == list(range(10)) and got[-1] == 9
     finally:
         reader.stop()
+
+
+# -- names and call shapes of Depeche DB's public API ---------------------------------------------
+
+# Depeche DB 0.13.1's public names (package root, `tools`, `event_sourcing`).
+DEPECHE_DB_EXPORTS = {
+    "depeche_nb": [
+        "AckStrategy",
+        "AggregatedStream",
+        "AggregatedStreamFactory",
+        "AggregatedStreamReader",
+        "AsyncAggregatedStreamReader",
+        "BatchedAckSubscriptionRunner",
+        "CallMiddleware",
+        "ErrorAction",
+        "Executor",
+        "ExitSubscriptionErrorHandler",
+        "FixedTimeBudget",
+        "HandlerDescriptor",
+        "LockProvider",
+        "LogAndIgnoreSubscriptionErrorHandler",
+        "MessageHandler",
+        "MessageHandlerRegister",
+        "MessageHandlerRegisterProtocol",
+        "MessageIdMismatchError",
+        "MessageNotFound",
+        "MessagePartitioner",
+        "MessagePosition",
+        "MessageProtocol",
+        "MessageSerializer",
+        "MessageStore",
+        "MessageStoreProtocol",
+        "MessageStoreReader",
+        "MessageStoreReaderProtocol",
+        "OptimisticConcurrencyError",
+        "RunOnNotification",
+        "RunOnNotificationResult",
+        "StartAtNextMessage",
+        "StartAtPointInTime",
+        "Storage",
+        "StoredMessage",
+        "StreamPartitionStatistic",
+        "StreamProjector",
+        "Subscription",
+        "SubscriptionErrorHandler",
+        "SubscriptionFactory",
+        "SubscriptionMessage",
+        "SubscriptionMessageHandler",
+        "SubscriptionRunner",
+        "SubscriptionStartPoint",
+        "SubscriptionState",
+        "SubscriptionStateProvider",
+        "TimeBudget",
+    ],
+    "depeche_nb.tools": [
+        "DbLockProvider",
+        "DbSubscriptionStateProvider",
+        "PgNotificationListener",
+        "PydanticMessageSerializer",
+        "StreamNamePartitioner",
+    ],
+    "depeche_nb.event_sourcing": [
+        "BaseCache",
+        "EventSourcedAggregateRoot",
+        "EventStoreRepo",
+        "InMemoryCache",
+        "NoOpCache",
+        "NotFound",
+        "Repo",
+        "RepoCache",
+    ],
+}
+
+# The positional parameters of Depeche DB's public methods, in order. Ours may
+# add parameters only after them, with defaults (or keyword-only). Left out on
+# purpose (see README): the migration helpers for Depeche DB's own table
+# layouts and the look-back internals of its projector.
+DEPECHE_DB_SIGNATURES = {
+    "depeche_nb:AggregatedStream.__init__": (
+        "name store partitioner stream_wildcards update_batch_size lookback_for_gaps_hours"
+    ),
+    "depeche_nb:AggregatedStream.truncate": "conn",
+    "depeche_nb:AggregatedStream.read": "partition conn",
+    "depeche_nb:AggregatedStream.read_slice": "partition start count conn",
+    "depeche_nb:AggregatedStream.reader": "start_point",
+    "depeche_nb:AggregatedStream.async_reader": "start_point",
+    "depeche_nb:AggregatedStream.get_partition_statistics": "result_limit conn",
+    "depeche_nb:AggregatedStream.get_max_aggregated_stream_positions": "conn",
+    "depeche_nb:AggregatedStream.time_to_positions": "time",
+    "depeche_nb:AggregatedStream.global_position_to_positions": "global_position",
+    "depeche_nb:AggregatedStream.stream_table_name": "name",
+    "depeche_nb:AggregatedStream.notification_channel_name": "name",
+    "depeche_nb:StreamProjector.__init__": (
+        "stream partitioner stream_wildcards batch_size lookback_for_gaps_hours"
+    ),
+    "depeche_nb:StreamProjector.interested_in_notification": "notification",
+    "depeche_nb:StreamProjector.take_notification_hint": "notification",
+    "depeche_nb:StreamProjector.run": "budget",
+    "depeche_nb:StreamProjector.stop": "",
+    "depeche_nb:StreamProjector.update_full": "budget",
+    "depeche_nb:AggregatedStreamReader.__init__": "stream start_point",
+    "depeche_nb:AggregatedStreamReader.start": "",
+    "depeche_nb:AggregatedStreamReader.get_messages": "timeout",
+    "depeche_nb:AggregatedStreamReader.stop": "",
+    "depeche_nb:AsyncAggregatedStreamReader.__init__": "stream start_point",
+    "depeche_nb:AsyncAggregatedStreamReader.start": "",
+    "depeche_nb:AsyncAggregatedStreamReader.get_messages": "timeout",
+    "depeche_nb:AsyncAggregatedStreamReader.stop": "",
+    "depeche_nb:Executor.__init__": "db_dsn stimulation_interval disable_signals",
+    "depeche_nb:Executor.register": "handler",
+    "depeche_nb:Executor.run": "",
+    "depeche_nb:AggregatedStreamFactory.__init__": "store",
+    "depeche_nb:AggregatedStreamFactory.__call__": (
+        "name partitioner stream_wildcards update_batch_size lookback_for_gaps_hours"
+    ),
+    "depeche_nb:SubscriptionFactory.__init__": "stream",
+    "depeche_nb:SubscriptionFactory.__call__": (
+        "name handlers batch_size call_middleware "
+        "error_handler state_provider lock_provider start_point ack_strategy"
+    ),
+    "depeche_nb:FixedTimeBudget.__init__": "seconds",
+    "depeche_nb:FixedTimeBudget.over_budget": "",
+    "depeche_nb:MessageHandlerRegister.__init__": "",
+    "depeche_nb:MessageHandlerRegister.register": "handler",
+    "depeche_nb:MessageHandlerRegister.register_manual": "handler handled_type requires_middleware",
+    "depeche_nb:MessageHandlerRegister.assert_not_registered": "handled_type",
+    "depeche_nb:MessageHandlerRegister.get_handler": "message_type",
+    "depeche_nb:MessageHandlerRegister.get_all_handlers": "",
+    "depeche_nb:MessageHandler.__init__": "",
+    "depeche_nb:MessageHandler.register": "handler",
+    "depeche_nb:MessageHandler.get_handler": "message_type",
+    "depeche_nb:MessageHandler.get_all_handlers": "",
+    "depeche_nb:MessageStoreReader.__init__": "conn storage serializer",
+    "depeche_nb:MessageStoreReader.get_message_by_id": "message_id",
+    "depeche_nb:MessageStoreReader.get_messages_by_ids": "message_ids",
+    "depeche_nb:MessageStoreReader.read": "stream min_version",
+    "depeche_nb:MessageStoreReader.read_wildcard": "stream_wildcard",
+    "depeche_nb:MessageStore.__init__": "name engine serializer",
+    "depeche_nb:MessageStore.truncate": "",
+    "depeche_nb:MessageStore.write": "stream message expected_version conn",
+    "depeche_nb:MessageStore.synchronize": "stream expected_version messages conn",
+    "depeche_nb:MessageStore.reader": "conn",
+    "depeche_nb:MessageStore.read": "stream min_version",
+    "depeche_nb:Storage.__init__": "name engine",
+    "depeche_nb:Storage.add": "conn stream expected_version message_id message",
+    "depeche_nb:Storage.add_all": "conn stream expected_version messages",
+    "depeche_nb:Storage.get_global_position": "conn",
+    "depeche_nb:Storage.get_max_version": "conn stream",
+    "depeche_nb:Storage.get_message_ids": "conn stream",
+    "depeche_nb:Storage.read": "conn stream min_version",
+    "depeche_nb:Storage.read_multiple": "conn streams",
+    "depeche_nb:Storage.read_wildcard": "conn stream_wildcard",
+    "depeche_nb:Storage.get_message_by_id": "conn message_id",
+    "depeche_nb:Storage.get_messages_by_ids": "conn message_ids",
+    "depeche_nb:Storage.truncate": "conn",
+    "depeche_nb:Storage.message_table_name": "name",
+    "depeche_nb:Storage.notification_channel_name": "name",
+    "depeche_nb:ExitSubscriptionErrorHandler.handle_error": "error message",
+    "depeche_nb:LogAndIgnoreSubscriptionErrorHandler.__init__": "subscription_name",
+    "depeche_nb:LogAndIgnoreSubscriptionErrorHandler.handle_error": "error message",
+    "depeche_nb:Subscription.__init__": (
+        "name stream message_handler batch_size state_provider lock_provider start_point ack_strategy"
+    ),
+    "depeche_nb:Subscription.get_next_message_batch": "count",
+    "depeche_nb:Subscription.ack_message_batch": "message_batch success",
+    "depeche_nb:Subscription.unlock_message_batch": "message_batch",
+    "depeche_nb:Subscription.get_next_messages": "count",
+    "depeche_nb:SubscriptionMessageHandler.__init__": "handler_register error_handler call_middleware",
+    "depeche_nb:SubscriptionMessageHandler.handle": "message",
+    "depeche_nb:SubscriptionRunner.__init__": "subscription message_handler batch_size",
+    "depeche_nb:SubscriptionRunner.interested_in_notification": "notification",
+    "depeche_nb:SubscriptionRunner.take_notification_hint": "notification",
+    "depeche_nb:SubscriptionRunner.run": "budget",
+    "depeche_nb:SubscriptionRunner.stop": "",
+    "depeche_nb:SubscriptionRunner.run_once": "budget",
+    "depeche_nb:SubscriptionRunner.handle": "message",
+    "depeche_nb:BatchedAckSubscriptionRunner.run_once": "budget",
+    "depeche_nb:StartAtNextMessage.init_state": "subscription_name stream state_provider",
+    "depeche_nb:StartAtPointInTime.__init__": "point_in_time",
+    "depeche_nb:StartAtPointInTime.init_state": "subscription_name stream state_provider",
+    "depeche_nb.event_sourcing:EventSourcedAggregateRoot.__init__": "",
+    "depeche_nb.event_sourcing:EventSourcedAggregateRoot.get_id": "",
+    "depeche_nb.event_sourcing:EventSourcedAggregateRoot.apply": "event",
+    "depeche_nb.event_sourcing:EventStoreRepo.__init__": "event_store constructor stream_prefix cache",
+    "depeche_nb.event_sourcing:EventStoreRepo.add": "entity",
+    "depeche_nb.event_sourcing:EventStoreRepo.save": "entity expected_version",
+    "depeche_nb.event_sourcing:EventStoreRepo.get": "id",
+    "depeche_nb.event_sourcing:BaseCache.__init__": "cache_every_x_version",
+    "depeche_nb.event_sourcing:BaseCache.get": "id",
+    "depeche_nb.event_sourcing:BaseCache.set": "id obj",
+    "depeche_nb.event_sourcing:NoOpCache.get": "id",
+    "depeche_nb.event_sourcing:NoOpCache.set": "id obj",
+    "depeche_nb.event_sourcing:InMemoryCache.__init__": "cache_every_x_version",
+    "depeche_nb.tools:DbLockProvider.__init__": "name engine",
+    "depeche_nb.tools:DbLockProvider.lock": "name",
+    "depeche_nb.tools:DbLockProvider.unlock": "name",
+    "depeche_nb.tools:DbLockProvider.finalize": "",
+    "depeche_nb.tools:DbSubscriptionStateProvider.__init__": "name engine",
+    "depeche_nb.tools:DbSubscriptionStateProvider.initialize": "subscription_name",
+    "depeche_nb.tools:DbSubscriptionStateProvider.initialized": "subscription_name",
+    "depeche_nb.tools:DbSubscriptionStateProvider.store": "subscription_name partition position",
+    "depeche_nb.tools:DbSubscriptionStateProvider.read": "subscription_name",
+    "depeche_nb.tools:DbSubscriptionStateProvider.session": "conn",
+    "depeche_nb.tools:PgNotificationListener.__init__": "dsn channels select_timeout ignore_payload",
+    "depeche_nb.tools:PgNotificationListener.messages": "timeout",
+    "depeche_nb.tools:PgNotificationListener.start": "",
+    "depeche_nb.tools:PgNotificationListener.stop": "",
+    "depeche_nb.tools:PydanticMessageSerializer.__init__": "message_type aliases",
+    "depeche_nb.tools:PydanticMessageSerializer.serialize": "message",
+    "depeche_nb.tools:PydanticMessageSerializer.deserialize": "message",
+    "depeche_nb.tools:StreamNamePartitioner.get_partition": "message",
+}
+
+
+def test_every_depeche_db_name_exists() -> None:
+    for module_name, names in DEPECHE_DB_EXPORTS.items():
+        module = importlib.import_module(module_name)
+        missing = [name for name in names if not hasattr(module, name)]
+        assert missing == [], f"{module_name} lacks {missing}"
+
+
+@pytest.mark.parametrize("where", sorted(DEPECHE_DB_SIGNATURES))
+def test_depeche_db_call_shapes(where: str) -> None:
+    module_name, _, dotted = where.partition(":")
+    class_name, _, method_name = dotted.partition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    method = getattr(cls, method_name)
+    expected = DEPECHE_DB_SIGNATURES[where].split()
+    parameters = list(inspect.signature(method).parameters.values())
+    if (
+        parameters
+        and parameters[0].name in ("self", "cls")
+        and not isinstance(inspect.getattr_static(cls, method_name), staticmethod)
+    ):
+        parameters = parameters[1:]
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert [p.name for p in positional[: len(expected)]] == expected
+    extra = positional[len(expected) :] + [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    assert all(p.default is not p.empty for p in extra), f"extra required parameters: {extra}"
+    if class_name.startswith("Async") and method_name in ("start", "stop"):
+        assert inspect.iscoroutinefunction(method)
+    if class_name.startswith("Async") and method_name == "get_messages":
+        assert inspect.isasyncgenfunction(method)
+
+
+def test_executor_takes_depeche_dbs_positional_arguments(engine: sa.Engine) -> None:
+    dsn = engine.url.render_as_string(hide_password=False)
+    executor = depeche_nb.Executor(dsn, 0.5, True)
+    assert executor.stimulation_interval == 0.5
+    assert executor.disable_signals is True
+    assert executor.engine.url == engine.url
+
+
+def test_projector_and_stream_take_depeche_dbs_arguments(
+    store: MessageStore[Numbered], stream: depeche_nb.AggregatedStream[Numbered]
+) -> None:
+    projector = depeche_nb.StreamProjector(stream, ByNumber(), ["n-%"], 50, 6)
+    assert projector.batch_size == 50
+    assert depeche_nb.AggregatedStream.notification_channel_name(stream.name) == stream.notification_channel
+    assert stream.notification_channel != store.notification_channel
+
+
+def test_subscription_runner_handle_applies_the_error_handler(
+    stream: depeche_nb.AggregatedStream[Numbered], unique_name: str
+) -> None:
+    class Handlers(MessageHandler[Numbered]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        @MessageHandler.register
+        def on_numbered(self, message: Numbered) -> None:
+            self.seen.append(message.number)
+            if message.number == 0:
+                raise RuntimeError("boom")
+
+    handlers = Handlers()
+    exiting = stream.subscription(name=f"{unique_name}_x", handlers=handlers)
+    ignoring = stream.subscription(
+        name=f"{unique_name}_i",
+        handlers=handlers,
+        error_handler=depeche_nb.LogAndIgnoreSubscriptionErrorHandler(f"{unique_name}_i"),
+    )
+    batch = exiting.get_next_message_batch(count=3)
+    assert batch is not None and batch.partition == 0  # equal lag: the lowest partition first
+    try:
+        by_number = {m.stored_message.message.number: m for m in batch.messages}
+        assert sorted(by_number) == [0, 3, 6]
+        exiting.runner.handle(by_number[3])
+        with pytest.raises(RuntimeError, match="boom"):
+            exiting.runner.handle(by_number[0])
+        ignoring.runner.handle(by_number[0])  # logged and ignored
+    finally:
+        exiting.unlock_message_batch(batch)
+    assert handlers.seen == [3, 0, 0]
+    assert positions(exiting) == {}  # handle() acknowledges nothing

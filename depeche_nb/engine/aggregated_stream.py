@@ -113,6 +113,11 @@ class AggregatedStream(RichRepr, Generic[E]):
     def stream_table_name(name: str) -> str:
         return f"{validate_name(name, 'aggregated stream name')}_stream"
 
+    @staticmethod
+    def notification_channel_name(name: str) -> str:
+        """The channel the projector notifies for stream `name` (see `StreamNames.channel`)."""
+        return f"{validate_name(name, 'aggregated stream name')}_stream"
+
     # -- reading ------------------------------------------------------------------------------
 
     def read(self, partition: int, conn: sa.Connection | None = None) -> Iterator[AggregatedStreamMessage]:

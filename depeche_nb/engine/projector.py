@@ -163,7 +163,11 @@ class StreamProjector(NotificationDriven, Generic[E]):
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         batch_size: int | None = None,
+        lookback_for_gaps_hours: int | None = None,
     ) -> None:
+        # `lookback_for_gaps_hours` is accepted for Depeche DB compatibility and
+        # ignored: projection is exact, there is no look-back window to size.
+        del lookback_for_gaps_hours
         self.stream = stream
         self.partitioner = partitioner
         self.stream_wildcards = list(stream_wildcards)
