@@ -1067,3 +1067,45 @@ def test_subscription_runner_handle_applies_the_error_handler(
         exiting.unlock_message_batch(batch)
     assert handlers.seen == [3, 0, 0]
     assert positions(exiting) == {}  # handle() acknowledges nothing
+
+
+def test_a_handler_can_roll_back_its_ack(
+    stream: depeche_nb.AggregatedStream[Numbered], unique_name: str
+) -> None:
+    refused: set[int] = set()
+    handled: list[int] = []
+
+    class Handlers(MessageHandler[Numbered]):
+        @MessageHandler.register
+        def on_numbered(self, message: SubscriptionMessage[Numbered]) -> None:
+            number = message.stored_message.message.number
+            assert message.ack.name == subscription.name  # type: ignore[attr-defined]
+            if number == 3 and number not in refused:
+                refused.add(number)
+                message.ack.rollback()  # type: ignore[attr-defined]
+                return
+            handled.append(number)
+
+    subscription = stream.subscription(name=f"{unique_name}_s", handlers=Handlers())
+    # Partition 0: 0 is handled, 3 refuses (the rest of the batch waits); then partition 1: 1.
+    report = subscription.runner.step(max_messages=3)
+    assert handled == [0, 1]
+    assert positions(subscription) == {0: 0, 1: 0}
+    assert len(report.handled) == 3
+    subscription.runner.run()
+    assert sorted(handled) == list(range(9)) and handled.count(3) == 1
+    assert positions(subscription) == {0: 2, 1: 2, 2: 2}
+
+    # The same through get_next_messages: a rolled back message ends the batch unacknowledged.
+    store = stream.store
+    store.write("n-9", Numbered(number=9))
+    store.write("n-12", Numbered(number=12))
+    stream.projector.run()
+    messages = subscription.get_next_messages(count=5)
+    first = next(messages)
+    assert first.stored_message.message.number == 9
+    first.ack.rollback()  # type: ignore[attr-defined]
+    assert list(messages) == []
+    assert positions(subscription)[0] == 2
+    assert [m.stored_message.message.number for m in subscription.get_next_messages(count=5)] == [9, 12]
+    assert positions(subscription)[0] == 4

@@ -202,6 +202,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             ack = AckOp(subscription.name, partition, position, subscription.state_provider)
             message = SubscriptionMessage(partition, position, stored, ack)
             self._deliver(message, report, park_ack=ack.execute)
+            if ack.rolled_back:
+                # The handler asked not to acknowledge: stop here, the message comes again.
+                return done + 1
             try:
                 if ack.in_caller_transaction:
                     ack.verify()

@@ -243,6 +243,8 @@ class Subscription(RichRepr, Generic[E]):
             for message in batch.messages:
                 ack = AckOp(self.name, message.partition, message.position, self._state_provider)
                 yield SubscriptionMessage(message.partition, message.position, message.stored_message, ack)
+                if ack.rolled_back:
+                    return  # not acknowledged: delivered again
                 if ack.in_caller_transaction:
                     ack.verify()
                 elif not ack.executed:
