@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
+import importlib.util
 import inspect
 import threading
 import uuid
@@ -320,9 +321,7 @@ def driver_engines(engine: sa.Engine) -> list[sa.Engine]:
     """The fixture's engine and one on the same database through the other driver, if installed."""
     engines = [engine]
     other = "psycopg" if engine.dialect.driver == "psycopg2" else "psycopg2"
-    try:
-        __import__(other)
-    except ImportError:
+    if importlib.util.find_spec(other) is None:
         return engines
     engines.append(
         sa.create_engine(engine.url.set(drivername=f"postgresql+{other}"), poolclass=sa.pool.NullPool)
