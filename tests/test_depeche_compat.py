@@ -609,7 +609,7 @@ def test_async_listener_on_both_drivers_does_not_block_the_loop(engine: sa.Engin
             with Ticker() as ticker:
                 # Nothing arrives for 0.5 s: the loop keeps running meanwhile.
                 assert [n async for n in listener.messages(timeout=0.5)] == []
-                assert ticker.ticks >= 20, ticker.ticks
+                assert ticker.ticks >= 5, ticker.ticks  # ~50 when free; a blocked loop: 0 or 1
                 await asyncio.to_thread(notify, engine, channel, '{"partition": 3, "position": 7}')
                 await asyncio.to_thread(notify, engine, channel, "not json")
                 received = []
