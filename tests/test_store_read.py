@@ -92,10 +92,11 @@ def test_stored_message_fields(engine: sa.Engine, store: MessageStore) -> None:
     assert stored.message == message
     assert type(stored.message) is Numbered
     assert stored.global_position == pos.global_position
+    # Depeche DB's shape: a naive datetime in UTC.
     assert isinstance(stored.added_at, dt.datetime)
-    assert stored.added_at.tzinfo is not None
-    assert stored.added_at.utcoffset() is not None
-    assert before <= stored.added_at <= after
+    assert stored.added_at.tzinfo is None
+    added_utc = stored.added_at.replace(tzinfo=dt.timezone.utc)
+    assert before <= added_utc <= after
 
 
 def test_stored_message_is_frozen(store: MessageStore) -> None:

@@ -1,4 +1,10 @@
-"""Every exception the library raises on purpose lives here."""
+"""Every exception the library raises on purpose lives here.
+
+Each class is also an instance of the builtin exception Depeche DB raises in
+the same situation (`ValueError`, `TypeError`, `KeyError`, `AssertionError`),
+so code written against Depeche DB that catches those keeps working, while
+`except DepecheError` (or the specific class) catches ours precisely.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +21,41 @@ class MessageIdMismatchError(DepecheError, ValueError):
     """`synchronize` found stored messages whose ids differ from the given ones."""
 
 
-class MessageNotFound(DepecheError, KeyError):
+class _KeyErrorText(KeyError):
+    # KeyError's str() is the repr of its argument; ours carry readable text.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class MessageNotFound(DepecheError, _KeyErrorText):
     """No stored message has the requested id."""
 
-    def __str__(self) -> str:  # KeyError would repr() the message
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else "message not found"
 
 
-class InvalidIdentifierError(DepecheError, ValueError):
-    """A store, stream or subscription name that is not a safe SQL identifier."""
+class InvalidIdentifierError(DepecheError, ValueError, AssertionError):
+    """A store, stream or subscription name that is not a safe SQL identifier.
+
+    Depeche DB checks names with `assert name.isidentifier()`, hence also an
+    `AssertionError`.
+    """
 
 
 class MessageSerializationError(DepecheError, TypeError):
     """A message could not be serialised; nothing was written."""
 
 
-class UnknownMessageTypeError(DepecheError, LookupError):
-    """A stored payload names a message type the serializer does not know."""
+class UnknownMessageTypeError(DepecheError, TypeError, LookupError):
+    """A stored payload names a message type the serializer does not know.
+
+    A `TypeError` like Depeche DB's `PydanticMessageSerializer.deserialize`
+    raises; also a `LookupError` (the type name was looked up and not found).
+    """
+
+
+class MissingMessageTypeError(UnknownMessageTypeError, _KeyErrorText):
+    """A stored payload has no type name at all (Depeche DB: a `KeyError` on `__typename__`)."""
 
 
 class EmbeddedServerError(DepecheError, RuntimeError):
@@ -40,3 +64,26 @@ class EmbeddedServerError(DepecheError, RuntimeError):
 
 class DuplicateMessageIdError(DepecheError, ValueError):
     """A message with the same id is already stored; nothing was written."""
+
+
+class HandlerRegistrationError(DepecheError):
+    """A handler that cannot be registered; see the subclasses for the builtin type."""
+
+
+class HandlerSignatureError(HandlerRegistrationError, ValueError):
+    """The handler takes no parameter for the message (Depeche DB: `ValueError`)."""
+
+
+class HandlerTypeError(HandlerRegistrationError, TypeError):
+    """The handler's first parameter is not annotated with message type(s) (Depeche DB: `TypeError`)."""
+
+
+class HandlerOverlapError(HandlerRegistrationError, ValueError):
+    """A handler for a type that another registered handler already covers (Depeche DB: `ValueError`)."""
+
+
+class BatchAckError(DepecheError, ValueError, AssertionError):
+    """A message acknowledged on a batch it is not part of, or out of order.
+
+    Depeche DB raises `ValueError` for a foreign message and asserts the order.
+    """

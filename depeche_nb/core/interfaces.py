@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses as _dc
 import datetime as _dt
 import enum
+import functools as _ft
 import time
 import uuid as _uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
+from depeche_nb.core.errors import BatchAckError
 from depeche_nb.core.messages import StoredMessage
 
 E = TypeVar("E")
@@ -59,6 +61,43 @@ class SubscriptionMessage(Generic[E]):
     position: int
     stored_message: StoredMessage[E]
     ack: AckOpProtocol = _dc.field(repr=False, compare=False)
+
+
+@_dc.dataclass
+class SubscriptionMessageBatch(Generic[E]):
+    """Messages of one locked partition, from `Subscription.get_next_message_batch`.
+
+    Handle them in order, `ack(message)` each handled one, then hand the batch
+    back with `Subscription.ack_message_batch`, which stores `ackd_position`
+    and releases the partition's lock.
+    """
+
+    partition: int
+    first_position: int
+    last_position: int
+    lock_key: str
+    messages: list[SubscriptionMessage[E]]
+    ackd_position: int = -1  # the last acknowledged position; -1: none yet
+
+    @_ft.cached_property
+    def message_ids(self) -> set[_uuid.UUID]:
+        return {message.stored_message.message_id for message in self.messages}
+
+    def ack(self, message: SubscriptionMessage[E]) -> None:
+        """Mark `message` as handled, and with it every earlier message of the batch.
+
+        As in Depeche DB, the first ack may be any message of the batch (acking
+        only the last one acknowledges all); after that, acks go one position
+        at a time.
+        """
+        if message.partition != self.partition or message.stored_message.message_id not in self.message_ids:
+            raise BatchAckError(f"message {message.stored_message.message_id} is not part of this batch")
+        if self.ackd_position != -1 and message.position != self.ackd_position + 1:
+            raise BatchAckError(
+                "you cannot leave gaps in the acknowledged messages: expected position "
+                f"{self.ackd_position + 1}, got {message.position}"
+            )
+        self.ackd_position = message.position
 
 
 @_dc.dataclass

@@ -24,6 +24,21 @@ class AckOp:
         self._state_provider = state_provider
         self.executed = False
         self.in_caller_transaction = False
+        self._rolled_back = False
+
+    @property
+    def name(self) -> str:
+        """The subscription's name (Depeche DB's attribute name)."""
+        return self.subscription_name
+
+    def rollback(self) -> None:
+        """Called by a handler: do not acknowledge this message; the runner stops the batch
+        here and the message is delivered again."""
+        self._rolled_back = True
+
+    @property
+    def rolled_back(self) -> bool:
+        return self._rolled_back
 
     def execute(self, **kwargs: Any) -> None:
         provider = self._state_provider.session(**kwargs) if kwargs else self._state_provider

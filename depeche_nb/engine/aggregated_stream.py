@@ -31,7 +31,7 @@ from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.reader import AggregatedStreamReader
+    from depeche_nb.engine.reader import AggregatedStreamReader, AsyncAggregatedStreamReader
 
 E = TypeVar("E")
 
@@ -114,6 +114,11 @@ class AggregatedStream(RichRepr, Generic[E]):
     def stream_table_name(name: str) -> str:
         return f"{validate_name(name, 'aggregated stream name')}_stream"
 
+    @staticmethod
+    def notification_channel_name(name: str) -> str:
+        """The channel the projector notifies for stream `name` (see `StreamNames.channel`)."""
+        return f"{validate_name(name, 'aggregated stream name')}_stream"
+
     # -- reading ------------------------------------------------------------------------------
 
     def read(self, partition: int, conn: sa.Connection | None = None) -> Iterator[AggregatedStreamMessage]:
@@ -175,6 +180,14 @@ class AggregatedStream(RichRepr, Generic[E]):
 
         return AggregatedStreamReader(self, start_point)
 
+    def async_reader(
+        self, start_point: SubscriptionStartPoint | None = None
+    ) -> AsyncAggregatedStreamReader[E]:
+        """A reader for asyncio code (`async for m in reader.get_messages()`)."""
+        from depeche_nb.engine.reader import AsyncAggregatedStreamReader
+
+        return AsyncAggregatedStreamReader(self, start_point)
+
     def get_max_aggregated_stream_positions(self, conn: sa.Connection | None = None) -> dict[int, int]:
         """Partition -> head position (highest assigned position)."""
         sql = f"SELECT partition, max_position FROM {self._heads}"
@@ -187,11 +200,13 @@ class AggregatedStream(RichRepr, Generic[E]):
     def get_partition_statistics(
         self, result_limit: int | None = None, conn: sa.Connection | None = None
     ) -> Iterator[StreamPartitionStatistic]:
-        """Per partition: its first message and its head position."""
+        """Per partition: its first message and its head position (Depeche DB's shape:
+        `next_message_occurred_at` is a naive UTC datetime)."""
         limit = "" if result_limit is None else f"ORDER BY s.message_occurred_at LIMIT {int(result_limit)}"
         with self._connection(conn) as c:
             rows = c.exec_driver_sql(
-                f"SELECT h.partition, s.message_id, s.position, s.message_occurred_at, h.max_position "
+                "SELECT h.partition, s.message_id, s.position, "
+                "s.message_occurred_at AT TIME ZONE 'UTC', h.max_position "
                 f"FROM {self._heads} h CROSS JOIN LATERAL (SELECT * FROM {self._table} s "
                 "WHERE s.partition = h.partition ORDER BY s.position LIMIT 1) s " + limit
             ).all()

@@ -69,6 +69,7 @@ from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import DepecheError, InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres import depeche_db_tables as ddb
+from depeche_nb.postgres.driver import sqlstate
 from depeche_nb.postgres.messages_table import ensure_store_schema
 from depeche_nb.postgres.names import StoreNames, lock_namespace
 from depeche_nb.postgres.state_table import StateTable
@@ -565,19 +566,13 @@ def _lock_sources(conn: sa.Connection, catalog: ddb.DdbCatalog, exclude: Collect
         try:
             ddb.lock_source(conn, table)
         except sa.exc.OperationalError as exc:
-            if _sqlstate(exc) != _LOCK_NOT_AVAILABLE:
+            if sqlstate(exc) != _LOCK_NOT_AVAILABLE:
                 raise
             conn.rollback()
             raise AdoptionError(
                 f"{table} is in use (a Depeche DB writer, projector or runner has it open): stop "
                 "Depeche DB's writers and workers, then adopt; nothing was changed"
             ) from exc
-
-
-def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3 / psycopg2
-    return None if code is None else str(code)
 
 
 def _ensure_schemas(engine: sa.Engine, plan: _Plan) -> None:
@@ -605,7 +600,7 @@ def _execute(conn: sa.Connection, plan: _Plan, timezone: str) -> None:
             if state.adopt:
                 ddb.lock_target(conn, state.target)
     except sa.exc.OperationalError as exc:
-        if _sqlstate(exc) != _LOCK_NOT_AVAILABLE:
+        if sqlstate(exc) != _LOCK_NOT_AVAILABLE:
             raise
         conn.rollback()
         raise AdoptionError(

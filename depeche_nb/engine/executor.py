@@ -110,10 +110,10 @@ class Executor(StartStopContext):
     def __init__(
         self,
         db_dsn: str | None = None,
-        *,
-        engine: sa.Engine | None = None,
         stimulation_interval: float = 10.0,
         disable_signals: bool = False,
+        *,
+        engine: sa.Engine | None = None,
     ) -> None:
         if db_dsn is not None and engine is not None:
             raise ValueError("give either db_dsn or engine, not both")

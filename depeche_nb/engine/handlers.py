@@ -8,6 +8,11 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from depeche_nb.core.errors import (
+    HandlerOverlapError,
+    HandlerSignatureError,
+    HandlerTypeError,
+)
 from depeche_nb.core.interfaces import (
     CallMiddleware,
     ErrorAction,
@@ -20,10 +25,6 @@ from depeche_nb.core.messages import StoredMessage
 
 E = TypeVar("E")
 H = TypeVar("H", bound=Callable[..., Any])
-
-
-class HandlerRegistrationError(TypeError):
-    """A handler whose first parameter does not name message type(s) clearly."""
 
 
 def _union_members(annotation: Any) -> tuple[Any, ...]:
@@ -50,16 +51,16 @@ def _first_parameter_type(handler: Callable[..., Any]) -> tuple[Any, bool]:
         # signature() also understands callable objects and partials.
         signature = inspect.signature(handler, eval_str=True)
     except (NameError, SyntaxError) as exc:
-        raise HandlerRegistrationError(f"cannot resolve the annotations of handler {name}: {exc}") from exc
+        raise HandlerTypeError(f"cannot resolve the annotations of handler {name}: {exc}") from exc
     except (TypeError, ValueError) as exc:
-        raise HandlerRegistrationError(f"cannot inspect handler {handler!r}: {exc}") from exc
+        raise HandlerTypeError(f"cannot inspect handler {handler!r}: {exc}") from exc
     parameters = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if not parameters:
-        raise HandlerRegistrationError(f"handler {name} must take the message as its first parameter")
+        raise HandlerSignatureError(f"handler {name} must take the message as its first parameter")
     first = parameters[0]
     annotation = first.annotation
     if annotation is inspect.Parameter.empty:
-        raise HandlerRegistrationError(
+        raise HandlerTypeError(
             f"the first parameter {first.name!r} of handler {name} has no type annotation; annotate "
             "it with the message type, a Union of types, StoredMessage[T] or SubscriptionMessage[T]"
         )
@@ -88,14 +89,14 @@ class MessageHandlerRegister(Generic[E]):
         if pass_subscription_message or pass_stored_message:
             args = typing.get_args(handled_type)
             if not args:
-                raise HandlerRegistrationError(
+                raise HandlerTypeError(
                     f"{handled_type!r} needs a message type parameter, e.g. SubscriptionMessage[MyEvent]"
                 )
             handled_type = args[0]
         members = _union_members(handled_type)
         for member in members:
             if not _is_message_class(member):
-                raise HandlerRegistrationError(
+                raise HandlerTypeError(
                     f"{member!r} is not a message type (a class with get_message_id() and get_message_time())"
                 )
         descriptor: HandlerDescriptor[E] = HandlerDescriptor(
@@ -104,18 +105,25 @@ class MessageHandlerRegister(Generic[E]):
             pass_stored_message=pass_stored_message,
             requires_middleware=requires_middleware,
         )
-        for member in members:
-            for registered, existing in self._handlers.items():
-                if issubclass(member, registered) or issubclass(registered, member):
-                    raise ValueError(
-                        f"a handler for {member.__name__} would overlap the handler "
-                        f"{getattr(existing.handler, '__qualname__', existing.handler)!r} already "
-                        f"registered for {registered.__name__}; one message type, one handler"
-                    )
+        self.assert_not_registered(handled_type)
         for member in members:
             self._handlers[member] = descriptor
         self._cache.clear()
         return handler
+
+    def assert_not_registered(self, handled_type: Any) -> None:
+        """Raise `HandlerOverlapError` (a `ValueError`) if a registered handler already covers
+        `handled_type` or one of its union members: the same type, a base or a subclass."""
+        for member in _union_members(handled_type):
+            if not isinstance(member, type):
+                continue
+            for registered, existing in self._handlers.items():
+                if issubclass(member, registered) or issubclass(registered, member):
+                    raise HandlerOverlapError(
+                        f"a handler for {member.__name__} would overlap the handler "
+                        f"{getattr(existing.handler, '__qualname__', existing.handler)!r} already "
+                        f"registered for {registered.__name__}; one message type, one handler"
+                    )
 
     def get_handler(self, message_type: type[E]) -> HandlerDescriptor[E] | None:
         if message_type in self._cache:

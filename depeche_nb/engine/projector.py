@@ -163,7 +163,11 @@ class StreamProjector(NotificationDriven, Generic[E]):
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         batch_size: int | None = None,
+        lookback_for_gaps_hours: int | None = None,
     ) -> None:
+        # `lookback_for_gaps_hours` is accepted for Depeche DB compatibility and
+        # ignored: projection is exact, there is no look-back window to size.
+        del lookback_for_gaps_hours
         self.stream = stream
         self.partitioner = partitioner
         self.stream_wildcards = list(stream_wildcards)
@@ -207,9 +211,9 @@ class StreamProjector(NotificationDriven, Generic[E]):
             WITH new AS (
                 SELECT * FROM unnest(%(gps)s::bigint[], %(ids)s::uuid[], %(streams)s::text[],
                                      %(versions)s::int[], %(partitions)s::int[],
-                                     %(occurred)s::timestamptz[], %(added)s::timestamptz[])
+                                     %(occurred)s::timestamptz[], %(added_utc)s::timestamp[])
                     AS n(global_position, message_id, origin_stream, origin_stream_version,
-                         partition, message_occurred_at, origin_added_at)
+                         partition, message_occurred_at, origin_added_utc)
             ), numbered AS (
                 SELECT n.*, coalesce(h.max_position, -1)
                        + row_number() OVER (PARTITION BY n.partition ORDER BY n.global_position)
@@ -220,7 +224,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
                     origin_stream_version, partition, position, message_occurred_at,
                     origin_added_at)
                 SELECT global_position, message_id, origin_stream, origin_stream_version,
-                       partition, position::int, message_occurred_at, origin_added_at
+                       partition, position::int, message_occurred_at,
+                       origin_added_utc AT TIME ZONE 'UTC'
                 FROM numbered
                 RETURNING global_position, partition, position
             ), up AS (
@@ -353,7 +358,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             columns["streams"].append(stored.stream)
             columns["versions"].append(stored.version)
             columns["occurred"].append(_as_utc(stored.message.get_message_time()))  # type: ignore[attr-defined]
-            columns["added"].append(stored.added_at)
+            columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
         cursor.execute(self._insert_sql, {**columns, "channel": self.stream.names.channel})
         placed = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
         for gp, message_id, stream, version in zip(

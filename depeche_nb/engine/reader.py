@@ -6,8 +6,9 @@ of every partition, for inspection and tailing, not for parallel work.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.interfaces import SubscriptionStartPoint, SubscriptionState
@@ -16,6 +17,7 @@ from depeche_nb.engine.handlers import MessageHandlerRegister
 
 if TYPE_CHECKING:
     from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.subscription import Subscription
 
 E = TypeVar("E")
 
@@ -57,40 +59,51 @@ class NullLockProvider:
         return None
 
 
+def _reader_subscription(
+    stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None
+) -> Subscription[E]:
+    return stream.subscription(
+        name="reader",  # in-memory state, no locks: the name touches no table
+        handlers=MessageHandlerRegister(),
+        lock_provider=NullLockProvider(),
+        state_provider=InMemorySubscriptionState(),
+        start_point=start_point,
+    )
+
+
+READ_BATCH = 100
+
+
 class AggregatedStreamReader(Generic[E]):
     """`get_messages()` yields stored messages in partition order, then waits for more."""
 
     def __init__(
         self, stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None = None
     ) -> None:
-        self.stream = stream
-        self._subscription = stream.subscription(
-            name="reader",  # in-memory state, no locks: the name touches no table
-            handlers=MessageHandlerRegister(),
-            lock_provider=NullLockProvider(),
-            state_provider=InMemorySubscriptionState(),
-            start_point=start_point,
-        )
-        self._listener: Any = None
-
-    def start(self) -> None:
         from depeche_nb.postgres.listener import PgNotificationListener
 
-        if self._listener is None:
-            self._listener = PgNotificationListener(
-                self.stream.engine, [self.stream.notification_channel], select_timeout=0.5
-            )
-            self._listener.start()
+        self.stream = stream
+        self.subscription: Subscription[E] = _reader_subscription(stream, start_point)
+        self.notification_listener = PgNotificationListener(
+            stream.engine, [stream.notification_channel], select_timeout=0.5
+        )
+        self._started = False
+
+    def start(self) -> None:
+        """Start listening for the stream's notifications (`get_messages` does it if needed)."""
+        if not self._started:
+            self.notification_listener.start()
+            self._started = True
 
     def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+        if self._started:
+            self._started = False
+            self.notification_listener.stop()
 
     def _drain(self) -> Iterator[StoredMessage[E]]:
         while True:
             got = False
-            for message in self._subscription.get_next_messages(count=100):
+            for message in self.subscription.get_next_messages(count=READ_BATCH):
                 got = True
                 yield message.stored_message
             if not got:
@@ -101,10 +114,11 @@ class AggregatedStreamReader(Generic[E]):
         ends after `timeout` seconds without news (0: until `stop()`)."""
         self.start()
         yield from self._drain()
-        for _ in self._listener.messages(timeout=timeout):
+        for _ in self.notification_listener.messages(timeout=timeout):
             yield from self._drain()
 
     async def get_messages_async(self, timeout: float = 0) -> AsyncIterator[StoredMessage[E]]:
+        """`get_messages` stepped in worker threads (prefer `AsyncAggregatedStreamReader`)."""
         import asyncio
 
         iterator = self.get_messages(timeout)
@@ -124,23 +138,73 @@ class AggregatedStreamReader(Generic[E]):
 
 
 class AsyncAggregatedStreamReader(Generic[E]):
-    """The reader for asyncio code: the same work, run in a worker thread."""
+    """The reader for asyncio code: `async for m in reader.get_messages()`.
+
+    Notifications arrive through `AsyncPgNotificationListener` (inside the
+    event loop on psycopg 3, from a thread on psycopg2); each batch of
+    messages is read in a worker thread, so the loop never waits on the
+    database. A message counts as read once the consumer asks for the next
+    one: breaking out of the loop and calling `get_messages()` again
+    continues with the first message not yet taken past.
+    """
 
     def __init__(
         self, stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None = None
     ) -> None:
-        self._reader = AggregatedStreamReader(stream, start_point)
+        from depeche_nb.postgres.async_listener import AsyncPgNotificationListener
+
+        self.stream = stream
+        self.subscription: Subscription[E] = _reader_subscription(stream, start_point)
+        self.notification_listener = AsyncPgNotificationListener(
+            stream.engine, [stream.notification_channel], select_timeout=0.5
+        )
+        self._started = False
 
     async def start(self) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self._reader.start)
+        """Start listening for the stream's notifications (`get_messages` does it if needed)."""
+        if not self._started:
+            await self.notification_listener.start()
+            self._started = True
 
     async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self.notification_listener.stop()
+
+    async def _drain(self) -> AsyncGenerator[StoredMessage[E], None]:
         import asyncio
 
-        await asyncio.to_thread(self._reader.stop)
+        subscription = self.subscription
+        while True:
+            batch = await asyncio.to_thread(subscription.get_next_message_batch, READ_BATCH)
+            if batch is None:
+                return
+            # In-memory state and null locks: acknowledging is cheap enough for the loop.
+            try:
+                for message in batch.messages:
+                    yield message.stored_message
+                    batch.ack(message)
+            finally:
+                subscription.ack_message_batch(batch, success=True)
 
     async def get_messages(self, timeout: float = 0) -> AsyncIterator[StoredMessage[E]]:
-        async for message in self._reader.get_messages_async(timeout):
-            yield message
+        """Everything after the start point, then each new message as it is projected;
+        ends after `timeout` seconds without news (0: until `stop()`)."""
+        await self.start()
+        # aclosing: when the consumer closes this generator, the drain is closed at
+        # once (not at garbage collection), so what was taken is recorded first.
+        async with contextlib.aclosing(self._drain()) as messages:
+            async for message in messages:
+                yield message
+        async with contextlib.aclosing(self.notification_listener.messages(timeout=timeout)) as wake_ups:
+            async for _ in wake_ups:
+                async with contextlib.aclosing(self._drain()) as messages:
+                    async for message in messages:
+                        yield message
+
+    async def __aenter__(self) -> AsyncAggregatedStreamReader[E]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -147,6 +147,11 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             if bar is not None:
                 bar.close()
 
+    def handle(self, message: SubscriptionMessage[E]) -> None:
+        """Depeche DB's per-message entry point: call the handler, apply the error handler
+        (EXIT re-raises); no retries, parking or acknowledgement."""
+        self.message_handler.handle(message)
+
     def _backlog(self) -> int:
         return sum(p.lag for p in self.subscription.partitions_with_work())
 
@@ -197,6 +202,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             ack = AckOp(subscription.name, partition, position, subscription.state_provider)
             message = SubscriptionMessage(partition, position, stored, ack)
             self._deliver(message, report, park_ack=ack.execute)
+            if ack.rolled_back:
+                # The handler asked not to acknowledge: stop here, the message comes again.
+                return done + 1
             try:
                 if ack.in_caller_transaction:
                     ack.verify()

@@ -24,11 +24,12 @@ from depeche_nb.core.interfaces import (
     MessageHandlerRegisterProtocol,
     SubscriptionErrorHandler,
     SubscriptionMessage,
+    SubscriptionMessageBatch,
     SubscriptionStartPoint,
     SubscriptionStateProvider,
 )
 from depeche_nb.core.messages import StoredMessage
-from depeche_nb.engine.acks import AckOp, AckRolledback
+from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
@@ -174,30 +175,76 @@ class Subscription(RichRepr, Generic[E]):
         start = provider.read(self.name).positions.get(partition, -1) + 1
         return self._stream.read_slice_messages(partition, start, count)
 
+    def get_next_message_batch(self, count: int) -> SubscriptionMessageBatch[E] | None:
+        """Lock the partition with the most work and return up to `count` of its next
+        messages, or None when no unlocked partition has any.
+
+        The partition stays locked until the batch is handed back with
+        `ack_message_batch` (or `unlock_message_batch`); handle the messages in
+        order and `batch.ack(message)` each handled one. The messages' own
+        `ack` cannot be executed (acknowledgement is per batch).
+        """
+        check_positive_int("count", count)
+        self.ensure_initialized()
+        for candidate in self.partitions_with_work():
+            lock_key = self.partition_lock_name(candidate.partition)
+            if not self._lock_provider.lock(lock_key):
+                continue
+            try:
+                # Read the state under the lock: another runner may have moved on meanwhile.
+                rows = self.next_batch(candidate.partition, count)
+            except BaseException:
+                self._lock_provider.unlock(lock_key)
+                raise
+            if not rows:
+                self._lock_provider.unlock(lock_key)
+                continue
+            messages = [
+                SubscriptionMessage(partition, position, stored, BatchAck())
+                for partition, position, stored in rows
+            ]
+            return SubscriptionMessageBatch(
+                partition=candidate.partition,
+                first_position=messages[0].position,
+                last_position=messages[-1].position,
+                lock_key=lock_key,
+                messages=messages,
+            )
+        return None
+
+    def ack_message_batch(self, message_batch: SubscriptionMessageBatch[E], success: bool) -> None:
+        """Store the batch's last acknowledged position (if `success` and any message was
+        acknowledged) and release the partition."""
+        try:
+            if success and message_batch.ackd_position >= message_batch.first_position:
+                self._state_provider.store(self.name, message_batch.partition, message_batch.ackd_position)
+        finally:
+            self.unlock_message_batch(message_batch)
+
+    def unlock_message_batch(self, message_batch: SubscriptionMessageBatch[E]) -> None:
+        """Release the batch's partition without storing anything."""
+        self._lock_provider.unlock(message_batch.lock_key)
+
     def get_next_messages(self, count: int) -> Iterator[SubscriptionMessage[E]]:
         """Yield up to `count` messages of one partition; each is acked when the consumer
         asks for the next one (at-least-once), and the partition is unlocked at the end."""
-        self.ensure_initialized()
-        for candidate in self.partitions_with_work():
-            lock_name = self.partition_lock_name(candidate.partition)
-            if not self._lock_provider.lock(lock_name):
-                continue
-            try:
-                batch = self.next_batch(candidate.partition, count)
-                if not batch:
-                    continue
-                for partition, position, stored in batch:
-                    ack = AckOp(self.name, partition, position, self._state_provider)
-                    yield SubscriptionMessage(partition, position, stored, ack)
-                    if ack.in_caller_transaction:
-                        ack.verify()
-                    elif not ack.executed:
-                        ack.execute()
-                return
-            except AckRolledback:
-                return
-            finally:
-                self._lock_provider.unlock(lock_name)
+        batch = self.get_next_message_batch(count)
+        if batch is None:
+            return
+        try:
+            for message in batch.messages:
+                ack = AckOp(self.name, message.partition, message.position, self._state_provider)
+                yield SubscriptionMessage(message.partition, message.position, message.stored_message, ack)
+                if ack.rolled_back:
+                    return  # not acknowledged: delivered again
+                if ack.in_caller_transaction:
+                    ack.verify()
+                elif not ack.executed:
+                    ack.execute()
+        except AckRolledback:
+            return
+        finally:
+            self.unlock_message_batch(batch)
 
     # -- resets -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ database cannot be read, it shows the plain repr and the error instead.
 
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -91,6 +92,13 @@ def render_store(store: MessageStoreBase[Any]) -> str:
     return h.box(*parts)
 
 
+def _as_aware_utc(moment: object) -> object:
+    # StoredMessage.added_at is naive UTC (Depeche DB's shape); show it with its offset.
+    if isinstance(moment, _dt.datetime) and moment.tzinfo is None:
+        return moment.replace(tzinfo=_dt.timezone.utc)
+    return moment
+
+
 @guarded
 def render_stored_message(message: StoredMessage[Any]) -> str:
     return h.box(
@@ -100,7 +108,7 @@ def render_stored_message(message: StoredMessage[Any]) -> str:
                 ("stream", message.stream),
                 ("version", message.version),
                 ("global position", message.global_position),
-                ("added at", message.added_at),
+                ("added at", _as_aware_utc(message.added_at)),
                 ("id", message.message_id),
             ]
         ),

@@ -11,7 +11,11 @@ from typing import Any, Generic, TypeVar
 import pydantic
 import pydantic_core
 
-from depeche_nb.core.errors import MessageSerializationError, UnknownMessageTypeError
+from depeche_nb.core.errors import (
+    MessageSerializationError,
+    MissingMessageTypeError,
+    UnknownMessageTypeError,
+)
 
 E = TypeVar("E")
 
@@ -103,7 +107,7 @@ class PydanticMessageSerializer(Generic[E]):
         payload = dict(message)
         name = payload.pop(TYPE_KEY, None)
         if name is None:
-            raise UnknownMessageTypeError(
+            raise MissingMessageTypeError(
                 f"stored payload has no {TYPE_KEY!r} key; cannot tell its message type"
             )
         model = self._by_name.get(name) or self._aliases.get(name)

@@ -2,16 +2,24 @@
 
 Every statement about the messages table lives here; `MessageStore` adds
 serialisation, connection handling and notifications on top.
+
+The reading methods return what Depeche DB's `Storage` returns, on either
+driver: SQLAlchemy results whose rows hold the message id as `uuid.UUID`, the
+payload as a dict and `added_at` as a naive UTC datetime (Depeche DB's column
+is a `timestamp without time zone`), in Depeche DB's column order. The table
+itself is `timestamptz`; the notebook views show it timezone-aware.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from depeche_nb.core.errors import (
     DuplicateMessageIdError,
@@ -29,11 +37,56 @@ from depeche_nb.postgres.messages_table import (
 from depeche_nb.postgres.names import StoreNames, quote_ident
 from depeche_nb.store.serializers import TYPE_KEY
 
-# Column order of every full row this module returns.
-ROW_COLUMNS = "message_id, stream, version, message, global_position, added_at"
+# Column order of every full row this module returns (`added_at` as naive UTC,
+# converted by the server so no row pays for it in Python).
+_ADDED_AT_UTC = "added_at AT TIME ZONE 'UTC' AS added_at"
+ROW_COLUMNS = f"message_id, stream, version, message, global_position, {_ADDED_AT_UTC}"
 # The same, with the payload as JSON text: serializers that parse JSON
 # themselves (pydantic's parser) skip the generic JSON decoding.
-TEXT_ROW_COLUMNS = "message_id, stream, version, message::text AS message, global_position, added_at"
+TEXT_ROW_COLUMNS = ROW_COLUMNS.replace("message,", "message::text AS message,")
+
+
+class NaiveUtcDateTime(sa.types.TypeDecorator[_dt.datetime]):
+    """A `timestamptz` column seen as Depeche DB's naive `DateTime`: results come back as
+    naive UTC datetimes; naive parameters are taken as UTC, aware ones are kept."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: _dt.datetime | None, dialect: sa.Dialect) -> _dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=_dt.timezone.utc)
+        return value
+
+    def process_result_value(self, value: _dt.datetime | None, dialect: sa.Dialect) -> _dt.datetime | None:
+        if value is not None and value.tzinfo is not None:
+            return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+
+class Xid8(sa.types.UserDefinedType[str]):
+    """PostgreSQL's `xid8` (the writing transaction's id); values arrive as text."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+
+def message_table(names: StoreNames, metadata: sa.MetaData) -> sa.Table:
+    """The SQLAlchemy description of a store's messages table (`store_schema.store_ddl`
+    creates it; this never does)."""
+    return sa.Table(
+        names.messages_table,
+        metadata,
+        sa.Column("global_position", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+        sa.Column("message_id", sa.Uuid, nullable=False, unique=True),
+        sa.Column("stream", sa.Text(collation="C"), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("message", JSONB, nullable=False),
+        sa.Column("added_at", NaiveUtcDateTime, nullable=False, server_default=sa.func.now()),
+        sa.Column("txid", Xid8, nullable=False, server_default=sa.func.pg_current_xact_id()),
+    )
 
 
 def check_expected_version(expected_version: object) -> int | None:
@@ -94,6 +147,16 @@ class Storage:
         self.notification_channel = self.names.channel
         ensure_store_schema(engine, self.names)
         self.views = MessagesViews(self.names, TYPE_KEY)
+        self.metadata = sa.MetaData()
+        self.message_table = message_table(self.names, self.metadata)
+        t = self.message_table.c
+        # Depeche DB's row shapes: `read` leaves out the stream (the caller named it).
+        self._select: sa.Select[Any] = sa.select(
+            t.message_id, t.stream, t.version, t.message, t.global_position, t.added_at
+        )
+        self._select_without_stream: sa.Select[Any] = sa.select(
+            t.message_id, t.version, t.message, t.global_position, t.added_at
+        )
         fn = quote_ident(self.names.write_function)
         self.write_sql = (
             f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s::uuid[], %s::jsonb[], %s)"
@@ -166,46 +229,53 @@ class Storage:
         return (stream, expected, ids, payloads, notify)
 
     def truncate(self, conn: sa.Connection) -> None:
-        conn.exec_driver_sql(f"DELETE FROM {self.table}")
+        conn.execute(self.message_table.delete())
 
     # -- reading ------------------------------------------------------------------------------
 
-    def read(self, conn: sa.Connection, stream: str, min_version: int | None = None) -> Iterator[sa.Row[Any]]:
+    def read(self, conn: sa.Connection, stream: str, min_version: int | None = None) -> sa.CursorResult[Any]:
+        """Rows `(message_id, version, message, global_position, added_at)` of one stream,
+        by version (from `min_version` on)."""
         validate_stream(stream)
-        yield from conn.exec_driver_sql(self.read_sql, (stream, min_version or 0))
+        t = self.message_table.c
+        query = self._select_without_stream.where(t.stream == stream)
+        if min_version is not None:
+            query = query.where(t.version >= min_version)
+        return conn.execute(query.order_by(t.version))
 
-    def read_multiple(self, conn: sa.Connection, streams: Sequence[str]) -> Iterator[sa.Row[Any]]:
+    def read_multiple(self, conn: sa.Connection, streams: Sequence[str]) -> sa.CursorResult[Any]:
+        """Rows `(message_id, stream, version, message, global_position, added_at)` of several
+        streams, in global order."""
         for stream in streams:
             validate_stream(stream)
-        yield from conn.exec_driver_sql(
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = ANY(%s) ORDER BY global_position",
-            (list(streams),),
-        )
+        t = self.message_table.c
+        return conn.execute(self._select.where(t.stream.in_(list(streams))).order_by(t.global_position))
 
-    def read_wildcard(self, conn: sa.Connection, stream_wildcard: str) -> Iterator[sa.Row[Any]]:
-        yield from conn.exec_driver_sql(self.wildcard_sql, (validate_wildcard(stream_wildcard),))
+    def read_wildcard(self, conn: sa.Connection, stream_wildcard: str) -> sa.CursorResult[Any]:
+        """Full rows of every stream matching the SQL LIKE pattern, in global order."""
+        t = self.message_table.c
+        pattern = validate_wildcard(stream_wildcard)
+        return conn.execute(self._select.where(t.stream.like(pattern)).order_by(t.global_position))
 
     def get_message_by_id(self, conn: sa.Connection, message_id: uuid.UUID) -> sa.Row[Any] | None:
-        return conn.exec_driver_sql(
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE message_id = %s::uuid",
-            (str(message_id),),
-        ).first()
+        """The full row of one message, or None."""
+        t = self.message_table.c
+        return conn.execute(self._select.where(t.message_id == message_id)).first()
 
     def get_messages_by_ids(
         self, conn: sa.Connection, message_ids: Sequence[uuid.UUID]
-    ) -> Iterator[sa.Row[Any]]:
-        yield from conn.exec_driver_sql(
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE message_id = ANY(%s::uuid[]) "
-            "ORDER BY global_position",
-            ([str(i) for i in message_ids],),
+    ) -> sa.CursorResult[Any]:
+        """Full rows of the stored messages among `message_ids`, in global order."""
+        t = self.message_table.c
+        return conn.execute(
+            self._select.where(t.message_id.in_(list(message_ids))).order_by(t.global_position)
         )
 
     def get_message_ids(self, conn: sa.Connection, stream: str) -> Iterator[uuid.UUID]:
         validate_stream(stream)
-        for (message_id,) in conn.exec_driver_sql(
-            f"SELECT message_id FROM {self.table} WHERE stream = %s ORDER BY version", (stream,)
-        ):
-            yield uuid.UUID(str(message_id))
+        t = self.message_table.c
+        query = sa.select(t.message_id).where(t.stream == stream).order_by(t.version)
+        yield from conn.execute(query).scalars()
 
     def get_global_position(self, conn: sa.Connection) -> int:
         value = conn.exec_driver_sql(f"SELECT max(global_position) FROM {self.table}").scalar()
@@ -223,4 +293,12 @@ class Storage:
         return MessagePosition(stream, row[0], row[1])
 
 
-__all__ = ["ROW_COLUMNS", "Storage", "check_expected_version", "translate_write_error"]
+__all__ = [
+    "ROW_COLUMNS",
+    "TEXT_ROW_COLUMNS",
+    "NaiveUtcDateTime",
+    "Storage",
+    "check_expected_version",
+    "message_table",
+    "translate_write_error",
+]
