@@ -15,6 +15,11 @@ from tests.workers import build_stream, create_log_table
 MESSAGES = 300
 
 
+def _logged_by(engine: sa.Engine, log_table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(f'SELECT count(*) FROM "{log_table}"').scalar_one())
+
+
 def test_survivor_takes_over_the_partitions_of_a_killed_executor(engine: sa.Engine, unique_name: str) -> None:
     store, stream = build_stream(engine, unique_name, f"{unique_name}_agg")
     log_table = f"{unique_name}_log"
@@ -30,7 +35,10 @@ def test_survivor_takes_over_the_partitions_of_a_killed_executor(engine: sa.Engi
     doomed = ctx.Process(target=run_executor, args=(*args, 25, 0.1))
     survivor = ctx.Process(target=run_executor, args=(*args, None))
     doomed.start()
-    time.sleep(1.5)  # let the doomed one lock its first partition
+    # The doomed one must hold a partition first; on a loaded machine its start takes long.
+    started = time.monotonic() + 60
+    while _logged_by(engine, log_table) == 0 and time.monotonic() < started:
+        time.sleep(0.05)
     survivor.start()
     try:
         doomed.join(timeout=60)
