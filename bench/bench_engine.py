@@ -1,9 +1,12 @@
 """Engine benchmark: projection, subscription throughput, write->handler latency.
 
-Each figure is printed beside a plain psycopg2 baseline measured in the same
-run on the same server: single-row INSERT + COMMIT from one connection.
+Each figure is measured once per driver of --drivers (default: psycopg 3 and
+psycopg2, each on a store of its own) and printed beside one plain psycopg2
+baseline measured in the same run on the same server: single-row INSERT +
+COMMIT from one connection.
 
     python bench/bench_engine.py [--messages 20000] [--streams 2000] [--dsn DSN]
+                                 [--drivers psycopg,psycopg2]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bench.common import (
     Row,
     Server,
     Target,
+    add_drivers_option,
     describe_code,
     describe_server,
     load_average,
@@ -136,16 +140,16 @@ def _executor_child(dsn: str, name: str, ready: Any, results: Any, expected: int
     results.put(received)
 
 
-def latency(server: Server, name: str, count: int, rate: float) -> list[float]:
+def latency(server: Server, driver: str, name: str, count: int, rate: float) -> list[float]:
     """Write `count` messages at `rate`/s; ms from just before write() to the handler call."""
-    engine = server.engine()
+    engine = server.engine(driver)
     store = depeche_nb.MessageStore(name, engine, PydanticMessageSerializer(BenchEvent))
     store.aggregated_stream(
         name=f"{name}_agg", partitioner=StreamNamePartitioner(10), stream_wildcards=["lat-%"]
     )
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Event(), ctx.Queue()
-    child = ctx.Process(target=_executor_child, args=(server.url, name, ready, results, count))
+    child = ctx.Process(target=_executor_child, args=(server.url_for(driver), name, ready, results, count))
     child.start()
     try:
         if not ready.wait(60):
@@ -161,10 +165,55 @@ def latency(server: Server, name: str, count: int, rate: float) -> list[float]:
         child.join(timeout=30)
         if child.is_alive():
             child.terminate()
+        engine.dispose()
     missing = set(sent) - set(received)
     if missing:
         raise RuntimeError(f"{len(missing)} messages never reached the handler")
     return sorted((received[n] - sent[n]) * 1000 for n in sent)
+
+
+def driver_figures(server: Server, driver: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of ours with `driver`, on stores named `name...`."""
+    engine = server.engine(driver)
+    try:
+        projected, stream = projection_rate(engine, name, args.messages, args.streams)
+        single = subscription_rate(stream, f"{name}_single", depeche_nb.AckStrategy.SINGLE, 100)
+        batched = subscription_rate(stream, f"{name}_batched", depeche_nb.AckStrategy.BATCHED, 100)
+    finally:
+        engine.dispose()
+    lat = latency(server, driver, f"{name}_l", args.latency_messages, args.latency_rate)
+    p50, p95 = statistics.median(lat), lat[int(len(lat) * 0.95) - 1]
+    print(
+        f"  [{driver}] projection {projected:,.0f}/s, ack per message {single:,.0f}/s, "
+        f"batched ack {batched:,.0f}/s, latency p50 {p50:.2f} ms"
+    )
+    sys.stdout.flush()
+    return {
+        "projection": projected,
+        "single": single,
+        "batched": batched,
+        "p50": p50,
+        "p95": p95,
+        "max": lat[-1],
+    }
+
+
+def drop_objects(server: Server, driver: str, prefix: str) -> None:
+    """Drop the tables and functions (the stores' write functions) named `prefix...`."""
+    engine = server.engine(driver)
+    try:
+        with engine.begin() as conn:
+            pattern = (prefix.replace("_", r"\_") + "%",)
+            for table in conn.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", pattern
+            ).scalars():
+                conn.exec_driver_sql(f'DROP TABLE "{table}" CASCADE')
+            for function in conn.exec_driver_sql(
+                "SELECT proname FROM pg_proc WHERE proname LIKE %s", pattern
+            ).scalars():
+                conn.exec_driver_sql(f'DROP FUNCTION IF EXISTS "{function}"')
+    finally:
+        engine.dispose()
 
 
 def main() -> None:
@@ -175,48 +224,53 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=50.0, help="writes per second")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds for the baseline")
     parser.add_argument("--dsn", default=None)
+    add_drivers_option(parser)
     args = parser.parse_args()
 
     server = resolve_server(args.dsn)
     for line in describe_server(server, ("fsync", "synchronous_commit")):
         print(line)
     print(describe_code())
-    print(f"load average before: {load_average()}")
+    print(f"ours measured with: {', '.join(args.drivers)}; baseline: plain psycopg2")
+    print(f"at start, {load_average()}")
     name = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = server.engine()
+    try:
+        baseline = raw_insert_commit_rate(server, args.duration)
+        print(f"  baseline: raw INSERT+COMMIT {baseline:,.0f}/s")
+        figures = {
+            driver: driver_figures(server, driver, f"{name}_{driver}", args) for driver in args.drivers
+        }
+    finally:
+        drop_objects(server, args.drivers[0], name)
 
-    baseline = raw_insert_commit_rate(server, args.duration)
-    projected, stream = projection_rate(engine, name, args.messages, args.streams)
-    single = subscription_rate(stream, f"{name}_single", depeche_nb.AckStrategy.SINGLE, 100)
-    batched = subscription_rate(stream, f"{name}_batched", depeche_nb.AckStrategy.BATCHED, 100)
-    lat = latency(server, f"{name}_l", args.latency_messages, args.latency_rate)
-    p50, p95 = statistics.median(lat), lat[int(len(lat) * 0.95) - 1]
+    def row(label: str, key: str, target: Target) -> Row:
+        return Row(label, {driver: figures[driver][key] for driver in args.drivers}, baseline, target)
 
     print()
-    print(f"{args.messages:,} messages in {args.streams:,} streams, 10 partitions")
+    print(
+        f"{args.messages:,} messages in {args.streams:,} streams, 10 partitions; baseline raw INSERT+COMMIT"
+    )
     print_table(
         [
-            Row("raw INSERT+COMMIT (baseline)", baseline, baseline),
-            Row("projection (messages/s)", projected, baseline, Target(min_ratio=5)),
-            Row("subscription, ack per message", single, baseline, Target(min_ratio=0.8)),
-            Row("subscription, batched ack (100)", batched, baseline, Target(min_ratio=10)),
+            row("projection (messages/s)", "projection", Target(min_ratio=5)),
+            row("subscription, ack per message", "single", Target(min_ratio=0.8)),
+            row("subscription, batched ack (100)", "batched", Target(min_ratio=10)),
         ]
     )
     print()
     print(
         f"write->handler latency through the executor at {args.latency_rate:g} writes/s "
-        f"({len(lat)} messages): p50 {p50:.2f} ms (target < 3), p95 {p95:.2f} ms (target < 6), "
-        f"max {lat[-1]:.2f} ms"
+        f"({args.latency_messages} messages; targets p50 < 3 ms, p95 < 6 ms):"
     )
+    for driver, figure in figures.items():
+        print(
+            f"  [{driver}] p50 {figure['p50']:.2f} ms, p95 {figure['p95']:.2f} ms, max {figure['max']:.2f} ms"
+        )
     print(
         "Depeche DB 0.13.1 on this machine class: projection 0.56x, ack per message 0.27x, "
         "batched ack 3.4x, latency p50 8.3 ms / p95 13.8 ms"
     )
-    with engine.begin() as conn:
-        for table in conn.exec_driver_sql(
-            "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (f"{name}%",)
-        ).scalars():
-            conn.exec_driver_sql(f'DROP TABLE "{table}" CASCADE')
+    print(f"at end, {load_average()}")
 
 
 if __name__ == "__main__":

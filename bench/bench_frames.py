@@ -1,15 +1,17 @@
 """Benchmark: loading a store into pandas with `store.to_dataframe()` against `pandas.read_sql`.
 
 Usage: python bench/bench_frames.py [--messages N] [--repeat R] [--dsn DSN]
+                                    [--drivers psycopg,psycopg2]
 
 Writes N messages (default 100,000; a small pydantic model over 100 streams)
 into a fresh store, then alternates R times (default 5) between
 
-* ours: `store.to_dataframe(limit=None)` — server-side cursor in chunks,
-  payload keys flattened into typed columns, tz-aware timestamps;
+* ours, once per driver of --drivers (default: psycopg 3 and psycopg2):
+  `store.to_dataframe(limit=None)` — server-side cursor in chunks, payload
+  keys flattened into typed columns, tz-aware timestamps;
 * baseline: `pandas.read_sql` of the same rows (the same SELECT a user would
   write: metadata columns and the jsonb payload, which psycopg2 decodes to
-  dicts) through the same engine — it does not flatten anything;
+  dicts) through a psycopg2 engine — it does not flatten anything;
 * for context, the baseline plus `pandas.json_normalize(max_level=0)` of the
   payload column, i.e. what it takes to get the same shape by hand.
 
@@ -35,6 +37,7 @@ import pydantic
 import sqlalchemy as sa
 
 from depeche_nb import MessageStore
+from depeche_nb.postgres.driver import PSYCOPG2
 from depeche_nb.postgres.names import StoreNames, quote_ident
 from depeche_nb.store.serializers import PydanticMessageSerializer
 
@@ -44,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.common import (
     Row,
     Target,
+    add_drivers_option,
     describe_code,
     describe_server,
     load_average,
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100_000, help="rows to load (default 100,000)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--dsn", help="server to use (default: DEPECHE_NB_DSN, else the embedded server)")
+    add_drivers_option(parser)
     args = parser.parse_args(argv)
     messages = args.messages - args.messages % BATCH
 
@@ -112,16 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"pandas {pd.__version__}; {messages:,} messages in {STREAMS} streams; median of {args.repeat} runs"
     )
+    print(f"ours measured with: {', '.join(args.drivers)}; baselines: pandas.read_sql on psycopg2")
     print(f"at start, {load_average()}")
     print()
 
-    engine = server.engine()
+    engine = server.engine(PSYCOPG2)  # the baselines', and for set-up
+    engines = {driver: server.engine(driver) for driver in args.drivers}
     name = f"bench_{uuid.uuid4().hex[:8]}_frames"
     names = StoreNames(name)
     table = quote_ident(names.messages_table)
     try:
-        store: MessageStore[Deposited] = MessageStore(name, engine, PydanticMessageSerializer(Deposited))
-        fill(store, messages)
+        stores = {
+            driver: MessageStore(name, ours_engine, PydanticMessageSerializer(Deposited))
+            for driver, ours_engine in engines.items()
+        }
+        fill(stores[args.drivers[0]], messages)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
         select = sa.text(
@@ -129,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "ORDER BY global_position"
         )
 
-        def ours() -> pd.DataFrame:
-            return store.to_dataframe(limit=None)
+        def ours(store: MessageStore[Deposited]) -> Callable[[], pd.DataFrame]:
+            return lambda: store.to_dataframe(limit=None)
 
         def baseline() -> pd.DataFrame:
             return pd.read_sql(select, engine)
@@ -140,47 +150,49 @@ def main(argv: list[str] | None = None) -> int:
             payload = pd.json_normalize(frame.pop("message").tolist(), max_level=0)
             return pd.concat([frame, payload], axis=1)
 
-        figures: dict[str, list[float]] = {"ours": [], "baseline": [], "flattened": []}
+        # key -> (label, function); "ours[driver]" for each driver, then the baselines.
+        runs: dict[str, tuple[str, Callable[[], pd.DataFrame]]] = {
+            **{
+                f"ours[{driver}]": (f"ours: store.to_dataframe(limit=None) [{driver}]", ours(store))
+                for driver, store in stores.items()
+            },
+            "baseline": ("baseline: pandas.read_sql(SELECT ...)", baseline),
+            "flattened": ("context: read_sql + json_normalize(max_level=0)", baseline_flattened),
+        }
+        figures: dict[str, list[float]] = {key: [] for key in runs}
         shapes: dict[str, tuple[int, int]] = {}
-        for fn in (ours, baseline):  # warm-up: connections, caches, first imports
+        for _, fn in runs.values():  # warm-up: connections, caches, first imports
             fn()
         for _ in range(args.repeat):
             # Interleaved, so a change of machine load hits every figure alike.
-            for key, fn in (("ours", ours), ("baseline", baseline), ("flattened", baseline_flattened)):
+            for key, (_, fn) in runs.items():
                 seconds, frame = timed(fn)
                 figures[key].append(seconds)
                 shapes[key] = frame.shape
-        assert shapes["ours"][0] == shapes["baseline"][0] == messages, shapes
+        assert all(shape[0] == messages for shape in shapes.values()), shapes
         median = {key: statistics.median(values) for key, values in figures.items()}
-        for key, label in (
-            ("ours", "ours: store.to_dataframe(limit=None)"),
-            ("baseline", "baseline: pandas.read_sql(SELECT ...)"),
-            ("flattened", "context: read_sql + json_normalize(max_level=0)"),
-        ):
-            runs = ", ".join(f"{s:.3f}" for s in figures[key])
+        for key, (label, _) in runs.items():
+            times = ", ".join(f"{s:.3f}" for s in figures[key])
             print(
-                f"  {label:<50} {messages / median[key]:>10,.0f} rows/s   median {median[key]:.3f} s "
-                f"(runs: {runs}), shape {shapes[key]}"
+                f"  {label:<60} {messages / median[key]:>10,.0f} rows/s   median {median[key]:.3f} s "
+                f"(runs: {times}), shape {shapes[key]}"
             )
-        time_ratio = median["ours"] / median["baseline"]
         print()
-        print(
-            f"time ours / read_sql: {time_ratio:.2f}  (target <= {TIME_RATIO_TARGET}: "
-            f"{'ok' if time_ratio <= TIME_RATIO_TARGET else 'MISSED'})"
-        )
+        for driver in args.drivers:
+            time_ratio = median[f"ours[{driver}]"] / median["baseline"]
+            print(
+                f"time ours[{driver}] / read_sql: {time_ratio:.2f}  (target <= {TIME_RATIO_TARGET}: "
+                f"{'ok' if time_ratio <= TIME_RATIO_TARGET else 'MISSED'})"
+            )
         print()
+        ours_rates = {driver: messages / median[f"ours[{driver}]"] for driver in args.drivers}
         target = Target(min_ratio=round(1 / TIME_RATIO_TARGET, 2))
         print_table(
             [
-                Row(
-                    "to_dataframe vs read_sql",
-                    messages / median["ours"],
-                    messages / median["baseline"],
-                    target,
-                ),
+                Row("to_dataframe vs read_sql", ours_rates, messages / median["baseline"], target),
                 Row(
                     "to_dataframe vs read_sql + json_normalize",
-                    messages / median["ours"],
+                    ours_rates,
                     messages / median["flattened"],
                 ),
             ],
@@ -190,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
             conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {quote_ident(names.write_function)}")
-        engine.dispose()
+        for each in (engine, *engines.values()):
+            each.dispose()
     print(f"at end, {load_average()}")
     return 0
 

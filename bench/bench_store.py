@@ -1,10 +1,13 @@
 """Benchmark: the message store against plain psycopg2 on the same server, in the same run.
 
 Usage: python bench/bench_store.py [--duration SECONDS] [--dsn DSN] [--processes N]
+                                   [--drivers psycopg,psycopg2]
 
 Every figure runs for --duration seconds (default 5) in spawned processes
 (not threads: the GIL would throttle the concurrent figures); each process
-opens its own engine, store or connection after it started. Printed:
+opens its own engine, store or connection after it started. Each "ours"
+figure is measured once per driver of --drivers (default: psycopg 3 and
+psycopg2), each beside the same psycopg2 baseline. Printed:
 
 * single writes, 1 and N processes: `store.write()` vs INSERT + COMMIT;
 * N processes all writing to one stream (the per-stream lock's cost);
@@ -25,7 +28,7 @@ import argparse
 import datetime as dt
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ import psycopg2.extras
 import pydantic
 
 from depeche_nb import MessageStore
+from depeche_nb.postgres.driver import default_driver
 from depeche_nb.postgres.names import StoreNames, quote_ident
 from depeche_nb.store.serializers import PydanticMessageSerializer
 
@@ -45,6 +49,7 @@ from bench.common import (
     Step,
     Target,
     WorkerFactory,
+    add_drivers_option,
     describe_code,
     describe_server,
     load_average,
@@ -100,6 +105,7 @@ class Config:
     baseline_table: str
     same_stream: bool = False
     read_streams: tuple[str, ...] = field(default_factory=tuple)
+    driver: str = field(default_factory=default_driver)  # ours only; the baselines are psycopg2
 
 
 def _streams(index: int, config: Config) -> list[str]:
@@ -109,7 +115,9 @@ def _streams(index: int, config: Config) -> list[str]:
 
 
 def _store(config: Config) -> MessageStore[Numbered]:
-    return MessageStore(config.store, config.server.engine(), PydanticMessageSerializer(Numbered))
+    return MessageStore(
+        config.store, config.server.engine(config.driver), PydanticMessageSerializer(Numbered)
+    )
 
 
 # -- worker factories (run in the spawned processes) ------------------------------------------
@@ -282,27 +290,40 @@ def ours_reader_wildcard(index: int, config: Config) -> Step:
 
 
 class Bench:
-    def __init__(self, server: Server, duration: float, processes: int) -> None:
+    def __init__(self, server: Server, duration: float, processes: int, drivers: tuple[str, ...]) -> None:
         self.server = server
         self.duration = duration
         self.processes = processes
+        self.drivers = drivers
         run_id = uuid.uuid4().hex[:8]
         self.store_name = f"bench_{run_id}"
         self.read_store_name = f"bench_{run_id}_reads"
         self.baseline_table = f"bench_{run_id}_baseline"
-        self.engine = server.engine()
-        self.config = Config(server, self.store_name, self.baseline_table)
+        self.engine = server.engine(drivers[0])
+        self.config = Config(server, self.store_name, self.baseline_table, driver=drivers[0])
 
     def measure(
         self, label: str, factory: WorkerFactory, processes: int, config: Config | None = None
     ) -> float:
+        """One figure, from emptied write tables so every figure starts from the same state."""
+        self.reset()
         result = run_in_processes(factory, config or self.config, processes, self.duration)
         print(
-            f"  {label:<58} {result.per_second:>9,.0f}/s   client CPU "
+            f"  {label:<68} {result.per_second:>9,.0f}/s   client CPU "
             f"{result.client_cpu_us_per_item:>5,.0f} us/item   ({result.count:,} in {result.steps:,} steps)"
         )
         sys.stdout.flush()
         return result.per_second
+
+    def measure_ours(
+        self, label: str, factory: WorkerFactory, processes: int, config: Config | None = None
+    ) -> dict[str, float]:
+        """One figure of ours per driver."""
+        config = config or self.config
+        return {
+            driver: self.measure(f"{label} [{driver}]", factory, processes, replace(config, driver=driver))
+            for driver in self.drivers
+        }
 
     def setup(self) -> None:
         _store(self.config)  # creates the store's table and function
@@ -314,7 +335,7 @@ class Bench:
             )
 
     def reset(self) -> None:
-        """Empty the written tables, so every write figure starts from the same state."""
+        """Empty the written tables."""
         tables = [self.baseline_table, StoreNames(self.store_name).messages_table]
         with self.engine.begin() as conn:
             conn.exec_driver_sql(f"TRUNCATE {', '.join(map(quote_ident, tables))} RESTART IDENTITY")
@@ -332,21 +353,24 @@ class Bench:
         n = self.processes
         same = Config(self.server, self.store_name, self.baseline_table, same_stream=True)
         print(f"single writes ({STREAMS_PER_PROCESS} streams per process, round robin)")
-        figures: dict[str, float] = {}
-        for key, label, factory, procs, config in [
-            ("a1", "baseline A: INSERT + COMMIT, 1 process", baseline_single_insert, 1, None),
-            ("o1", "ours: store.write(), 1 process", ours_write, 1, None),
-            ("a8", f"baseline A: INSERT + COMMIT, {n} processes", baseline_single_insert, n, None),
-            ("o8", f"ours: store.write(), {n} processes", ours_write, n, None),
-            ("a8s", f"baseline A: INSERT + COMMIT, {n} processes, 1 stream", baseline_single_insert, n, same),
-            ("o8s", f"ours: store.write(), {n} processes, 1 stream", ours_write, n, same),
+        base: dict[str, float] = {}
+        ours: dict[str, dict[str, float]] = {}
+        for key, what, procs, config in [
+            ("1", "1 process", 1, None),
+            ("n", f"{n} processes", n, None),
+            ("s", f"{n} processes, 1 stream", n, same),
         ]:
-            self.reset()
-            figures[key] = self.measure(label, factory, procs, config)
+            base[key] = self.measure(
+                f"baseline A: INSERT + COMMIT, {what}", baseline_single_insert, procs, config
+            )
+            ours[key] = self.measure_ours(f"ours: store.write(), {what}", ours_write, procs, config)
         print(f"batches of {BATCH} messages, 1 process (messages/s)")
         for key, label, factory in [
             ("b", f"baseline B: one {BATCH}-row INSERT + COMMIT", baseline_multi_insert),
             ("c", f"baseline C: {BATCH} x INSERT, one COMMIT", baseline_inserts_in_one_transaction),
+        ]:
+            base[key] = self.measure(label, factory, 1)
+        for key, label, factory in [
             ("wa", f"ours: store.write_all({BATCH} messages)", ours_write_all),
             ("sy", f"ours: store.synchronize(+{BATCH}), aggregates up to {AGGREGATE_MAX}", ours_synchronize),
             (
@@ -355,17 +379,16 @@ class Bench:
                 ours_writes_in_caller_transaction,
             ),
         ]:
-            self.reset()
-            figures[key] = self.measure(label, factory, 1)
+            ours[key] = self.measure_ours(label, factory, 1)
         single, batch = Target(min_ratio=0.8), Target(min_ratio=0.4)
         return [
-            Row("write, 1 process vs A", figures["o1"], figures["a1"], single),
-            Row(f"write, {n} processes vs A", figures["o8"], figures["a8"], single),
-            Row(f"write, {n} processes, same stream vs A", figures["o8s"], figures["a8s"]),
-            Row(f"write_all({BATCH}) vs B (msgs)", figures["wa"], figures["b"], batch),
-            Row(f"synchronize(+{BATCH}) vs B (msgs)", figures["sy"], figures["b"]),
-            Row(f"{BATCH} x write(conn) in 1 txn vs B (msgs)", figures["tx"], figures["b"]),
-            Row(f"{BATCH} x write(conn) in 1 txn vs C (msgs)", figures["tx"], figures["c"]),
+            Row("write, 1 process vs A", ours["1"], base["1"], single),
+            Row(f"write, {n} processes vs A", ours["n"], base["n"], single),
+            Row(f"write, {n} processes, same stream vs A", ours["s"], base["s"]),
+            Row(f"write_all({BATCH}) vs B (msgs)", ours["wa"], base["b"], batch),
+            Row(f"synchronize(+{BATCH}) vs B (msgs)", ours["sy"], base["b"]),
+            Row(f"{BATCH} x write(conn) in 1 txn vs B (msgs)", ours["tx"], base["b"]),
+            Row(f"{BATCH} x write(conn) in 1 txn vs C (msgs)", ours["tx"], base["c"]),
         ]
 
     def reads(self) -> list[Row]:
@@ -387,18 +410,22 @@ class Bench:
         base = self.measure(
             "baseline: SELECT ... ORDER BY global_position, fetchall", baseline_read, 1, config
         )
-        wildcard = self.measure("ours: list(store.read_wildcard('%'))", ours_read_wildcard, 1, config)
-        per_stream = self.measure(
-            f"ours: store.read(stream) for {READ_STREAMS} streams", ours_read_streams, 1, config
-        )
-        reader = self.measure(
-            "ours: store.reader(): list(r.read_wildcard('%'))", ours_reader_wildcard, 1, config
-        )
         target = Target(min_per_second=50_000)
         return [
-            Row("read_wildcard('%') vs SELECT", wildcard, base, target),
-            Row("read(stream) x 200 vs SELECT", per_stream, base, target),
-            Row("reader().read_wildcard('%') vs SELECT", reader, base, target),
+            Row(name, self.measure_ours(label, factory, 1, config), base, target)
+            for name, label, factory in [
+                ("read_wildcard('%') vs SELECT", "ours: list(store.read_wildcard('%'))", ours_read_wildcard),
+                (
+                    f"read(stream) x {READ_STREAMS} vs SELECT",
+                    f"ours: store.read(stream) for {READ_STREAMS} streams",
+                    ours_read_streams,
+                ),
+                (
+                    "reader().read_wildcard('%') vs SELECT",
+                    "ours: store.reader(): list(r.read_wildcard('%'))",
+                    ours_reader_wildcard,
+                ),
+            ]
         ]
 
 
@@ -407,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per figure (default 5)")
     parser.add_argument("--dsn", help="server to use (default: DEPECHE_NB_DSN, else the embedded server)")
     parser.add_argument("--processes", type=int, default=8, help="processes of the concurrent figures")
+    add_drivers_option(parser)
     args = parser.parse_args(argv)
 
     server = resolve_server(args.dsn)
@@ -414,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(describe_code())
     print(f"duration: {args.duration:g} s per figure; concurrency by spawned processes")
+    print(f"ours measured with: {', '.join(args.drivers)}; baselines: plain psycopg2")
     print(f"at start, {load_average()}")
     print()
-    bench = Bench(server, args.duration, args.processes)
+    bench = Bench(server, args.duration, args.processes, args.drivers)
     bench.setup()
     try:
         rows = bench.writes()

@@ -1,20 +1,25 @@
 """Shared helpers for the benchmarks: which server, a multi-process runner, result tables.
 
-A benchmark here measures a figure of depeche-nb against a plain psycopg2
-baseline on the same server in the same run, and prints the ratio. The
-helpers are deliberately small:
+A benchmark here measures a figure of depeche-nb once per driver (psycopg 3
+and psycopg2, `--drivers`) against one plain psycopg2 baseline on the same
+server in the same run, and prints the ratios. The helpers are deliberately
+small:
 
 * `resolve_server(dsn)`: `--dsn`, else `DEPECHE_NB_DSN`, else the embedded
-  server `depeche_nb.connect()` would use; gives a SQLAlchemy URL for our
-  side and a libpq DSN for the psycopg2 baseline.
+  server `depeche_nb.connect()` would use, whichever driver its URL names;
+  gives a SQLAlchemy URL per driver for our side (`Server.url_for`,
+  `Server.engine`) and a libpq DSN for the psycopg2 baseline.
+* `add_drivers_option(parser)`: the `--drivers` option (default: both).
 * `run_in_processes(factory, config, processes, duration)`: runs a step
   function in N *processes* (spawn context, so each starts clean and the GIL
   of one does not throttle the others) for a fixed time and sums the counts.
-* `print_table(rows)`: "figure | ours | baseline | ratio | target" tables.
+* `print_table(rows)`: per figure, ours per driver, the baseline, a ratio per
+  driver, the first driver against the second, and the target.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import multiprocessing
 import multiprocessing.synchronize
@@ -25,16 +30,18 @@ import subprocess
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import psycopg2
 import psycopg2.extensions
 import sqlalchemy as sa
 
 from depeche_nb.postgres.connection import DSN_ENV, normalize_dsn
+from depeche_nb.postgres.driver import DRIVERS, check_driver, default_driver
 from depeche_nb.postgres.embedded import embedded_server
 
 # -- which server -----------------------------------------------------------------------------
@@ -44,12 +51,17 @@ from depeche_nb.postgres.embedded import embedded_server
 class Server:
     """One PostgreSQL server, addressed for both sides of a comparison."""
 
-    url: str  # SQLAlchemy URL (psycopg2 driver), for depeche-nb
+    url: str  # SQLAlchemy URL (any driver), for depeche-nb; see url_for
     libpq_dsn: str  # for psycopg2.connect(), for the baselines
     source: str  # where the address came from, for the report
 
-    def engine(self, **options: Any) -> sa.Engine:
-        return sa.create_engine(self.url, **options)
+    def url_for(self, driver: str) -> str:
+        """The SQLAlchemy URL of this server with `driver` ("psycopg" or "psycopg2")."""
+        url = sa.make_url(self.url).set(drivername=f"postgresql+{check_driver(driver)}")
+        return url.render_as_string(hide_password=False)
+
+    def engine(self, driver: str, **options: Any) -> sa.Engine:
+        return sa.create_engine(self.url_for(driver), **options)
 
     def connect(self) -> Any:
         """A plain psycopg2 connection (non-autocommit, the driver's default)."""
@@ -62,7 +74,7 @@ def _sqlalchemy_url(dsn: str) -> sa.URL:
     # libpq key=value form: keep every parameter, as a query the psycopg2 dialect passes on.
     params = psycopg2.extensions.parse_dsn(dsn)
     return sa.URL.create(
-        "postgresql+psycopg2",
+        f"postgresql+{default_driver()}",
         username=params.pop("user", None),
         password=params.pop("password", None),
         database=params.pop("dbname", None),
@@ -71,6 +83,9 @@ def _sqlalchemy_url(dsn: str) -> sa.URL:
 
 
 def _libpq_dsn(url: sa.URL) -> str:
+    """The psycopg2 dialect's reading of `url`, whichever driver it names (psycopg 3's adds
+    non-libpq arguments such as its adapters `context`)."""
+    url = url.set(drivername="postgresql+psycopg2")
     engine = sa.create_engine(url)  # no connection is opened; only the dialect is used
     try:
         cargs, cparams = engine.dialect.create_connect_args(url)
@@ -98,6 +113,10 @@ def resolve_server(dsn: str | None = None) -> Server:
     )
 
 
+def _libpq(version: int) -> str:
+    return f"{version // 10000}.{version % 10000}"  # 180006 -> "18.6"
+
+
 def describe_server(server: Server, settings: Sequence[str] = ()) -> list[str]:
     """Lines naming the server, its version and `settings`, plus the client machine."""
     conn = server.connect()
@@ -112,14 +131,36 @@ def describe_server(server: Server, settings: Sequence[str] = ()) -> list[str]:
         conn.rollback()
     finally:
         conn.close()
-    driver = str(getattr(psycopg2, "__version__", "?")).split()[0]
     return [
         f"server:   {version}",
         f"address:  {server.source}",
         f"settings: {', '.join(values)}",
-        f"client:   Python {platform.python_version()}, psycopg2 {driver}, "
-        f"SQLAlchemy {sa.__version__}, {os.cpu_count()} CPUs ({platform.machine()})",
+        f"client:   Python {platform.python_version()}, SQLAlchemy {sa.__version__}, "
+        f"{os.cpu_count()} CPUs ({platform.machine()})",
+        f"drivers:  psycopg {psycopg.__version__} ({psycopg.pq.__impl__}, "
+        f"libpq {_libpq(psycopg.pq.version())}), "
+        f"psycopg2 {psycopg2.__version__.split()[0]} (libpq {_libpq(psycopg2.extensions.libpq_version())})",
     ]
+
+
+def parse_drivers(text: str) -> tuple[str, ...]:
+    """`--drivers`: a comma-separated list of "psycopg" and "psycopg2"."""
+    drivers = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    try:
+        if not drivers:
+            raise ValueError("--drivers needs at least one driver")
+        return tuple(check_driver(driver, "--drivers") for driver in drivers)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_drivers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--drivers",
+        type=parse_drivers,
+        default=DRIVERS,
+        help=f"drivers to measure ours with, comma-separated (default: {','.join(DRIVERS)})",
+    )
 
 
 def describe_code(package: str = "depeche_nb") -> str:
@@ -305,34 +346,46 @@ class Target:
 @dataclass(frozen=True)
 class Row:
     name: str
-    ours: float  # per second
+    ours: Mapping[str, float]  # per second, per driver
     baseline: float | None = None  # per second, same unit
     target: Target | None = None
 
-    @property
-    def ratio(self) -> float | None:
-        return self.ours / self.baseline if self.baseline else None
+    def ratio(self, driver: str) -> float | None:
+        return self.ours[driver] / self.baseline if self.baseline else None
 
 
 def print_table(rows: Sequence[Row], *, unit: str = "per s") -> None:
-    """Print name, ours, baseline, ratio ours/baseline, target and whether it is met."""
-    header = ("figure", f"ours ({unit})", f"baseline ({unit})", "ratio", "target", "")
+    """Print per figure: ours per driver, the baseline, ratio ours/baseline per driver,
+    the first driver's figure over the second's, the target and the drivers missing it."""
+    drivers = list(dict.fromkeys(driver for row in rows for driver in row.ours))
+    versus = drivers[:2] if len(drivers) > 1 else []
+    header = (
+        f"figure ({unit})",
+        *(f"ours[{d}]" for d in drivers),
+        "baseline",
+        *(f"ratio[{d}]" for d in drivers),
+        *(["/".join(versus)] if versus else []),
+        "target",
+        "",
+    )
     body: list[tuple[str, ...]] = []
     for row in rows:
-        ratio = row.ratio
-        met = row.target.met(row.ours, row.baseline) if row.target else None
+        ratios = [row.ratio(d) for d in drivers]
+        met = {d: row.target.met(row.ours[d], row.baseline) for d in drivers} if row.target else {}
+        missed = [d for d, ok in met.items() if ok is False]
         body.append(
             (
                 row.name,
-                f"{row.ours:,.0f}",
+                *(f"{row.ours[d]:,.0f}" for d in drivers),
                 "" if row.baseline is None else f"{row.baseline:,.0f}",
-                "" if ratio is None else f"{ratio:.2f}x",
+                *("" if r is None else f"{r:.2f}x" for r in ratios),
+                *([f"{row.ours[versus[0]] / row.ours[versus[1]]:.2f}x"] if versus else []),
                 row.target.describe() if row.target else "",
-                "" if met is None else ("ok" if met else "MISSED"),
+                f"MISSED by {', '.join(missed)}" if missed else ("ok" if any(met.values()) else ""),
             )
         )
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    right = {1, 2, 3}
+    right = set(range(1, len(header) - 2))
 
     def fmt(line: tuple[str, ...]) -> str:
         cells = [
@@ -353,9 +406,11 @@ __all__ = [
     "Step",
     "Target",
     "WorkerFactory",
+    "add_drivers_option",
     "describe_code",
     "describe_server",
     "load_average",
+    "parse_drivers",
     "print_table",
     "resolve_server",
     "run_in_processes",
