@@ -21,12 +21,12 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
+from depeche_nb.postgres.messages_table import text_row_columns
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.stream_tables import StreamNames, StreamViews, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
-from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -91,7 +91,7 @@ class AggregatedStream(RichRepr, Generic[E]):
         # index), then each pointer is looked up by primary key: a plan that
         # stays right even before the planner has statistics for new tables.
         self._slice_messages_sql = (
-            f"SELECT s.partition, s.position, {', '.join('m.' + c for c in TEXT_ROW_COLUMNS.split(', '))} "
+            f"SELECT s.partition, s.position, {text_row_columns('m')} "
             f"FROM (SELECT partition, position, global_position FROM {table} "
             "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s) s "
             f"CROSS JOIN LATERAL (SELECT * FROM {messages} m0 "

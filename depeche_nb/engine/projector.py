@@ -65,10 +65,10 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.engine.report_frames import records_dataframe
+from depeche_nb.postgres.messages_table import text_row_columns
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.message_store import to_stored_message
-from depeche_nb.store.storage import TEXT_ROW_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,7 +192,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
         )
         order = "ORDER BY global_position LIMIT %(limit)s"
-        columns = ", ".join(f"m.{c}" for c in TEXT_ROW_COLUMNS.split(", "))
+        columns = text_row_columns("m")
         # First round: walk the primary key in order (everything is new).
         self._rows_first_sql = (
             f"SELECT {columns} FROM {messages} m WHERE m.global_position > %(after)s AND {visible} {order}"

@@ -3,6 +3,19 @@ position. Every statement about the table lives here; `engine.state` runs them.
 
 The row with partition `INIT_PARTITION` marks a subscription as initialised
 (Depeche DB's convention).
+
+Fencing. A partition's lock is a session advisory lock, and a session can end
+while its runner works (a terminated backend, a network drop, a failover).
+So each row also holds a fencing `token`: a runner that takes a partition's
+lock bumps it (`take_sql`) and remembers the new value, and every
+acknowledgement it makes is a compare-and-set on that token (`fenced_store_sql`,
+also inside a handler's own transaction). Once another runner took the
+partition, the first one's token is stale: its acks update no row, the caller
+raises, and a handler's transaction rolls back with its side effects. The
+bump takes the row lock, so it waits for an acknowledgement still in flight
+and then returns the position that acknowledgement committed. The set is also
+refused when it would lower the position: positions go back only by an
+explicit reset (`reset_sql`), which bumps the token too.
 """
 
 from __future__ import annotations
@@ -42,6 +55,23 @@ class StateTable:
             f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
         )
         self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
+        # (subscription, partition) -> (token, position); -1 = nothing acknowledged yet.
+        self.take_sql = (
+            f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
+            "VALUES (%s, %s, -1, 1) ON CONFLICT (subscription_name, partition) "
+            "DO UPDATE SET token = st.token + 1 RETURNING st.token, st.position"
+        )
+        # (position, subscription, partition, token, position)
+        self.fenced_store_sql = (
+            f"UPDATE {table} SET position = %s, updated_at = now() "
+            "WHERE subscription_name = %s AND partition = %s AND token = %s AND position <= %s"
+        )
+        # (subscription, partition, position)
+        self.reset_sql = (
+            f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
+            "VALUES (%s, %s, %s, 1) ON CONFLICT (subscription_name, partition) "
+            "DO UPDATE SET position = EXCLUDED.position, token = st.token + 1, updated_at = now()"
+        )
 
     def ddl(self) -> list[str]:
         return [
@@ -51,9 +81,12 @@ class StateTable:
                 partition integer NOT NULL,
                 position integer NOT NULL,
                 updated_at timestamptz NOT NULL DEFAULT now(),
+                token bigint NOT NULL DEFAULT 0,
                 PRIMARY KEY (subscription_name, partition)
             )
-            """
+            """,
+            # Tables made before fencing existed.
+            f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS token bigint NOT NULL DEFAULT 0",
         ]
 
     def ensure(self, engine: sa.Engine) -> None:

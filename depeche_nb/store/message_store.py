@@ -40,7 +40,6 @@ from depeche_nb.postgres.driver import is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.storage import (
-    ROW_COLUMNS,
     Storage,
     check_expected_version,
     translate_write_error,
@@ -65,7 +64,8 @@ def deserialize_payload(payload: Any, serializer: MessageSerializer[E]) -> E:
 
 
 def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[E]:
-    """Build a `StoredMessage` from a row in `ROW_COLUMNS` order (payload as dict or JSON text)."""
+    """Build a `StoredMessage` from a row in `messages_table.ROW_COLUMNS` order (payload as
+    a dict or JSON text)."""
     message_id, stream, version, payload, global_position, added_at = row
     message = deserialize_payload(payload, serializer)
     # The message carries its own id (the store wrote exactly that one), which
@@ -113,13 +113,13 @@ class MessageStoreReader(Generic[E]):
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         validate_stream(stream)
-        rows = self._conn.exec_driver_sql(self._storage.text_read_sql, (stream, min_version or 0))
+        rows = self._conn.exec_driver_sql(self._storage.statements.text_read_sql, (stream, min_version or 0))
         for row in rows:
             yield to_stored_message(row, self._serializer)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         pattern = validate_wildcard(stream_wildcard)
-        for row in self._conn.exec_driver_sql(self._storage.text_wildcard_sql, (pattern,)):
+        for row in self._conn.exec_driver_sql(self._storage.statements.text_wildcard_sql, (pattern,)):
             yield to_stored_message(row, self._serializer)
 
 
@@ -133,15 +133,6 @@ class MessageStoreBase(RichRepr, Generic[E]):
         self._serializer = serializer
         self.name = name
         self.engine = engine
-        # See the module docstring. The write's result travels in a session
-        # setting, because only the last statement's result comes back.
-        self._write_and_notify_sql = (
-            "BEGIN; SELECT set_config('depeche_nb.last_write', "
-            f"(SELECT max(w.version)::text || ',' || max(w.global_position)::text FROM ("
-            f"{self._storage.write_sql}) w), false); COMMIT; "
-            "BEGIN; SET LOCAL synchronous_commit TO off; "
-            f"{self._storage.notify_sql}; COMMIT; SELECT current_setting('depeche_nb.last_write')"
-        )
 
     @property
     def notification_channel(self) -> str:
@@ -248,7 +239,7 @@ class MessageStoreBase(RichRepr, Generic[E]):
         params = self._storage.write_params(stream, expected_version, serialized, notify=False)
         with autocommit_cursor(self.engine) as cursor:
             try:
-                cursor.execute(self._write_and_notify_sql, params)
+                cursor.execute(self._storage.statements.write_and_notify_sql, params)
                 (last,) = cursor.fetchone()
             except Exception as exc:
                 if not is_driver_error(exc):
@@ -274,7 +265,7 @@ class MessageStoreBase(RichRepr, Generic[E]):
         """The stream's messages in version order (from `min_version` on, if given)."""
         validate_stream(stream)
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._storage.text_read_sql, (stream, min_version or 0))
+            cursor.execute(self._storage.statements.text_read_sql, (stream, min_version or 0))
             rows = cursor.fetchall()
         serializer = self._serializer
         for row in rows:
@@ -286,7 +277,9 @@ class MessageStoreBase(RichRepr, Generic[E]):
         Rows arrive in chunks from a server-side cursor, so a large store does
         not have to fit in memory at once.
         """
-        yield from self._stream_rows(self._storage.text_wildcard_sql, (validate_wildcard(stream_wildcard),))
+        yield from self._stream_rows(
+            self._storage.statements.text_wildcard_sql, (validate_wildcard(stream_wildcard),)
+        )
 
     def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[StoredMessage[E]]:
         raw = self.engine.raw_connection()
@@ -334,4 +327,4 @@ class MessageStoreBase(RichRepr, Generic[E]):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-__all__ = ["ROW_COLUMNS", "MessageStoreBase", "MessageStoreReader", "to_stored_message"]
+__all__ = ["MessageStoreBase", "MessageStoreReader", "to_stored_message"]

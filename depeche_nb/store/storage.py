@@ -12,14 +12,12 @@ itself is `timestamptz`; the notebook views show it timezone-aware.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 
 from depeche_nb.core.errors import (
     DuplicateMessageIdError,
@@ -31,62 +29,13 @@ from depeche_nb.core.messages import MessagePosition
 from depeche_nb.postgres.driver import UNIQUE_VIOLATION, diagnostic, driver_error, sqlstate
 from depeche_nb.postgres.messages_table import (
     VERSION_CONFLICT_SQLSTATE,
+    MessagesStatements,
     MessagesViews,
     ensure_store_schema,
+    message_table,
 )
 from depeche_nb.postgres.names import StoreNames, quote_ident
 from depeche_nb.store.serializers import TYPE_KEY
-
-# Column order of every full row this module returns (`added_at` as naive UTC,
-# converted by the server so no row pays for it in Python).
-_ADDED_AT_UTC = "added_at AT TIME ZONE 'UTC' AS added_at"
-ROW_COLUMNS = f"message_id, stream, version, message, global_position, {_ADDED_AT_UTC}"
-# The same, with the payload as JSON text: serializers that parse JSON
-# themselves (pydantic's parser) skip the generic JSON decoding.
-TEXT_ROW_COLUMNS = ROW_COLUMNS.replace("message,", "message::text AS message,")
-
-
-class NaiveUtcDateTime(sa.types.TypeDecorator[_dt.datetime]):
-    """A `timestamptz` column seen as Depeche DB's naive `DateTime`: results come back as
-    naive UTC datetimes; naive parameters are taken as UTC, aware ones are kept."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: _dt.datetime | None, dialect: sa.Dialect) -> _dt.datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=_dt.timezone.utc)
-        return value
-
-    def process_result_value(self, value: _dt.datetime | None, dialect: sa.Dialect) -> _dt.datetime | None:
-        if value is not None and value.tzinfo is not None:
-            return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        return value
-
-
-class Xid8(sa.types.UserDefinedType[str]):
-    """PostgreSQL's `xid8` (the writing transaction's id); values arrive as text."""
-
-    cache_ok = True
-
-    def get_col_spec(self, **kw: Any) -> str:
-        return "xid8"
-
-
-def message_table(names: StoreNames, metadata: sa.MetaData) -> sa.Table:
-    """The SQLAlchemy description of a store's messages table (`store_schema.store_ddl`
-    creates it; this never does)."""
-    return sa.Table(
-        names.messages_table,
-        metadata,
-        sa.Column("global_position", sa.BigInteger, sa.Identity(always=True), primary_key=True),
-        sa.Column("message_id", sa.Uuid, nullable=False, unique=True),
-        sa.Column("stream", sa.Text(collation="C"), nullable=False),
-        sa.Column("version", sa.Integer, nullable=False),
-        sa.Column("message", JSONB, nullable=False),
-        sa.Column("added_at", NaiveUtcDateTime, nullable=False, server_default=sa.func.now()),
-        sa.Column("txid", Xid8, nullable=False, server_default=sa.func.pg_current_xact_id()),
-    )
 
 
 def check_expected_version(expected_version: object) -> int | None:
@@ -157,19 +106,7 @@ class Storage:
         self._select_without_stream: sa.Select[Any] = sa.select(
             t.message_id, t.version, t.message, t.global_position, t.added_at
         )
-        fn = quote_ident(self.names.write_function)
-        self.write_sql = (
-            f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s::uuid[], %s::jsonb[], %s)"
-        )
-        self.notify_sql = f"NOTIFY {quote_ident(self.names.channel)}"
-        self.read_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream = %s AND version >= %s ORDER BY version"
-        )
-        self.text_read_sql = self.read_sql.replace(ROW_COLUMNS, TEXT_ROW_COLUMNS)
-        self.wildcard_sql = (
-            f"SELECT {ROW_COLUMNS} FROM {self.table} WHERE stream LIKE %s ORDER BY global_position"
-        )
-        self.text_wildcard_sql = self.wildcard_sql.replace(ROW_COLUMNS, TEXT_ROW_COLUMNS)
+        self.statements = MessagesStatements(self.names)
 
     @staticmethod
     def message_table_name(name: str) -> str:
@@ -203,7 +140,7 @@ class Storage:
         """Append `messages` atomically in one round trip; notify at the caller's commit."""
         params = self.write_params(stream, expected_version, messages, notify=notify)
         try:
-            rows = conn.exec_driver_sql(self.write_sql, params).all()
+            rows = conn.exec_driver_sql(self.statements.write_sql, params).all()
         except sa.exc.DBAPIError as exc:
             translated = translate_write_error(exc, stream)
             if translated is not None:
@@ -224,8 +161,8 @@ class Storage:
         expected = check_expected_version(expected_version)
         if not messages:
             raise ValueError("nothing to write: the message list is empty")
-        ids = [str(message_id) for message_id, _ in messages]
-        payloads = [payload_json(payload, "message") for _, payload in messages]
+        ids = ",".join([str(message_id) for message_id, _ in messages])
+        payloads = "[" + ",".join([payload_json(payload, "message") for _, payload in messages]) + "]"
         return (stream, expected, ids, payloads, notify)
 
     def truncate(self, conn: sa.Connection) -> None:
@@ -278,27 +215,15 @@ class Storage:
         yield from conn.execute(query).scalars()
 
     def get_global_position(self, conn: sa.Connection) -> int:
-        value = conn.exec_driver_sql(f"SELECT max(global_position) FROM {self.table}").scalar()
+        value = conn.exec_driver_sql(self.statements.global_position_sql).scalar()
         return int(value or 0)
 
     def get_max_version(self, conn: sa.Connection, stream: str) -> MessagePosition:
         validate_stream(stream)
-        row = conn.exec_driver_sql(
-            f"SELECT version, global_position FROM {self.table} WHERE stream = %s "
-            "ORDER BY version DESC LIMIT 1",
-            (stream,),
-        ).first()
+        row = conn.exec_driver_sql(self.statements.max_version_sql, (stream,)).first()
         if row is None:
             return MessagePosition(stream, 0, None)
         return MessagePosition(stream, row[0], row[1])
 
 
-__all__ = [
-    "ROW_COLUMNS",
-    "TEXT_ROW_COLUMNS",
-    "NaiveUtcDateTime",
-    "Storage",
-    "check_expected_version",
-    "message_table",
-    "translate_write_error",
-]
+__all__ = ["Storage", "check_expected_version", "translate_write_error"]
