@@ -553,7 +553,7 @@ def test_live_refresh_is_throttled_and_coalesced(engine: sa.Engine, unique_name:
     def refresh() -> None:
         calls.append(time.monotonic())
         with engine.connect() as conn:
-            seen.append(conn.exec_driver_sql(f"SELECT count(*) FROM {store._storage.views.table}").scalar_one())
+            seen.append(conn.exec_driver_sql(f"SELECT count(*) FROM {store._storage.table}").scalar_one())
 
     refresher = LiveRefresher(engine, [store.notification_channel], refresh)
     refresher.start()

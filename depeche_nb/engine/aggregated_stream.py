@@ -21,10 +21,9 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
-from depeche_nb.postgres.messages_table import text_row_columns
-from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
-from depeche_nb.postgres.stream_tables import StreamNames, StreamViews, ensure_stream_schema
+from depeche_nb.postgres.state_table import StateTable
+from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
 
@@ -83,20 +82,7 @@ class AggregatedStream(RichRepr, Generic[E]):
             self, partitioner, wildcards, batch_size=update_batch_size
         )
         self.subscription: SubscriptionFactory[E] = SubscriptionFactory(self)
-        table = quote_ident(self.names.table)
-        messages = quote_ident(self.names.store.messages_table)
-        self._table = table
-        self._heads = quote_ident(self.names.heads_table)
-        # The slice is cut first (an ordered scan of the (partition, position)
-        # index), then each pointer is looked up by primary key: a plan that
-        # stays right even before the planner has statistics for new tables.
-        self._slice_messages_sql = (
-            f"SELECT s.partition, s.position, {text_row_columns('m')} "
-            f"FROM (SELECT partition, position, global_position FROM {table} "
-            "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s) s "
-            f"CROSS JOIN LATERAL (SELECT * FROM {messages} m0 "
-            "WHERE m0.global_position = s.global_position) m ORDER BY s.position"
-        )
+        self.statements = StreamStatements(self.names)
 
     @property
     def engine(self) -> sa.Engine:
@@ -125,11 +111,7 @@ class AggregatedStream(RichRepr, Generic[E]):
         """All pointers of one partition, by position."""
         _check_int("partition", partition)
         with self._connection(conn) as c:
-            rows = c.exec_driver_sql(
-                f"SELECT partition, position, message_id FROM {self._table} "
-                "WHERE partition = %s ORDER BY position",
-                (partition,),
-            ).all()
+            rows = c.exec_driver_sql(self.statements.read_sql, (partition,)).all()
         for row in rows:
             yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
 
@@ -141,11 +123,7 @@ class AggregatedStream(RichRepr, Generic[E]):
         _check_int("start", start)
         _check_int("count", count)
         with self._connection(conn) as c:
-            rows = c.exec_driver_sql(
-                f"SELECT partition, position, message_id FROM {self._table} "
-                "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s",
-                (partition, start, count),
-            ).all()
+            rows = c.exec_driver_sql(self.statements.read_slice_sql, (partition, start, count)).all()
         for row in rows:
             yield AggregatedStreamMessage(row[0], row[1], _as_uuid(row[2]))
 
@@ -153,19 +131,15 @@ class AggregatedStream(RichRepr, Generic[E]):
         self, partition: int, start: int, count: int
     ) -> list[tuple[int, int, StoredMessage[E]]]:
         """(partition, position, stored message) from `start` on, in one round trip."""
-        return self._slice(self._slice_messages_sql, (partition, start, count))
+        return self._slice(self.statements.slice_messages_sql("%s"), (partition, start, count))
 
     def read_slice_after_state(
-        self, partition: int, state_table: str, subscription_name: str, count: int
+        self, partition: int, state: StateTable, subscription_name: str, count: int
     ) -> list[tuple[int, int, StoredMessage[E]]]:
-        """The next `count` messages after a subscription's stored position, with the
-        position read in the same statement (one round trip per batch on the hot path).
-        `state_table` is a quoted table name from a `DbSubscriptionStateProvider`."""
-        sql = self._slice_messages_sql.replace(
-            "position >= %s",
-            f"position > coalesce((SELECT st.position FROM {state_table} st "
-            "WHERE st.subscription_name = %s AND st.partition = %s), -1)",
-        )
+        """The next `count` messages after a subscription's stored position (in `state`, a
+        `DbSubscriptionStateProvider`'s table), with the position read in the same
+        statement: one round trip per batch on the hot path."""
+        sql = self.statements.slice_after_state_sql(state)
         return self._slice(sql, (partition, subscription_name, partition, count))
 
     def _slice(self, sql: str, params: tuple[object, ...]) -> list[tuple[int, int, StoredMessage[E]]]:
@@ -190,7 +164,7 @@ class AggregatedStream(RichRepr, Generic[E]):
 
     def get_max_aggregated_stream_positions(self, conn: sa.Connection | None = None) -> dict[int, int]:
         """Partition -> head position (highest assigned position)."""
-        sql = f"SELECT partition, max_position FROM {self._heads}"
+        sql = self.statements.heads_sql
         if conn is not None:
             return {row[0]: row[1] for row in conn.exec_driver_sql(sql).all()}
         with autocommit_cursor(self.engine) as cursor:
@@ -202,14 +176,9 @@ class AggregatedStream(RichRepr, Generic[E]):
     ) -> Iterator[StreamPartitionStatistic]:
         """Per partition: its first message and its head position (Depeche DB's shape:
         `next_message_occurred_at` is a naive UTC datetime)."""
-        limit = "" if result_limit is None else f"ORDER BY s.message_occurred_at LIMIT {int(result_limit)}"
+        limit = None if result_limit is None else int(result_limit)
         with self._connection(conn) as c:
-            rows = c.exec_driver_sql(
-                "SELECT h.partition, s.message_id, s.position, "
-                "s.message_occurred_at AT TIME ZONE 'UTC', h.max_position "
-                f"FROM {self._heads} h CROSS JOIN LATERAL (SELECT * FROM {self._table} s "
-                "WHERE s.partition = h.partition ORDER BY s.position LIMIT 1) s " + limit
-            ).all()
+            rows = c.exec_driver_sql(self.statements.first_messages_sql, (limit,)).all()
         for row in rows:
             yield StreamPartitionStatistic(row[0], _as_uuid(row[1]), row[2], row[3], row[4])
 
@@ -234,21 +203,15 @@ class AggregatedStream(RichRepr, Generic[E]):
         """For every partition: `aggregate` over its rows meeting `condition`, else `default`."""
         with self._connection(None) as c:
             rows = c.exec_driver_sql(
-                f"SELECT h.partition, coalesce((SELECT {aggregate} FROM {self._table} s "
-                f"WHERE s.partition = h.partition AND {condition}), {default}) FROM {self._heads} h",
-                (value,),
+                self.statements.per_partition_sql(aggregate, condition, default), (value,)
             ).all()
         return {row[0]: row[1] for row in rows}
 
     def truncate(self, conn: sa.Connection | None = None) -> None:
         """Forget every assignment and the projector's checkpoint (re-projects from scratch)."""
         with self._connection(conn) as c:
-            c.exec_driver_sql(f"DELETE FROM {self._table}")
-            c.exec_driver_sql(f"DELETE FROM {self._heads}")
-            c.exec_driver_sql(
-                f"UPDATE {quote_ident(self.names.checkpoint_table)} "
-                "SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()"
-            )
+            for statement in self.statements.truncate_sql:
+                c.exec_driver_sql(statement)
 
     def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
         return callers_or_own(self.engine, conn)

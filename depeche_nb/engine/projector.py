@@ -65,9 +65,8 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.engine.report_frames import records_dataframe
-from depeche_nb.postgres.messages_table import text_row_columns
-from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.stream_tables import StreamStatements
 from depeche_nb.store.message_store import to_stored_message
 
 if TYPE_CHECKING:
@@ -172,80 +171,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
         self.partitioner = partitioner
         self.stream_wildcards = list(stream_wildcards)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
-        names = stream.names
-        table = quote_ident(names.table)
-        heads = quote_ident(names.heads_table)
-        checkpoint = quote_ident(names.checkpoint_table)
-        messages = quote_ident(names.store.messages_table)
-        lock_a, lock_b = names.projector_lock
-        # Asynchronous commit: see "Durability" in the module docstring.
-        self._lock_sql = (
-            "BEGIN; SET LOCAL synchronous_commit TO off; "
-            f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
-        )
-        self._checkpoint_sql = (
-            "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
-            "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
-            f"array(SELECT pg_snapshot_xip(seen))::text[] FROM {checkpoint}"
-        )
-        visible = (
-            "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
-        )
-        order = "ORDER BY global_position LIMIT %(limit)s"
-        columns = text_row_columns("m")
-        # First round: walk the primary key in order (everything is new).
-        self._rows_first_sql = (
-            f"SELECT {columns} FROM {messages} m WHERE m.global_position > %(after)s AND {visible} {order}"
-        )
-        # Later rounds: the two halves of "not visible in seen" as separate
-        # index scans on txid; an OR would let the planner fall back to a scan
-        # of the whole table in global-position order.
-        self._rows_delta_sql = (
-            f"SELECT * FROM (SELECT {columns} FROM {messages} m "
-            f"WHERE m.txid >= %(seen_xmax)s::xid8 AND {visible} "
-            f"UNION ALL SELECT {columns} FROM {messages} m "
-            f"WHERE m.txid = ANY(%(seen_xip)s::xid8[]) AND {visible}) d "
-            f"WHERE d.global_position > %(after)s {order}"
-        )
-        self._insert_sql = f"""
-            WITH new AS (
-                SELECT * FROM unnest(%(gps)s::bigint[], %(ids)s::uuid[], %(streams)s::text[],
-                                     %(versions)s::int[], %(partitions)s::int[],
-                                     %(occurred)s::timestamptz[], %(added_utc)s::timestamp[])
-                    AS n(global_position, message_id, origin_stream, origin_stream_version,
-                         partition, message_occurred_at, origin_added_utc)
-            ), numbered AS (
-                SELECT n.*, coalesce(h.max_position, -1)
-                       + row_number() OVER (PARTITION BY n.partition ORDER BY n.global_position)
-                       AS position
-                FROM new n LEFT JOIN {heads} h ON h.partition = n.partition
-            ), ins AS (
-                INSERT INTO {table} (global_position, message_id, origin_stream,
-                    origin_stream_version, partition, position, message_occurred_at,
-                    origin_added_at)
-                SELECT global_position, message_id, origin_stream, origin_stream_version,
-                       partition, position::int, message_occurred_at,
-                       origin_added_utc AT TIME ZONE 'UTC'
-                FROM numbered
-                RETURNING global_position, partition, position
-            ), up AS (
-                INSERT INTO {heads} (partition, max_position)
-                SELECT partition, max(position) FROM ins GROUP BY partition
-                ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position
-                RETURNING partition, max_position
-            ), notified AS (
-                SELECT count(pg_notify(%(channel)s, json_build_object(
-                    'partition', partition, 'position', max_position)::text)) AS n
-                FROM up
-            )
-            SELECT ins.global_position, ins.partition, ins.position
-            FROM ins CROSS JOIN notified
-        """
-        self._advance_sql = (
-            f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
-            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, updated_at = now(); "
-            "COMMIT"
-        )
+        self._sql = StreamStatements(stream.names)
+        self._reads = stream.store._storage.statements
         self._keep_running = True
 
     # -- RunOnNotification --------------------------------------------------------------------
@@ -309,12 +236,12 @@ class StreamProjector(NotificationDriven, Generic[E]):
         return report
 
     def _step(self, cursor: Any, limit: int, report: ProjectionReport) -> None:
-        cursor.execute(self._lock_sql)
+        cursor.execute(self._sql.projector_lock_sql)
         if not cursor.fetchone()[0]:
             cursor.execute("ROLLBACK")
             report.locked = True
             return
-        cursor.execute(self._checkpoint_sql)
+        cursor.execute(self._sql.checkpoint_sql)
         seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
         params = {
             "after": after,
@@ -324,7 +251,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
             "seen_xmax": seen_xmax,
             "seen_xip": seen_xip,
         }
-        cursor.execute(self._rows_first_sql if seen is None else self._rows_delta_sql, params)
+        reads = self._reads
+        cursor.execute(reads.projection_first_sql if seen is None else reads.projection_delta_sql, params)
         rows = cursor.fetchall()
         report.more_available = len(rows) > limit
         rows = rows[:limit]
@@ -334,7 +262,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
         else:
             advance = {"seen": pending, "pending": None, "after": None}
-        cursor.execute(self._advance_sql, advance)
+        cursor.execute(self._sql.advance_sql, advance)
 
     def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport) -> None:
         serializer = self.stream.store.serializer
@@ -359,7 +287,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             columns["versions"].append(stored.version)
             columns["occurred"].append(_as_utc(stored.message.get_message_time()))  # type: ignore[attr-defined]
             columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
-        cursor.execute(self._insert_sql, {**columns, "channel": self.stream.names.channel})
+        cursor.execute(self._sql.project_sql, {**columns, "channel": self.stream.names.channel})
         placed = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
         for gp, message_id, stream, version in zip(
             columns["gps"], message_ids, columns["streams"], columns["versions"], strict=True

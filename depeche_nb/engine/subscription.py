@@ -171,7 +171,7 @@ class Subscription(RichRepr, Generic[E]):
         """The next `count` unacknowledged messages of a partition (call with its lock held)."""
         provider = self._state_provider
         if isinstance(provider, DbSubscriptionStateProvider):
-            return self._stream.read_slice_after_state(partition, provider.sql.table, self.name, count)
+            return self._stream.read_slice_after_state(partition, provider.sql, self.name, count)
         start = provider.read(self.name).positions.get(partition, -1) + 1
         return self._stream.read_slice_messages(partition, start, count)
 

@@ -122,6 +122,27 @@ class MessagesStatements:
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream LIKE %s ORDER BY global_position"
         )
         self.global_position_sql = f"SELECT max(global_position) FROM {table}"
+        # The projector's reads (see `engine.projector` for why they are exact): rows of
+        # `pending` matching the wildcards after a global position.
+        visible = (
+            "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
+        )
+        order = "ORDER BY global_position LIMIT %(limit)s"
+        columns = text_row_columns("m")
+        # First round: walk the primary key in order (everything is new).
+        self.projection_first_sql = (
+            f"SELECT {columns} FROM {table} m WHERE m.global_position > %(after)s AND {visible} {order}"
+        )
+        # Later rounds: the two halves of "not visible in seen" as separate index
+        # scans on txid; an OR would let the planner fall back to a scan of the
+        # whole table in global-position order.
+        self.projection_delta_sql = (
+            f"SELECT * FROM (SELECT {columns} FROM {table} m "
+            f"WHERE m.txid >= %(seen_xmax)s::xid8 AND {visible} "
+            f"UNION ALL SELECT {columns} FROM {table} m "
+            f"WHERE m.txid = ANY(%(seen_xip)s::xid8[]) AND {visible}) d "
+            f"WHERE d.global_position > %(after)s {order}"
+        )
         self.max_version_sql = (
             f"SELECT version, global_position FROM {table} WHERE stream = %s ORDER BY version DESC LIMIT 1"
         )

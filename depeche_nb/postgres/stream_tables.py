@@ -22,9 +22,10 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
-from depeche_nb.postgres.messages_table import epoch_us_sql
+from depeche_nb.postgres.messages_table import epoch_us_sql, text_row_columns
 from depeche_nb.postgres.names import StoreNames, lock_namespace, quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.state_table import StateTable
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,116 @@ def stream_ddl(names: StreamNames) -> list[str]:
 
 def ensure_stream_schema(engine: sa.Engine, names: StreamNames) -> None:
     run_ddl_once(engine, f"stream:{names.stream}", stream_ddl(names))
+
+
+class StreamStatements:
+    """The statements the engine runs on an aggregated stream's tables: the projector's
+    lock, checkpoint and insert, and the reads of partitions."""
+
+    def __init__(self, names: StreamNames) -> None:
+        table = quote_ident(names.table)
+        heads = quote_ident(names.heads_table)
+        checkpoint = quote_ident(names.checkpoint_table)
+        messages = quote_ident(names.store.messages_table)
+        lock_a, lock_b = names.projector_lock
+        # Asynchronous commit: see "Durability" in `engine.projector`.
+        self.projector_lock_sql = (
+            "BEGIN; SET LOCAL synchronous_commit TO off; "
+            f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
+        )
+        self.checkpoint_sql = (
+            "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
+            "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
+            f"array(SELECT pg_snapshot_xip(seen))::text[] FROM {checkpoint}"
+        )
+        self.project_sql = f"""
+            WITH new AS (
+                SELECT * FROM unnest(%(gps)s::bigint[], %(ids)s::uuid[], %(streams)s::text[],
+                                     %(versions)s::int[], %(partitions)s::int[],
+                                     %(occurred)s::timestamptz[], %(added_utc)s::timestamp[])
+                    AS n(global_position, message_id, origin_stream, origin_stream_version,
+                         partition, message_occurred_at, origin_added_utc)
+            ), numbered AS (
+                SELECT n.*, coalesce(h.max_position, -1)
+                       + row_number() OVER (PARTITION BY n.partition ORDER BY n.global_position)
+                       AS position
+                FROM new n LEFT JOIN {heads} h ON h.partition = n.partition
+            ), ins AS (
+                INSERT INTO {table} (global_position, message_id, origin_stream,
+                    origin_stream_version, partition, position, message_occurred_at,
+                    origin_added_at)
+                SELECT global_position, message_id, origin_stream, origin_stream_version,
+                       partition, position::int, message_occurred_at,
+                       origin_added_utc AT TIME ZONE 'UTC'
+                FROM numbered
+                RETURNING global_position, partition, position
+            ), up AS (
+                INSERT INTO {heads} (partition, max_position)
+                SELECT partition, max(position) FROM ins GROUP BY partition
+                ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position
+                RETURNING partition, max_position
+            ), notified AS (
+                SELECT count(pg_notify(%(channel)s, json_build_object(
+                    'partition', partition, 'position', max_position)::text)) AS n
+                FROM up
+            )
+            SELECT ins.global_position, ins.partition, ins.position
+            FROM ins CROSS JOIN notified
+        """
+        self.advance_sql = (
+            f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
+            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, updated_at = now(); "
+            "COMMIT"
+        )
+        self.truncate_sql = [
+            f"DELETE FROM {table}",
+            f"DELETE FROM {heads}",
+            f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()",
+        ]
+        self.read_sql = (
+            f"SELECT partition, position, message_id FROM {table} WHERE partition = %s ORDER BY position"
+        )
+        self.read_slice_sql = (
+            f"SELECT partition, position, message_id FROM {table} "
+            "WHERE partition = %s AND position >= %s ORDER BY position LIMIT %s"
+        )
+        self.heads_sql = f"SELECT partition, max_position FROM {heads}"
+        self.first_messages_sql = (
+            "SELECT h.partition, s.message_id, s.position, "
+            "s.message_occurred_at AT TIME ZONE 'UTC', h.max_position "
+            f"FROM {heads} h CROSS JOIN LATERAL (SELECT * FROM {table} s "
+            "WHERE s.partition = h.partition ORDER BY s.position LIMIT 1) s "
+            "ORDER BY s.message_occurred_at LIMIT %s"
+        )
+        self._table, self._heads, self._messages = table, heads, messages
+
+    def slice_messages_sql(self, start: str) -> str:
+        """(partition, position, message row...) of one partition from position `start`
+        (an SQL expression) on; parameters: partition, start's parameters, count.
+
+        The slice is cut first (an ordered scan of the (partition, position) index),
+        then each pointer is looked up by primary key: a plan that stays right even
+        before the planner has statistics for new tables."""
+        return (
+            f"SELECT s.partition, s.position, {text_row_columns('m')} "
+            f"FROM (SELECT partition, position, global_position FROM {self._table} "
+            f"WHERE partition = %s AND position >= {start} ORDER BY position LIMIT %s) s "
+            f"CROSS JOIN LATERAL (SELECT * FROM {self._messages} m0 "
+            "WHERE m0.global_position = s.global_position) m ORDER BY s.position"
+        )
+
+    def slice_after_state_sql(self, state: StateTable) -> str:
+        """The slice after a subscription's stored position, read in the same statement;
+        parameters: partition, subscription name, partition, count."""
+        return self.slice_messages_sql(state.position_subquery("%s", "%s") + " + 1")
+
+    def per_partition_sql(self, aggregate: str, condition: str, default: str) -> str:
+        """For every partition: `aggregate` over its rows meeting `condition` (one
+        parameter), else `default`; all three are fixed SQL of the caller's."""
+        return (
+            f"SELECT h.partition, coalesce((SELECT {aggregate} FROM {self._table} s "
+            f"WHERE s.partition = h.partition AND {condition}), {default}) FROM {self._heads} h"
+        )
 
 
 class StreamViews:
