@@ -99,8 +99,8 @@ def _script_cursor() -> type:
     class ScriptCursor(psycopg.ClientCursor[Any]):
         def execute(self, query: Any, params: Any = None, **kwargs: Any) -> ScriptCursor:
             super().execute(query, params, **kwargs)
-            while self.nextset():
-                pass
+            if len(self._results) > 1:
+                self.set_result(-1)
             return self
 
     return ScriptCursor
