@@ -4,6 +4,7 @@ so a `DROP DATABASE` right after it succeeds."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -77,6 +78,11 @@ def test_dispose_closes_every_session_and_drop_database_succeeds(admin: sa.Engin
 
     engine.dispose()
 
+    # Closing is immediate on our side; a backend process may take a moment to exit
+    # (DROP DATABASE itself waits up to 5 s for that, too).
+    deadline = time.monotonic() + 5
+    while sessions_on(admin, database) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sessions_on(admin, database) == 0
     assert not listener.is_running
     with admin.connect() as conn:
