@@ -5,6 +5,7 @@ style code keeps working; `connect()` adds the zero-setup embedded database.
 """
 
 from depeche_nb.core.errors import (
+    AckRolledback,
     BatchAckError,
     DepecheError,
     DuplicateMessageIdError,
@@ -19,6 +20,8 @@ from depeche_nb.core.errors import (
     MessageSerializationError,
     MissingMessageTypeError,
     OptimisticConcurrencyError,
+    PartitionLostError,
+    ReplayInProgressError,
     UnknownMessageTypeError,
 )
 from depeche_nb.core.interfaces import (
@@ -47,7 +50,6 @@ from depeche_nb.core.messages import (
     MessageSerializer,
     StoredMessage,
 )
-from depeche_nb.engine.acks import AckRolledback
 from depeche_nb.engine.aggregated_stream import AggregatedStream, AggregatedStreamFactory
 from depeche_nb.engine.depeche_db_adoption import AdoptionError, AdoptionReport, adopt_depeche_db
 from depeche_nb.engine.error_handlers import (
@@ -164,9 +166,11 @@ __all__ = [
     "MissingMessageTypeError",
     "OptimisticConcurrencyError",
     "ParkSubscriptionErrorHandler",
+    "PartitionLostError",
     "PartitionProgress",
     "PartitionerError",
     "ProjectionReport",
+    "ReplayInProgressError",
     "RetryPolicy",
     "RunOnNotification",
     "RunOnNotificationResult",

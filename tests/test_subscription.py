@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb import (
+    AckRolledback,
     AckStrategy,
     CallMiddleware,
     HandlerRegistrationError,
@@ -516,31 +517,68 @@ def test_handler_transaction_rolled_back_after_ack_persists_nothing_and_redelive
     assert calls == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
 
 
-def test_handler_that_returns_after_its_acking_transaction_rolled_back_is_redelivered(env: Env) -> None:
-    table = _side_table(env.engine, env.name)
-    calls: Counter[int] = Counter()
-
+def _acking_handler(env: Env, table: str, calls: Counter[int], roll_back: Callable[[int, int], bool]) -> Any:
     def handle(message: SubscriptionMessage[Numbered]) -> None:
         number = message.stored_message.message.number
         calls[number] += 1
         with env.engine.connect() as conn:
             conn.exec_driver_sql(f'INSERT INTO "{table}" VALUES (%s)', (number,))
             message.ack.execute(conn=conn)
-            if number == 1 and calls[number] == 1:
+            if roll_back(number, calls[number]):
                 conn.rollback()  # no exception: the runner must notice the ack did not commit
             else:
                 conn.commit()
 
+    return register(handle)
+
+
+def test_an_ack_transaction_that_did_not_commit_is_a_failed_attempt_and_retried(env: Env) -> None:
+    table = _side_table(env.engine, env.name)
+    calls: Counter[int] = Counter()
+    handlers = _acking_handler(env, table, calls, lambda number, call: number == 1 and call == 1)
     env.numbers(0, range(3))
     env.project()
-    subscription = env.subscription(register(handle))
-    subscription.runner.step()
-    assert positions(subscription)[0] == 0
-    assert _side_numbers(env.engine, table) == [0]
-    subscription.runner.run()
+    subscription = env.subscription(handlers, retry_policy=RetryPolicy(attempts=2, backoff_seconds=0.01))
+    report = subscription.runner.step()
     assert positions(subscription)[0] == 2
     assert _side_numbers(env.engine, table) == [0, 1, 2]
     assert calls == {0: 1, 1: 2, 2: 1}
+    assert [h.attempts for h in report.handled] == [1, 2, 1]
+
+
+def test_an_ack_transaction_that_never_commits_is_not_redelivered_in_a_tight_loop(env: Env) -> None:
+    """Finding 7 of the fencing issue: it was re-delivered ~600 times a second, ignoring the
+    retry policy. Now the policy's attempts run (with their back-off), then the error
+    handler decides: here it parks the message and the partition moves on."""
+    table = _side_table(env.engine, env.name)
+    calls: Counter[int] = Counter()
+    handlers = _acking_handler(env, table, calls, lambda number, call: number == 1)
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(
+        handlers,
+        retry_policy=RetryPolicy(attempts=3, backoff_seconds=0.01),
+        error_handler=ParkSubscriptionErrorHandler(),
+    )
+    subscription.runner.run()
+    assert calls == {0: 1, 1: 3, 2: 1}
+    assert _side_numbers(env.engine, table) == [0, 2]
+    [parked] = subscription.parked()
+    assert parked.position == 1 and parked.error.startswith("AckRolledback")
+    assert positions(subscription)[0] == 2
+
+
+def test_without_a_retry_policy_an_uncommitted_ack_stops_the_runner_like_a_handler_error(env: Env) -> None:
+    table = _side_table(env.engine, env.name)
+    calls: Counter[int] = Counter()
+    handlers = _acking_handler(env, table, calls, lambda number, call: number == 1)
+    env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(handlers)
+    with pytest.raises(AckRolledback, match="position 1 did not commit"):
+        subscription.runner.step()
+    assert calls == {0: 1, 1: 1}
+    assert positions(subscription)[0] == 0
 
 
 # -- start points --------------------------------------------------------------------------------

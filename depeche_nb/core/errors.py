@@ -82,6 +82,22 @@ class HandlerOverlapError(HandlerRegistrationError, ValueError):
     """A handler for a type that another registered handler already covers (Depeche DB: `ValueError`)."""
 
 
+class AckRolledback(DepecheError, RuntimeError):
+    """The handler acknowledged in its own transaction, which did not commit: a failed
+    attempt (the retry policy and the error handler apply)."""
+
+
+class PartitionLostError(DepecheError, RuntimeError):
+    """A runner's claim on a partition ended (its lock session died and another runner may
+    have taken over): the acknowledgement was refused, so a handler's transaction that
+    made it rolls back, and the runner abandons the batch. The message is delivered again
+    to whoever holds the partition now."""
+
+
+class ReplayInProgressError(DepecheError, RuntimeError):
+    """Another session is replaying this parked message right now."""
+
+
 class BatchAckError(DepecheError, ValueError, AssertionError):
     """A message acknowledged on a batch it is not part of, or out of order.
 

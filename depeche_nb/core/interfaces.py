@@ -78,6 +78,7 @@ class SubscriptionMessageBatch(Generic[E]):
     lock_key: str
     messages: list[SubscriptionMessage[E]]
     ackd_position: int = -1  # the last acknowledged position; -1: none yet
+    token: int | None = None  # the claim's fencing token (see `Subscription.claim`)
 
     @_ft.cached_property
     def message_ids(self) -> set[_uuid.UUID]:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from depeche_nb.core.errors import AckRolledback
 from depeche_nb.core.interfaces import SubscriptionStateProvider
-
-
-class AckRolledback(Exception):
-    """The handler acknowledged in its own transaction, which did not commit."""
 
 
 class AckOp:
@@ -16,12 +13,21 @@ class AckOp:
     transaction (`ack.execute(conn=conn)`), so side effects and the ack commit together."""
 
     def __init__(
-        self, subscription_name: str, partition: int, position: int, state_provider: SubscriptionStateProvider
+        self,
+        subscription_name: str,
+        partition: int,
+        position: int,
+        state_provider: SubscriptionStateProvider,
+        *,
+        token: int | None = None,
     ) -> None:
         self.subscription_name = subscription_name
         self.partition = partition
         self.position = position
         self._state_provider = state_provider
+        # The claim's fencing token: when set, the ack is refused (PartitionLostError)
+        # once another runner took the partition over.
+        self._token = token
         self.executed = False
         self.in_caller_transaction = False
         self._rolled_back = False
@@ -41,8 +47,11 @@ class AckOp:
         return self._rolled_back
 
     def execute(self, **kwargs: Any) -> None:
-        provider = self._state_provider.session(**kwargs) if kwargs else self._state_provider
-        provider.store(self.subscription_name, self.partition, self.position)
+        provider: Any = self._state_provider.session(**kwargs) if kwargs else self._state_provider
+        if self._token is not None:
+            provider.store_fenced(self.subscription_name, self.partition, self.position, self._token)
+        else:
+            provider.store(self.subscription_name, self.partition, self.position)
         self.executed = True
         self.in_caller_transaction = bool(kwargs)
 

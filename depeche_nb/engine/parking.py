@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses as _dc
 import datetime as _dt
 import traceback as _traceback
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.errors import ReplayInProgressError
 from depeche_nb.core.interfaces import SubscriptionMessage
 from depeche_nb.postgres.parked_table import (
     DISCARDED,
@@ -18,7 +21,7 @@ from depeche_nb.postgres.parked_table import (
     REPLAYED,
     ParkedTable,
 )
-from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,12 +97,27 @@ class ParkedMessages:
             raise KeyError(f"no parked message with id {parked_id}")
         return _to_parked(row)
 
-    def resolve(self, parked_id: int, status: str) -> None:
+    def resolve(self, parked_id: int, status: str, conn: sa.Connection | None = None) -> None:
+        """Mark an unresolved parked message `status` (in `conn`'s transaction if given);
+        `KeyError` if it is not unresolved (any more)."""
         self._ensure()
-        with self.engine.begin() as conn:
-            updated = conn.exec_driver_sql(self._sql.resolve_sql, (status, parked_id)).rowcount
+        with callers_or_own(self.engine, conn) as c:
+            updated = c.exec_driver_sql(self._sql.resolve_sql, (status, parked_id)).rowcount
         if updated != 1:
             raise KeyError(f"no unresolved parked message with id {parked_id}")
+
+    @contextlib.contextmanager
+    def replay_guard(self, parked_id: int) -> Iterator[None]:
+        """Held while one session replays a parked message: a second replay of the same one
+        fails at once instead of running the handler twice."""
+        self._ensure()
+        with self.engine.begin() as conn:
+            if not conn.exec_driver_sql(self._sql.replay_guard_sql, (parked_id,)).scalar_one():
+                raise ReplayInProgressError(
+                    f"parked message {parked_id} of {self.subscription_name!r} is being replayed "
+                    "by another session"
+                )
+            yield
 
     def count_unresolved(self) -> int | None:
         """Unresolved parked/ignored messages, or None when nothing was ever parked (the

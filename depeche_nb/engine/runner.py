@@ -15,6 +15,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.display import RichRepr
+from depeche_nb.core.errors import PartitionLostError
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     ErrorAction,
@@ -23,7 +24,7 @@ from depeche_nb.core.interfaces import (
     TimeBudget,
 )
 from depeche_nb.core.messages import StoredMessage
-from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
+from depeche_nb.engine.acks import AckOp, BatchAck
 from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED, SubscriptionMessageHandler
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
@@ -34,7 +35,7 @@ from depeche_nb.engine.report_frames import records_dataframe
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.subscription import Subscription
+    from depeche_nb.engine.subscription import PartitionClaim, Subscription
 
 E = TypeVar("E")
 
@@ -63,6 +64,8 @@ class RunnerReport(RichRepr):
     handled: list[HandledMessage] = _dc.field(default_factory=list)
     # Partitions with work that another runner had locked at the time.
     contended_partitions: list[int] = _dc.field(default_factory=list)
+    # Partitions whose claim ended mid-batch (lock session gone, taken over): abandoned.
+    lost_partitions: list[int] = _dc.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.handled)
@@ -184,47 +187,70 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def _handle_partition(self, partition: int, count: int, report: RunnerReport) -> int:
         subscription = self.subscription
-        locks = subscription.lock_provider
-        lock_name = subscription.partition_lock_name(partition)
-        if not locks.lock(lock_name):
+        claim = subscription.claim(partition)
+        if claim is None:
             report.contended_partitions.append(partition)
             return 0
+        handled_before = len(report.handled)
         try:
-            # Read the state under the lock: another runner may have moved on meanwhile.
+            # Read the state under the claim: another runner may have moved on meanwhile.
             batch = subscription.next_batch(partition, count)
-            return self._handle_batch(batch, report)
+            return self._handle_batch(claim, batch, report)
+        except PartitionLostError:
+            # Whoever holds the partition now delivers the rest (and the refused ack's message).
+            report.lost_partitions.append(partition)
+            return len(report.handled) - handled_before
         finally:
-            locks.unlock(lock_name)
+            subscription.release(claim)
 
-    def _handle_batch(self, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport) -> int:
+    def _check_claim(self, claim: PartitionClaim) -> None:
+        """Before each delivery: a claim whose lock session ended is abandoned at once."""
+        if not self.subscription.still_holds(claim):
+            raise PartitionLostError(
+                f"subscription {self.subscription.name!r} lost the lock of partition {claim.partition} "
+                "(its session ended); the batch is abandoned"
+            )
+
+    def _handle_batch(
+        self, claim: PartitionClaim, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport
+    ) -> int:
         subscription = self.subscription
         for done, (partition, position, stored) in enumerate(batch):
-            ack = AckOp(subscription.name, partition, position, subscription.state_provider)
+            self._check_claim(claim)
+            ack = subscription.ack_op(claim, position)
             message = SubscriptionMessage(partition, position, stored, ack)
-            self._deliver(message, report, park_ack=ack.execute)
-            if ack.rolled_back:
-                # The handler asked not to acknowledge: stop here, the message comes again.
+            if not self._deliver(message, report, park_ack=ack.execute):
+                # Not acknowledged (the handler rolled it back, or its own transaction did
+                # not commit within the retry policy): it comes again.
                 return done + 1
-            try:
-                if ack.in_caller_transaction:
-                    ack.verify()
-                elif not ack.executed:
-                    ack.execute()
-            except AckRolledback:
-                # The handler's own transaction did not commit: stop here, the
-                # message comes again.
-                return done + 1
+            if not ack.executed:
+                ack.execute()
         return len(batch)
 
-    def _deliver(self, message: SubscriptionMessage[E], report: RunnerReport, park_ack: Any) -> None:
-        """Call the handler with retries; record the outcome; raise on EXIT."""
+    def _deliver(self, message: SubscriptionMessage[E], report: RunnerReport, park_ack: Any) -> bool:
+        """Call the handler with retries and record the outcome; False if the message must
+        not be acknowledged (the handler rolled it back). Raises on EXIT, and
+        `PartitionLostError` when the claim ended.
+
+        A handler that acknowledged in its own transaction which then did not commit
+        has failed that attempt (`AckRolledback`): the retry policy and the error
+        handler apply, so it is not re-delivered in a tight loop."""
         policy = self.subscription.retry_policy
         attempts_allowed = policy.attempts if policy is not None else 1
+        ack = message.ack
         attempt = 0
         while True:
             attempt += 1
             try:
                 outcome = self.message_handler.call(message)
+                if isinstance(ack, AckOp):
+                    if ack.rolled_back:
+                        report.handled.append(self._record(message, outcome, attempt, None))
+                        return False
+                    if ack.in_caller_transaction:
+                        ack.verify()
+            except PartitionLostError:
+                raise
             except Exception as error:
                 if attempt < attempts_allowed and policy is not None:
                     time.sleep(policy.delay_before(attempt))
@@ -237,9 +263,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
                 self._park(message, status, attempt, error, park_ack)
                 outcome = PARKED if action is ErrorAction.PARK else IGNORED
                 report.handled.append(self._record(message, outcome, attempt, error))
-                return
+                return True
             report.handled.append(self._record(message, outcome, attempt, None))
-            return
+            return True
 
     def _park(
         self, message: SubscriptionMessage[E], status: str, attempts: int, error: Exception, ack: Any
@@ -274,19 +300,23 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
     """Stores the position once per batch, after the last successfully handled message."""
 
-    def _handle_batch(self, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport) -> int:
+    def _handle_batch(
+        self, claim: PartitionClaim, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport
+    ) -> int:
         subscription = self.subscription
-        acked: tuple[int, int] | None = None
+        acked: int | None = None
         try:
             for partition, position, stored in batch:
+                self._check_claim(claim)
                 message = SubscriptionMessage(partition, position, stored, BatchAck())
                 # A parked message is acknowledged with the rest of the batch below.
                 self._deliver(message, report, park_ack=None)
-                acked = (partition, position)
+                acked = position
         finally:
-            # Also on EXIT: what was handled stays handled (never rewind to -1).
+            # Also on EXIT: what was handled stays handled (never rewind to -1). Fenced:
+            # after a takeover this raises PartitionLostError and the new holder re-delivers.
             if acked is not None:
-                subscription.state_provider.store(subscription.name, acked[0], acked[1])
+                subscription.ack_op(claim, acked).execute()
         return len(batch)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.errors import PartitionLostError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.core.interfaces import SubscriptionState
 from depeche_nb.postgres.rawconn import autocommit_cursor
@@ -29,16 +30,34 @@ class DbSubscriptionStateProvider:
         with autocommit_cursor(self.engine) as cursor:
             cursor.execute(self.sql.upsert_sql, (subscription_name, partition, position))
 
-    def store_many(self, subscription_name: str, positions: dict[int, int]) -> None:
-        """Set several partitions' positions in one transaction (used by resets)."""
-        with self.engine.begin() as conn:
-            for partition, position in positions.items():
-                conn.exec_driver_sql(self.sql.upsert_sql, (subscription_name, partition, position))
-
     def read(self, subscription_name: str) -> SubscriptionState:
         with autocommit_cursor(self.engine) as cursor:
             cursor.execute(self.sql.read_sql, (subscription_name,))
             return SubscriptionState({row[0]: row[1] for row in cursor.fetchall()})
+
+    def take(self, subscription_name: str, partition: int) -> int:
+        """Bump the partition's fencing token (call with its lock held) and return it; every
+        fenced store of this claim must present it (see `postgres.state_table`)."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(self.sql.take_sql, (subscription_name, partition))
+            token, _ = cursor.fetchone()
+            return int(token)
+
+    def store_fenced(self, subscription_name: str, partition: int, position: int, token: int) -> None:
+        """Store `position` only if `token` is still the partition's and the position does
+        not go back; else `PartitionLostError`."""
+        with autocommit_cursor(self.engine) as cursor:
+            cursor.execute(
+                self.sql.fenced_store_sql, (position, subscription_name, partition, token, position)
+            )
+            check_fenced(cursor.rowcount, subscription_name, partition, position, token)
+
+    def reset_positions(self, subscription_name: str, positions: dict[int, int]) -> None:
+        """Set partitions' positions in one transaction, bumping their fencing tokens so a
+        runner that lost its lock cannot acknowledge over the reset (call with the locks held)."""
+        with self.engine.begin() as conn:
+            for partition, position in positions.items():
+                conn.exec_driver_sql(self.sql.reset_sql, (subscription_name, partition, position))
 
     def read_with_times(self, subscription_name: str) -> dict[int, tuple[int, _dt.datetime]]:
         """Each partition's position and when it was stored (for displays)."""
@@ -78,6 +97,15 @@ class DbSubscriptionStateProvider:
         return _StateSession(self, conn)
 
 
+def check_fenced(updated: int, subscription_name: str, partition: int, position: int, token: int) -> None:
+    if updated != 1:
+        raise PartitionLostError(
+            f"subscription {subscription_name!r} lost partition {partition}: its fencing token "
+            f"{token} is stale (another runner took the partition over) or position {position} "
+            "would go back; the acknowledgement was refused"
+        )
+
+
 class _StateSession:
     """The provider bound to a caller's transaction: nothing here commits."""
 
@@ -87,6 +115,12 @@ class _StateSession:
 
     def store(self, subscription_name: str, partition: int, position: int) -> None:
         self._conn.exec_driver_sql(self._provider.sql.upsert_sql, (subscription_name, partition, position))
+
+    def store_fenced(self, subscription_name: str, partition: int, position: int, token: int) -> None:
+        result = self._conn.exec_driver_sql(
+            self._provider.sql.fenced_store_sql, (position, subscription_name, partition, token, position)
+        )
+        check_fenced(result.rowcount, subscription_name, partition, position, token)
 
     def read(self, subscription_name: str) -> SubscriptionState:
         rows = self._conn.exec_driver_sql(self._provider.sql.read_sql, (subscription_name,)).all()

@@ -2,9 +2,12 @@
 
 At-least-once: a message is acknowledged (its position stored) only after
 its handler returned, so a crash at any point before the ack re-delivers
-it. A partition is processed only while its lock is held, and the state is
-re-read after the lock is taken, so two runners never handle one partition
-at once and never go backwards.
+it. A partition is processed only under a claim (`claim()`): its lock,
+plus, with the database state provider, a fencing token bumped under the
+lock. The state is read after the claim is made, and every acknowledgement
+of the claim is a compare-and-set on its token, so a runner whose lock
+vanished cannot acknowledge once another runner took over, and positions
+never go backwards except through `reset()`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.display import RichRepr
+from depeche_nb.core.errors import AckRolledback
 from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
     CallMiddleware,
@@ -29,7 +33,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionStateProvider,
 )
 from depeche_nb.core.messages import StoredMessage
-from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
+from depeche_nb.engine.acks import AckOp, BatchAck
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
@@ -50,9 +54,34 @@ DEFAULT_BATCH_SIZE = 100
 _INIT_WAIT_S = 30.0
 
 
+def _named_partitions(to: Mapping[Any, Any], known: list[int]) -> list[int]:
+    """The partitions of a `{partition: next_position}` reset, checked before any lock."""
+    for partition, next_position in to.items():
+        for what, value in (("partition", partition), ("position", next_position)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"reset {what} must be an int >= 0, got {value!r}")
+        if partition not in known:
+            raise ValueError(f"partition {partition} has no messages and no state; known partitions: {known}")
+    return sorted(to)
+
+
+def _claim_of(batch: SubscriptionMessageBatch[Any]) -> PartitionClaim:
+    return PartitionClaim(batch.partition, batch.lock_key, batch.token)
+
+
 class AckStrategy(enum.Enum):
     SINGLE = "single"
     BATCHED = "batched"
+
+
+@_dc.dataclass(frozen=True)
+class PartitionClaim:
+    """One runner's hold on a partition: its lock and, where the state provider fences
+    (`DbSubscriptionStateProvider`), the token every acknowledgement presents."""
+
+    partition: int
+    lock_name: str
+    token: int | None
 
 
 @_dc.dataclass(frozen=True)
@@ -160,6 +189,32 @@ class Subscription(RichRepr, Generic[E]):
         positions = self._state_provider.read(self.name).positions
         return [PartitionProgress(p, positions.get(p, -1), heads[p]) for p in sorted(heads)]
 
+    def claim(self, partition: int) -> PartitionClaim | None:
+        """Lock `partition` and take its fencing token; None if another runner holds it."""
+        lock_name = self.partition_lock_name(partition)
+        if not self._lock_provider.lock(lock_name):
+            return None
+        token = None
+        provider = self._state_provider
+        try:
+            if isinstance(provider, DbSubscriptionStateProvider):
+                token = provider.take(self.name, partition)
+        except BaseException:
+            self._lock_provider.unlock(lock_name)
+            raise
+        return PartitionClaim(partition, lock_name, token)
+
+    def release(self, claim: PartitionClaim) -> None:
+        self._lock_provider.unlock(claim.lock_name)
+
+    def still_holds(self, claim: PartitionClaim) -> bool:
+        """False once the claim's lock session is known to have ended."""
+        check = getattr(self._lock_provider, "still_holds", None)
+        return True if check is None else bool(check(claim.lock_name))
+
+    def ack_op(self, claim: PartitionClaim, position: int) -> AckOp:
+        return AckOp(self.name, claim.partition, position, self._state_provider, token=claim.token)
+
     def partitions_with_work(self) -> list[PartitionProgress]:
         """Partitions with unhandled messages, most behind first."""
         pending = [p for p in self.progress() if p.lag > 0]
@@ -187,17 +242,17 @@ class Subscription(RichRepr, Generic[E]):
         check_positive_int("count", count)
         self.ensure_initialized()
         for candidate in self.partitions_with_work():
-            lock_key = self.partition_lock_name(candidate.partition)
-            if not self._lock_provider.lock(lock_key):
+            claim = self.claim(candidate.partition)
+            if claim is None:
                 continue
             try:
-                # Read the state under the lock: another runner may have moved on meanwhile.
+                # Read the state under the claim: another runner may have moved on meanwhile.
                 rows = self.next_batch(candidate.partition, count)
             except BaseException:
-                self._lock_provider.unlock(lock_key)
+                self.release(claim)
                 raise
             if not rows:
-                self._lock_provider.unlock(lock_key)
+                self.release(claim)
                 continue
             messages = [
                 SubscriptionMessage(partition, position, stored, BatchAck())
@@ -207,23 +262,25 @@ class Subscription(RichRepr, Generic[E]):
                 partition=candidate.partition,
                 first_position=messages[0].position,
                 last_position=messages[-1].position,
-                lock_key=lock_key,
+                lock_key=claim.lock_name,
                 messages=messages,
+                token=claim.token,
             )
         return None
 
     def ack_message_batch(self, message_batch: SubscriptionMessageBatch[E], success: bool) -> None:
         """Store the batch's last acknowledged position (if `success` and any message was
-        acknowledged) and release the partition."""
+        acknowledged; fenced: `PartitionLostError` if the partition was taken over) and
+        release the partition."""
         try:
             if success and message_batch.ackd_position >= message_batch.first_position:
-                self._state_provider.store(self.name, message_batch.partition, message_batch.ackd_position)
+                self.ack_op(_claim_of(message_batch), message_batch.ackd_position).execute()
         finally:
             self.unlock_message_batch(message_batch)
 
     def unlock_message_batch(self, message_batch: SubscriptionMessageBatch[E]) -> None:
         """Release the batch's partition without storing anything."""
-        self._lock_provider.unlock(message_batch.lock_key)
+        self.release(_claim_of(message_batch))
 
     def get_next_messages(self, count: int) -> Iterator[SubscriptionMessage[E]]:
         """Yield up to `count` messages of one partition; each is acked when the consumer
@@ -232,8 +289,9 @@ class Subscription(RichRepr, Generic[E]):
         if batch is None:
             return
         try:
+            claim = _claim_of(batch)
             for message in batch.messages:
-                ack = AckOp(self.name, message.partition, message.position, self._state_provider)
+                ack = self.ack_op(claim, message.position)
                 yield SubscriptionMessage(message.partition, message.position, message.stored_message, ack)
                 if ack.rolled_back:
                     return  # not acknowledged: delivered again
@@ -255,12 +313,15 @@ class Subscription(RichRepr, Generic[E]):
         timeout: float = 10.0,
     ) -> dict[int, int]:
         """Move the subscription: to the beginning (default), a start point, or explicit
-        `{partition: next_position}`. Waits for each partition's lock, so it is safe while
-        runners work; returns the new acknowledged positions."""
+        `{partition: next_position}` (only the partitions named there move). Waits for
+        each moved partition's lock, so it is safe while runners work, and bumps their
+        fencing tokens, so a runner that lost its lock cannot acknowledge over it;
+        returns every partition's acknowledged position afterwards."""
         heads = self._stream.get_max_aggregated_stream_positions()
         current = self._state_provider.read(self.name).positions
-        partitions = sorted(set(heads) | set(current))
-        target = self._reset_targets(to, heads, partitions)
+        known = sorted(set(heads) | set(current))
+        # {partition: next_position} moves only the partitions it names.
+        partitions = _named_partitions(to, known) if isinstance(to, Mapping) else known
         locked: list[str] = []
         deadline = time.monotonic() + timeout
         try:
@@ -273,14 +334,21 @@ class Subscription(RichRepr, Generic[E]):
                         )
                     time.sleep(0.02)
                 locked.append(lock_name)
-            for partition in partitions:
-                self._state_provider.store(self.name, partition, target[partition])
-            if not self._state_provider.initialized(self.name):
-                self._state_provider.initialize(self.name)
+            # Targets computed under the locks: no runner moves these partitions meanwhile.
+            target = self._reset_targets(to, heads, partitions)
+            provider = self._state_provider
+            if isinstance(provider, DbSubscriptionStateProvider):
+                # Bumps the fencing tokens too: a runner that lost its lock cannot ack over this.
+                provider.reset_positions(self.name, target)
+            else:
+                for partition in partitions:
+                    provider.store(self.name, partition, target[partition])
+            if not provider.initialized(self.name):
+                provider.initialize(self.name)
         finally:
             for lock_name in locked:
                 self._lock_provider.unlock(lock_name)
-        return target
+        return {**{p: current.get(p, -1) for p in known}, **target}
 
     def _reset_targets(self, to: object, heads: dict[int, int], partitions: list[int]) -> dict[int, int]:
         if to is None or isinstance(to, StartAtBeginning):
@@ -293,18 +361,7 @@ class Subscription(RichRepr, Generic[E]):
         if isinstance(to, _dt.datetime):
             return self._reset_targets(StartAtPointInTime(to), heads, partitions)
         if isinstance(to, Mapping):
-            targets = {p: self._state_provider.read(self.name).positions.get(p, -1) for p in partitions}
-            for partition, next_position in to.items():
-                for what, value in (("partition", partition), ("position", next_position)):
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                        raise ValueError(f"reset {what} must be an int >= 0, got {value!r}")
-                if partition not in targets:
-                    raise ValueError(
-                        f"partition {partition} has no messages and no state in {self.name!r}; "
-                        f"known partitions: {sorted(targets)}"
-                    )
-                targets[partition] = next_position - 1
-            return targets
+            return {partition: to[partition] - 1 for partition in partitions}
         raise TypeError(
             "reset(to=...) takes None (beginning), StartAtNextMessage(), StartAtPointInTime(dt), "
             f"a datetime or {{partition: next_position}}, got {type(to).__name__}"
@@ -321,16 +378,25 @@ class Subscription(RichRepr, Generic[E]):
 
     def replay_parked(self, parked_id: int) -> str:
         """Run the handler on a parked message now; on success mark it replayed.
-        A handler error propagates and leaves it parked."""
-        parked = self.parked_messages.get(parked_id)
-        if parked.status not in (PARKED, IGNORED):
-            raise KeyError(f"parked message {parked_id} is already {parked.status}")
-        with self._stream.store.reader() as reader:
-            stored = reader.get_message_by_id(parked.message_id)
-        message = SubscriptionMessage(parked.partition, parked.position, stored, _ReplayAck())
-        outcome = self.message_handler.call(message)
-        self.parked_messages.resolve(parked_id, REPLAYED)
-        return outcome
+        A handler error propagates and leaves it parked.
+
+        A handler that calls `message.ack.execute(conn=c)` marks it replayed inside its
+        own transaction, so the effect and the status commit together. One replay of
+        a message runs at a time: a concurrent one raises `ReplayInProgressError`, a
+        later one `KeyError` (already replayed)."""
+        with self.parked_messages.replay_guard(parked_id):
+            # Read under the guard: a replay that just finished has marked it resolved.
+            parked = self.parked_messages.get(parked_id)
+            if parked.status not in (PARKED, IGNORED):
+                raise KeyError(f"parked message {parked_id} is already {parked.status}")
+            with self._stream.store.reader() as reader:
+                stored = reader.get_message_by_id(parked.message_id)
+            ack = _ReplayAck(self.parked_messages, parked_id)
+            message = SubscriptionMessage(parked.partition, parked.position, stored, ack)
+            outcome = self.message_handler.call(message)
+            if not ack.executed:
+                ack.execute()
+            return outcome
 
     def discard_parked(self, parked_id: int) -> None:
         """Mark a parked message as dealt with, without handling it."""
@@ -350,10 +416,17 @@ class Subscription(RichRepr, Generic[E]):
 
 
 class _ReplayAck:
-    """A replayed message was acknowledged when it was parked; nothing more to store."""
+    """The ack of a replayed message marks it replayed: inside the handler's transaction
+    (`execute(conn=c)`), so its effect and its status commit together, or after it."""
+
+    def __init__(self, parked: ParkedMessages, parked_id: int) -> None:
+        self._parked = parked
+        self._parked_id = parked_id
+        self.executed = False
 
     def execute(self, **kwargs: Any) -> None:
-        return None
+        self._parked.resolve(self._parked_id, REPLAYED, conn=kwargs.get("conn"))
+        self.executed = True
 
 
 class SubscriptionFactory(Generic[E]):

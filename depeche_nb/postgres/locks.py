@@ -3,12 +3,23 @@
 All locks of one provider live on one dedicated connection: if the process
 dies, PostgreSQL ends the session and releases every lock it held, so other
 workers take over its partitions without any lease timeout.
+
+The session can also end while the process lives (a terminated backend, a
+network drop, a failover): its locks are gone at that moment. `still_holds`
+tells, without a round trip in the common case: an idle session receives
+nothing, so a readable socket means the server wrote (a termination notice,
+or end of file) and a `SELECT 1` then settles it. A lost session's locks move
+to `lost()`; unlocking one of them is a no-op. Locks alone cannot stop a
+runner that lost them, which is why acknowledgements are fenced too (see
+`postgres.state_table`). The session opts out of `idle_session_timeout`,
+which would otherwise end it between batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import select
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
+from depeche_nb.postgres.driver import is_closed, is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
 
 _MASK32 = 0xFFFFFFFF
@@ -44,18 +56,64 @@ class DbLockProvider:
         self._engine = engine
         self._connection: Any = None
         self._held: set[str] = set()
+        self._lost: set[str] = set()
         self._mutex = threading.Lock()
 
     def _cursor(self) -> Any:
-        if self._connection is None or self._connection.closed:
-            self._held.clear()  # a new session holds nothing
+        if self._connection is None or is_closed(self._connection):
+            self._forget_session()
             self._connection = open_dbapi_connection(self._engine)
+            with self._connection.cursor() as cursor:
+                cursor.execute("SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0")
         return self._connection.cursor()
+
+    def _forget_session(self) -> None:
+        """The session is gone (or about to be replaced): whatever it held is lost."""
+        self._lost |= self._held
+        self._held.clear()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+        self._connection = None
+
+    def _session_alive(self) -> bool:
+        connection = self._connection
+        if connection is None or is_closed(connection):
+            return False
+        try:
+            readable, _, _ = select.select([connection], [], [], 0)
+            if not readable:
+                return True
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            return True
+        except Exception as exc:
+            if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError))):
+                raise
+            return False
+
+    def still_holds(self, name: str) -> bool:
+        """Whether this provider's session still holds lock `name` (it may have ended)."""
+        with self._mutex:
+            if name not in self._held:
+                return False
+            if not self._session_alive():
+                self._forget_session()
+                return False
+            return True
+
+    def lost(self) -> frozenset[str]:
+        """Locks this provider held when its session ended."""
+        with self._mutex:
+            return frozenset(self._lost)
 
     def lock(self, name: str) -> bool:
         with self._mutex:
             if name in self._held:
                 return False
+            if self._connection is not None and not self._session_alive():
+                self._forget_session()
+            self._lost.discard(name)
             with self._cursor() as cursor:
                 cursor.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(self.name, name),))
                 acquired = bool(cursor.fetchone()[0])
@@ -65,11 +123,21 @@ class DbLockProvider:
 
     def unlock(self, name: str) -> None:
         with self._mutex:
+            if name in self._lost:
+                self._lost.discard(name)  # went with its session: nothing to release
+                return
             if name not in self._held:
                 raise KeyError(f"lock {name!r} is not held by this provider")
             self._held.discard(name)
-            with self._cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(self.name, name),))
+            try:
+                with self._cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(self.name, name),))
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
+                # The session broke under us: its locks are released by its end.
+                self._forget_session()
+                self._lost.discard(name)
 
     def held(self) -> frozenset[str]:
         with self._mutex:
@@ -97,6 +165,7 @@ class DbLockProvider:
                     self._connection.close()
             self._connection = None
             self._held.clear()
+            self._lost.clear()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

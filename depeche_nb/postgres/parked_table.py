@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
-from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.names import lock_namespace, quote_ident
 
 PARKED = "parked"
 IGNORED = "ignored"  # skipped after an error by LogAndIgnoreSubscriptionErrorHandler
@@ -37,6 +37,11 @@ class ParkedTable:
         self.get_sql = f"SELECT {COLUMNS} FROM {table} WHERE id = %s"
         self.resolve_sql = (
             f"UPDATE {table} SET status = %s, resolved_at = now() WHERE id = %s AND {_UNRESOLVED_SQL}"
+        )
+        # Transaction-level, so it ends with the replaying session's transaction, even if
+        # that session dies.
+        self.replay_guard_sql = (
+            f"SELECT pg_try_advisory_xact_lock({lock_namespace('replay', subscription_name)}, %s::int)"
         )
         # A display must not create the table (it exists only after first use): ask first.
         self.exists_sql = "SELECT to_regclass(%s) IS NOT NULL"

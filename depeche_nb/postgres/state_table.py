@@ -15,7 +15,9 @@ raises, and a handler's transaction rolls back with its side effects. The
 bump takes the row lock, so it waits for an acknowledgement still in flight
 and then returns the position that acknowledgement committed. The set is also
 refused when it would lower the position: positions go back only by an
-explicit reset (`reset_sql`), which bumps the token too.
+explicit reset (`reset_sql`), which bumps the token too. A row that a claim
+created before any acknowledgement has a NULL position, so reads still show
+"nothing acknowledged" as no row at all, as they did before.
 """
 
 from __future__ import annotations
@@ -44,27 +46,24 @@ class StateTable:
             "ON CONFLICT (subscription_name, partition) "
             "DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
         )
-        self.read_sql = (
-            f"SELECT partition, position FROM {table} WHERE subscription_name = %s AND partition >= 0"
-        )
-        self.read_with_times_sql = (
-            f"SELECT partition, position, updated_at FROM {table} "
-            "WHERE subscription_name = %s AND partition >= 0"
-        )
+        acked = "subscription_name = %s AND partition >= 0 AND position IS NOT NULL"
+        self.read_sql = f"SELECT partition, position FROM {table} WHERE {acked}"
+        self.read_with_times_sql = f"SELECT partition, position, updated_at FROM {table} WHERE {acked}"
         self.initialized_sql = (
             f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
         )
         self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
-        # (subscription, partition) -> (token, position); -1 = nothing acknowledged yet.
+        # (subscription, partition) -> (token, position); NULL = nothing acknowledged yet.
         self.take_sql = (
             f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
-            "VALUES (%s, %s, -1, 1) ON CONFLICT (subscription_name, partition) "
+            "VALUES (%s, %s, NULL, 1) ON CONFLICT (subscription_name, partition) "
             "DO UPDATE SET token = st.token + 1 RETURNING st.token, st.position"
         )
         # (position, subscription, partition, token, position)
         self.fenced_store_sql = (
             f"UPDATE {table} SET position = %s, updated_at = now() "
-            "WHERE subscription_name = %s AND partition = %s AND token = %s AND position <= %s"
+            "WHERE subscription_name = %s AND partition = %s AND token = %s "
+            "AND coalesce(position, -1) <= %s"
         )
         # (subscription, partition, position)
         self.reset_sql = (
@@ -79,7 +78,7 @@ class StateTable:
             CREATE TABLE IF NOT EXISTS {self.table} (
                 subscription_name text NOT NULL,
                 partition integer NOT NULL,
-                position integer NOT NULL,
+                position integer,
                 updated_at timestamptz NOT NULL DEFAULT now(),
                 token bigint NOT NULL DEFAULT 0,
                 PRIMARY KEY (subscription_name, partition)
@@ -87,6 +86,7 @@ class StateTable:
             """,
             # Tables made before fencing existed.
             f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS token bigint NOT NULL DEFAULT 0",
+            f"ALTER TABLE {self.table} ALTER COLUMN position DROP NOT NULL",
         ]
 
     def ensure(self, engine: sa.Engine) -> None:
