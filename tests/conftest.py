@@ -27,6 +27,7 @@ DRIVER_SENSITIVE = {
     "test_executor",
     "test_executor_end_to_end",
     "test_executor_failover",
+    "test_fencing",
     "test_frames",
     "test_notifications",
     "test_parallel_consumers",

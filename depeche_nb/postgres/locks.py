@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.driver import is_closed, is_driver_error
+from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
 
 _MASK32 = 0xFFFFFFFF
@@ -91,6 +91,12 @@ class DbLockProvider:
             if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError))):
                 raise
             return False
+
+    @property
+    def session_pid(self) -> int | None:
+        """The server process id of the lock session (None before the first lock)."""
+        connection = self._connection
+        return None if connection is None or is_closed(connection) else backend_pid(connection)
 
     def still_holds(self, name: str) -> bool:
         """Whether this provider's session still holds lock `name` (it may have ended)."""
