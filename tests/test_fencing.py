@@ -339,3 +339,45 @@ def test_a_replay_whose_transaction_rolls_back_stays_parked(setup: Setup) -> Non
         sub.replay_parked(parked.id)
     assert [p.id for p in sub.parked()] == [parked.id]
     assert _effects(engine, setup.effects) == []
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Any:
+    from tests.faults import FaultyServer
+
+    server = FaultyServer()
+    yield server
+    server.close()
+
+
+def test_a_lock_session_survives_an_idle_session_timeout_shorter_than_a_batch(faulty: Any) -> None:
+    """With `idle_session_timeout` shorter than a batch, the server used to end the idle lock
+    session mid-batch and a second runner took the partition. The lock session opts out."""
+    engine = faulty.engine()
+    try:
+        setup = Setup(engine, "idle_fence")
+        handled: list[int] = []
+
+        def handle(message: SubscriptionMessage[Numbered]) -> None:
+            handled.append(message.stored_message.message.number)
+            time.sleep(0.12)
+
+        sub = setup.subscription(handle)
+        rival = setup.subscription(handle)
+        with faulty.setting("idle_session_timeout", "250ms"):
+            thread = threading.Thread(target=sub.runner.step)
+            thread.start()
+            time.sleep(0.05)
+            pid = sub.lock_provider.session_pid
+            contended = 0
+            while thread.is_alive():
+                report = rival.runner.step()  # must never get the partition while A works
+                contended += report.contended_partitions == [0]
+                time.sleep(0.05)
+            thread.join()
+        assert handled == list(range(MESSAGES))
+        assert contended > 5
+        assert sub.lock_provider.session_pid == pid  # the same session throughout
+        assert sub.runner.last_report.lost_partitions == []
+    finally:
+        engine.dispose()
