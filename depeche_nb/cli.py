@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,12 +92,16 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
         client = NotebookClient(
             notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
         )
-        try:
-            client.execute()
-        except Exception as exc:  # report and continue with the next tutorial
-            failures += 1
-            print(f"FAIL {path.name}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
-            continue
+        # The kernel's own stderr (start-up warnings) is shown only when the tutorial fails.
+        with tempfile.TemporaryFile("w+") as kernel_stderr:
+            try:
+                client.execute(stderr=kernel_stderr)
+            except Exception as exc:  # report and continue with the next tutorial
+                failures += 1
+                print(f"FAIL {path.name}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+                kernel_stderr.seek(0)
+                sys.stderr.write(kernel_stderr.read())
+                continue
         if args.write:
             nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
         print(f"ok   {path.name} ({time.monotonic() - started:.1f} s)")
