@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -974,3 +975,27 @@ def test_subscription_and_stream_names_must_be_identifiers(env: Env, bad: str) -
         env.store.aggregated_stream(name=bad, partitioner=ModuloPartitioner(3), stream_wildcards=["s-%"])
     with pytest.raises(InvalidIdentifierError):
         DbLockProvider(bad, env.engine)
+
+
+# -- errors that point at the cause -----------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes exist from Python 3.11")
+def test_a_failing_handlers_traceback_names_the_message(env: Env) -> None:
+    handler = FlakyNumbers()
+    handler.fail[1] = -1
+    ids = env.numbers(0, range(3))
+    env.project()
+    subscription = env.subscription(register(handler.handle))
+    with pytest.raises(RuntimeError, match="boom 1") as caught:
+        subscription.runner.step()
+    [note] = caught.value.__notes__
+    assert f"handled message {ids[1]} (Numbered, stream 's-0' version 2, partition 0 position 1" in note
+    assert subscription.name in note
+
+
+def test_passing_the_handler_class_instead_of_an_instance_says_so(env: Env) -> None:
+    with pytest.raises(
+        TypeError, match=r"you passed the class RecordingHandlers; write handlers=RecordingHandlers\(\)"
+    ):
+        env.subscription(RecordingHandlers)

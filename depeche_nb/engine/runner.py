@@ -258,6 +258,7 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
                 action = self.message_handler.error_handler.handle_error(error, message)
                 if action is ErrorAction.EXIT:
                     report.handled.append(self._record(message, FAILED, attempt, error))
+                    _name_the_message(error, message, self.subscription.name, attempt)
                     raise
                 status = STATUS_PARKED if action is ErrorAction.PARK else STATUS_IGNORED
                 self._park(message, status, attempt, error, park_ack)
@@ -295,6 +296,22 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(subscription={self.subscription.name!r})"
+
+
+def _name_the_message(
+    error: BaseException, message: SubscriptionMessage[Any], subscription: str, attempts: int
+) -> None:
+    """Add to the traceback which message failed, so nobody has to dig for it."""
+    add_note = getattr(error, "add_note", None)  # Python >= 3.11
+    if add_note is None:
+        return
+    stored = message.stored_message
+    add_note(
+        f"while subscription {subscription!r} handled message {stored.message_id} "
+        f"({type(stored.message).__name__}, stream {stored.stream!r} version {stored.version}, "
+        f"partition {message.partition} position {message.position}, global position "
+        f"{stored.global_position}; {attempts} attempt(s))"
+    )
 
 
 class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):

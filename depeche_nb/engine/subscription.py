@@ -448,6 +448,11 @@ class SubscriptionFactory(Generic[E]):
         ack_strategy: AckStrategy | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> Subscription[E]:
+        if isinstance(handlers, type):
+            raise TypeError(
+                f"handlers must be an instance: you passed the class {handlers.__name__}; "
+                f"write handlers={handlers.__name__}()"
+            )
         register: MessageHandlerRegisterProtocol[E] = (
             handlers if handlers is not None else MessageHandlerRegister()
         )
