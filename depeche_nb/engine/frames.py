@@ -22,7 +22,6 @@ Other lock providers cannot be inspected; their partitions report None/NA.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses as _dc
 import datetime as _dt
 import numbers
@@ -42,6 +41,7 @@ from depeche_nb.store.frames import (
     check_limit,
     frame_from_rows,
     stream_chunks,
+    typed_frame_from_chunks,
 )
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ def assignments_dataframe(
     position. `limit`: the first rows only (default 10,000; None = all);
     `frame.attrs["more_available"]` tells whether rows were cut off.
     """
-    import pandas as pd
 
     row_limit = check_limit(limit)
     if partition is None:
@@ -89,20 +88,8 @@ def assignments_dataframe(
         where, params, order = "partition = %s", (int(partition),), "position"
     sql = stream.views.assignments_sql(where, order)
     fetch = None if row_limit is None else row_limit + 1
-    chunks: list[pd.DataFrame] = []
-    taken, more = 0, False
-    # closing(): see `store.frames.messages_dataframe`.
-    with contextlib.closing(stream_chunks(stream.engine, sql, (*params, fetch))) as fetched:
-        for chunk in fetched:
-            rows = chunk
-            if row_limit is not None and taken + len(rows) > row_limit:
-                rows, more = rows[: row_limit - taken], True
-            taken += len(rows)
-            if rows:
-                chunks.append(frame_from_rows(rows, _ASSIGNMENT_KINDS))
-    frame = pd.concat(chunks, ignore_index=True) if chunks else frame_from_rows([], _ASSIGNMENT_KINDS)
-    frame.attrs = {"more_available": more}
-    return frame
+    chunks = stream_chunks(stream.engine, sql, (*params, fetch))
+    return typed_frame_from_chunks(chunks, row_limit, _ASSIGNMENT_KINDS)
 
 
 @_dc.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses as _dc
 import numbers
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -41,10 +41,10 @@ from depeche_nb.store.frames import (
     NULLABLE_INT,
     STRING,
     UTC,
-    _assemble,
-    _message_chunk,
     check_limit,
     frame_from_rows,
+    messages_frame_from_chunks,
+    typed_frame_from_chunks,
 )
 
 if TYPE_CHECKING:
@@ -233,17 +233,12 @@ class DepecheDbExplorer:
         """Messages of a store, like `MessageStore.to_dataframe()`: one `stream` (by version),
         a `wildcard` (SQL LIKE) or all (by global position); payload flattened into columns.
         `limit` rows at most (None = all); `frame.attrs["more_available"]`."""
-        import pandas as pd
 
         if stream is not None and wildcard is not None:
             raise ValueError("pass either stream or wildcard, not both")
         source = self.catalog.store(store)
         row_limit = check_limit(limit)
         fetch = None if row_limit is None else row_limit + 1
-        meta: list[pd.DataFrame] = []
-        payloads: list[pd.DataFrame] = []
-        raw: list[dict[str, Any]] = []
-        taken, more = 0, False
         with self._read() as conn:
             chunks = ddb.store_message_chunks(
                 conn,
@@ -254,23 +249,7 @@ class DepecheDbExplorer:
                 limit=fetch,
                 chunk_rows=CHUNK_ROWS,
             )
-            with contextlib.closing(chunks):
-                for chunk in chunks:
-                    rows = chunk
-                    if row_limit is not None and taken + len(rows) > row_limit:
-                        rows, more = rows[: row_limit - taken], True
-                    taken += len(rows)
-                    if not rows:
-                        continue
-                    chunk_meta, chunk_payloads = _message_chunk(rows)
-                    meta.append(chunk_meta)
-                    if flatten:
-                        payloads.append(pd.DataFrame(chunk_payloads, dtype=object))
-                    else:
-                        raw.extend(chunk_payloads)
-        frame = _assemble(meta, payloads, None if flatten else raw)
-        frame.attrs = {"more_available": more}
-        return frame
+            return messages_frame_from_chunks(chunks, row_limit, flatten=flatten)
 
     def aggregated_streams_dataframe(self) -> pd.DataFrame:
         """One row per aggregated stream: `stream`, `store` (inferred from the data; missing
@@ -323,7 +302,6 @@ class DepecheDbExplorer:
         """Which message is at which partition/position: `message_id`, `origin_stream`,
         `version`, `global_position`, `partition`, `position`, `message_occurred_at`; all
         partitions by global position or one `partition` by position."""
-        import pandas as pd
 
         if partition is not None and (
             isinstance(partition, bool) or not isinstance(partition, numbers.Integral)
@@ -332,8 +310,6 @@ class DepecheDbExplorer:
         source = self.catalog.stream(stream)
         row_limit = check_limit(limit)
         fetch = None if row_limit is None else row_limit + 1
-        frames: list[pd.DataFrame] = []
-        taken, more = 0, False
         with self._read() as conn:
             chunks = ddb.assignment_chunks(
                 conn,
@@ -343,17 +319,7 @@ class DepecheDbExplorer:
                 limit=fetch,
                 chunk_rows=CHUNK_ROWS,
             )
-            with contextlib.closing(chunks):
-                for chunk in chunks:
-                    rows = chunk
-                    if row_limit is not None and taken + len(rows) > row_limit:
-                        rows, more = rows[: row_limit - taken], True
-                    taken += len(rows)
-                    if rows:
-                        frames.append(frame_from_rows(rows, _ASSIGNMENT_KINDS))
-        frame = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([], _ASSIGNMENT_KINDS)
-        frame.attrs = {"more_available": more}
-        return frame
+            return typed_frame_from_chunks(chunks, row_limit, _ASSIGNMENT_KINDS)
 
     def subscriptions_dataframe(self) -> pd.DataFrame:
         """One row per subscription found in a state table: `provider`, `subscription`,

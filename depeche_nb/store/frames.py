@@ -30,7 +30,7 @@ import datetime as _dt
 import json
 import numbers
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from depeche_nb.core.identifiers import validate_stream
@@ -200,7 +200,6 @@ def messages_dataframe(
     (int) or `added_at` time (tz-aware datetime). `frame.attrs["more_available"]`
     tells whether `limit` cut rows off.
     """
-    import pandas as pd
 
     if stream is not None and wildcard is not None:
         raise ValueError("pass either stream or wildcard, not both")
@@ -219,20 +218,43 @@ def messages_dataframe(
     sql = store._storage.views.frame_sql(where, condition, order)
     # One row beyond the limit tells whether there is more, without a count(*).
     fetch = None if row_limit is None else row_limit + 1
+    chunks = stream_chunks(store.engine, sql, (*where_params, *params, fetch))
+    return messages_frame_from_chunks(chunks, row_limit, flatten=flatten)
+
+
+class _Cut:
+    """Takes the first `row_limit` rows of a chunk stream and remembers whether it cut."""
+
+    def __init__(self, row_limit: int | None) -> None:
+        self.row_limit = row_limit
+        self.more = False
+
+    def rows(self, chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+        taken = 0
+        for chunk in chunks:
+            rows = chunk
+            if self.row_limit is not None and taken + len(rows) > self.row_limit:
+                rows, self.more = rows[: self.row_limit - taken], True
+            taken += len(rows)
+            if rows:
+                yield rows
+
+
+def messages_frame_from_chunks(
+    chunks: Generator[list[tuple[Any, ...]], None, None], row_limit: int | None, *, flatten: bool
+) -> pd.DataFrame:
+    """A messages DataFrame (see `messages_dataframe`) from chunks of message rows, at most
+    `row_limit` rows; `attrs["more_available"]` says whether rows were cut off."""
+    import pandas as pd
+
+    cut = _Cut(row_limit)
     meta_chunks: list[pd.DataFrame] = []
     payload_chunks: list[pd.DataFrame] = []
     raw_payloads: list[dict[str, Any]] = []
-    taken, more = 0, False
     # closing(): release the cursor's transaction at once if building a chunk fails,
     # not when a notebook finally drops the traceback that keeps the generator alive.
-    with contextlib.closing(stream_chunks(store.engine, sql, (*where_params, *params, fetch))) as chunks:
-        for chunk in chunks:
-            rows = chunk
-            if row_limit is not None and taken + len(rows) > row_limit:
-                rows, more = rows[: row_limit - taken], True
-            taken += len(rows)
-            if not rows:
-                continue
+    with contextlib.closing(chunks):
+        for rows in cut.rows(chunks):
             meta, payloads = _message_chunk(rows)
             meta_chunks.append(meta)
             if flatten:
@@ -242,7 +264,23 @@ def messages_dataframe(
             else:
                 raw_payloads.extend(payloads)
     frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads)
-    frame.attrs = {"more_available": more}
+    frame.attrs = {"more_available": cut.more}
+    return frame
+
+
+def typed_frame_from_chunks(
+    chunks: Generator[list[tuple[Any, ...]], None, None],
+    row_limit: int | None,
+    columns: Sequence[tuple[str, str]],
+) -> pd.DataFrame:
+    """`frame_from_rows` over chunks, at most `row_limit` rows, with `attrs["more_available"]`."""
+    import pandas as pd
+
+    cut = _Cut(row_limit)
+    with contextlib.closing(chunks):
+        frames = [frame_from_rows(rows, columns) for rows in cut.rows(chunks)]
+    frame = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([], columns)
+    frame.attrs = {"more_available": cut.more}
     return frame
 
 
@@ -410,7 +448,9 @@ __all__ = [
     "StreamSummary",
     "frame_from_rows",
     "messages_dataframe",
+    "messages_frame_from_chunks",
     "store_overview",
     "stream_chunks",
     "streams_dataframe",
+    "typed_frame_from_chunks",
 ]
