@@ -41,7 +41,7 @@ from depeche_nb.postgres.listener import (
     DEFAULT_RECONNECT_DELAYS,
     PgNotification,
     PgNotificationListener,
-    validate_channel,
+    checked_channels,
 )
 from depeche_nb.postgres.names import quote_ident
 
@@ -96,11 +96,7 @@ class AsyncPgNotificationListener:
         *,
         reconnect_delays: Sequence[float] = DEFAULT_RECONNECT_DELAYS,
     ) -> None:
-        if isinstance(channels, str):
-            raise TypeError("channels must be a sequence of channel names, not a single str")
-        if select_timeout <= 0:
-            raise ValueError(f"select_timeout must be > 0, got {select_timeout}")
-        self.channels: list[str] = list(dict.fromkeys(validate_channel(c) for c in channels))
+        self.channels = checked_channels(channels, select_timeout)
         self.select_timeout = select_timeout
         self.ignore_payload = ignore_payload
         self.reconnect_delays = tuple(reconnect_delays)

@@ -60,6 +60,15 @@ def validate_channel(channel: object) -> str:
     return channel
 
 
+def checked_channels(channels: Sequence[str], select_timeout: float) -> list[str]:
+    """A listener's channels, validated and without repeats (and its timeout checked)."""
+    if isinstance(channels, str):
+        raise TypeError("channels must be a sequence of channel names, not a single str")
+    if select_timeout <= 0:
+        raise ValueError(f"select_timeout must be > 0, got {select_timeout}")
+    return list(dict.fromkeys(validate_channel(c) for c in channels))
+
+
 @dataclass
 class PgNotification:
     """One notification: its channel and its payload (a JSON object decoded, else `{}`)."""
@@ -98,11 +107,7 @@ class PgNotificationListener(StartStopContext):
         *,
         reconnect_delays: Sequence[float] = DEFAULT_RECONNECT_DELAYS,
     ) -> None:
-        if isinstance(channels, str):
-            raise TypeError("channels must be a sequence of channel names, not a single str")
-        if select_timeout <= 0:
-            raise ValueError(f"select_timeout must be > 0, got {select_timeout}")
-        self.channels: list[str] = list(dict.fromkeys(validate_channel(c) for c in channels))
+        self.channels = checked_channels(channels, select_timeout)
         self.select_timeout = select_timeout
         self.ignore_payload = ignore_payload
         self.reconnect_delays = tuple(reconnect_delays)
@@ -284,4 +289,4 @@ def _close_quietly(connection: Any) -> None:
         logger.debug("closing the listener connection failed", exc_info=True)
 
 
-__all__ = ["PgNotification", "PgNotificationListener", "validate_channel"]
+__all__ = ["PgNotification", "PgNotificationListener", "checked_channels", "validate_channel"]
