@@ -253,3 +253,39 @@ def test_two_processes_starting_one_data_folder_share_one_server(shared_base: Pa
                 child.kill()
         EmbeddedServer(data_dir).stop()
     assert not (data_dir / "postmaster.pid").exists()
+
+
+def test_an_unknown_driver_is_refused_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="driver must be one of 'psycopg', 'psycopg2', got 'pg8000'"):
+        depeche_nb.connect(BOGUS_DSN.replace("+psycopg2", ""), driver="pg8000")
+    monkeypatch.setenv("DEPECHE_NB_DRIVER", "asyncpg")
+    with pytest.raises(ValueError, match="DEPECHE_NB_DRIVER must be one of"):
+        depeche_nb.connect(BOGUS_DSN.replace("+psycopg2", ""))
+
+
+def test_an_engine_of_another_database_or_driver_is_refused() -> None:
+    sqlite = sa.create_engine("sqlite://")
+    try:
+        with pytest.raises(ValueError, match=r"needs a PostgreSQL engine .* got sqlite\+pysqlite"):
+            depeche_nb.connect(sqlite)
+    finally:
+        sqlite.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_a_url_without_driver_gets_the_chosen_one_and_an_explicit_one_is_kept(
+    monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    real = sa.make_url(os.environ[DSN_ENV])
+    plain = real.set(drivername="postgresql").render_as_string(hide_password=False)
+    monkeypatch.setenv("DEPECHE_NB_DRIVER", driver)
+    for url, expected in ((plain, driver), (real.set(drivername="postgresql+psycopg2"), "psycopg2")):
+        engine = depeche_nb.connect(
+            url if isinstance(url, str) else url.render_as_string(hide_password=False)
+        )
+        try:
+            assert engine.dialect.driver == expected
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+        finally:
+            engine.dispose()
