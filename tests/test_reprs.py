@@ -353,3 +353,25 @@ def test_ipython_gets_html_and_plain_text(engine: sa.Engine, unique_name: str) -
     data, _ = DisplayFormatter().format(store)  # type: ignore[no-untyped-call]
     assert data["text/plain"] == f"MessageStore(name={unique_name!r})"
     assert "1 message" in check_markup(data["text/html"])
+
+
+def test_reprs_read_as_plain_text_when_the_style_is_stripped(engine: sa.Engine, unique_name: str) -> None:
+    """An untrusted notebook (or a sanitising viewer) drops the stylesheet: the facts must
+    not run together ("2 partitionslag 4")."""
+    import re
+
+    store = _store(engine, unique_name)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=Parity(), stream_wildcards=["n-%"]
+    )
+    subscription = stream.subscription(name=f"{unique_name}_sub", handlers=_register())
+    for n in range(4):
+        store.write(f"n-{n}", Numbered(number=n))
+    stream.projector.run()
+
+    def unstyled_text(page: str) -> str:
+        return re.sub(r"<[^>]+>", "", re.sub(r"<style>.*?</style>", "", page, flags=re.DOTALL))
+
+    assert "2 partitions · lag 4 · locked now 0" in unstyled_text(subscription._repr_html_())
+    assert "2 partitions · projected 4 · unprojected 0" in unstyled_text(stream._repr_html_())
+    assert "4 messages · 4 streams" in unstyled_text(store._repr_html_())
