@@ -103,6 +103,11 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
                 sys.stderr.write(kernel_stderr.read())
                 continue
         if args.write:
+            # Run timestamps and widget models change on every run; the outputs keep each
+            # widget's static HTML fallback for viewers without a kernel.
+            for cell in notebook.cells:
+                cell.metadata.pop("execution", None)
+            notebook.metadata.pop("widgets", None)
             nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
         print(f"ok   {path.name} ({time.monotonic() - started:.1f} s)")
     print(f"{len(notebooks) - failures} of {len(notebooks)} tutorials ran cleanly")
