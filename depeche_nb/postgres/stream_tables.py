@@ -162,7 +162,10 @@ class StreamStatements:
             "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, updated_at = now(); "
             "COMMIT"
         )
+        # Truncation waits for the projector's lock: a step in flight would otherwise
+        # commit its checkpoint over the reset one, marking the deleted messages seen.
         self.truncate_sql = [
+            f"SELECT pg_advisory_xact_lock({lock_a}, {lock_b})",
             f"DELETE FROM {table}",
             f"DELETE FROM {heads}",
             f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()",
