@@ -46,6 +46,20 @@ class MessageSerializationError(DepecheError, TypeError):
     """A message could not be serialised; nothing was written."""
 
 
+class UnstorablePayloadError(MessageSerializationError, ValueError):
+    """A payload value PostgreSQL's jsonb cannot hold faithfully: a NUL character or a lone
+    surrogate in a string or key, or a NaN/Infinity (which JSON has no words for)."""
+
+
+class InvalidStreamNameError(DepecheError, ValueError):
+    """A stream name (free text, passed as a parameter) that PostgreSQL cannot store."""
+
+
+class InvalidWildcardError(DepecheError, ValueError):
+    """A stream wildcard that is not a valid SQL LIKE pattern, or that holds text PostgreSQL
+    cannot store."""
+
+
 class UnknownMessageTypeError(DepecheError, TypeError, LookupError):
     """A stored payload names a message type the serializer does not know.
 

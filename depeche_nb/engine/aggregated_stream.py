@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import sqlalchemy as sa
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.identifiers import check_positive_int, validate_name
+from depeche_nb.core.identifiers import check_positive_int, validate_name, validate_wildcard
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
     MessagePartitioner,
@@ -46,6 +46,7 @@ def validate_wildcards(stream_wildcards: object) -> list[str]:
     for pattern in stream_wildcards:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(f"every stream wildcard must be a non-empty str, got {pattern!r}")
+        validate_wildcard(pattern)
     return list(stream_wildcards)
 
 
