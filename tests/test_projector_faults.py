@@ -3,13 +3,22 @@ another cluster, messages it cannot read, names reused for something else (issue
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+from depeche_nb.core.errors import CheckpointClusterError
+from depeche_nb.postgres.connection import connect
+from depeche_nb.postgres.embedded import EmbeddedServer
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
+from tests.test_projector_exactness import ModuloStreamPartitioner, assert_exact_projection
 
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
@@ -67,3 +76,119 @@ def test_truncate_waits_for_a_step_in_flight(engine: sa.Engine, unique_name: str
 
     stream.projector.update_full()
     assert _projected(engine, stream.name) == expected
+
+
+@pytest.fixture
+def source_database(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """A new database on the session's server, so a dump of it holds only this test's tables."""
+    name = f"move_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(engine.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    source = connect(engine.url.set(database=name).render_as_string(hide_password=False))
+    yield source
+    source.dispose()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(ephemeral=True)
+    server.start()
+    yield server
+    server.destroy()
+
+
+def _libpq(url: sa.URL) -> str:
+    parts = {"host": url.query.get("host", url.host), "port": url.port or url.query.get("port")}
+    parts.update(user=url.username, password=url.password, dbname=url.database)
+    return " ".join(f"{key}={value}" for key, value in parts.items() if value)
+
+
+def _next_txid(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT pg_current_xact_id()::text::bigint").scalar_one())
+
+
+def test_restore_into_another_cluster_is_detected_and_reanchored(
+    source_database: sa.Engine, fresh_cluster: EmbeddedServer, unique_name: str, tmp_path: Path
+) -> None:
+    # The failure needs the new cluster to hand out smaller transaction ids than the old one
+    # did: a fresh cluster is below a few thousand, so the old one is taken past that.
+    with source_database.connect() as conn:
+        for _ in range(max(0, 5000 - _next_txid(source_database))):
+            conn.exec_driver_sql("SELECT pg_current_xact_id()")
+            conn.commit()
+
+    def define(
+        engine: sa.Engine,
+    ) -> tuple[depeche_nb.MessageStore[Numbered], depeche_nb.AggregatedStream[Numbered]]:
+        store = _store(engine, unique_name)
+        stream = store.aggregated_stream(
+            name=f"{unique_name}_agg", partitioner=ModuloStreamPartitioner(), stream_wildcards=["mv-%"]
+        )
+        return store, stream
+
+    committed: dict[str, tuple[str, int]] = {}
+
+    def write(store: depeche_nb.MessageStore[Numbered], stream: str, count: int) -> None:
+        for _ in range(count):
+            message = Numbered(number=len(committed))
+            position = store.write(stream, message)
+            committed[str(message.message_id)] = (stream, position.version)
+
+    old_store, old_stream = define(source_database)
+    for k in range(4):
+        write(old_store, f"mv-{k}", 3)
+    old_stream.projector.update_full()
+    write(old_store, "mv-1", 2)  # written on the old cluster, not yet projected at the move
+
+    dump = tmp_path / "dump.sql"
+    subprocess.run(
+        [fresh_cluster._tool("pg_dump"), "--no-owner", "-f", str(dump), _libpq(source_database.url)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [
+            fresh_cluster._tool("psql"),
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            str(dump),
+            fresh_cluster.libpq_dsn,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    target = connect(fresh_cluster.dsn)
+    try:
+        store, stream = define(target)
+        with target.connect() as conn:
+            oldest_foreign = conn.exec_driver_sql(
+                f'SELECT min(txid::text::bigint) FROM "{unique_name}_messages"'
+            ).scalar_one()
+        assert _next_txid(target) < oldest_foreign, "the scenario needs smaller ids on the new cluster"
+        write(store, "mv-2", 2)
+        write(store, "mv-9", 1)
+        projected_before = _projected(target, stream.name)
+
+        with pytest.raises(CheckpointClusterError, match="reanchor"):
+            stream.projector.step()
+        assert _projected(target, stream.name) == projected_before
+
+        stream.projector.reanchor()
+        stream.projector.update_full()
+        assert_exact_projection(target, stream.name, committed)
+        # Afterwards the checkpoint is of this cluster: new messages flow as usual.
+        write(store, "mv-3", 2)
+        stream.projector.update_full()
+        assert_exact_projection(target, stream.name, committed)
+        assert len(committed) == 19
+    finally:
+        target.dispose()

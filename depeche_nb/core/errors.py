@@ -101,3 +101,9 @@ class BatchAckError(DepecheError, ValueError, AssertionError):
 
     Depeche DB raises `ValueError` for a foreign message and asserts the order.
     """
+
+
+class CheckpointClusterError(DepecheError, RuntimeError):
+    """An aggregated stream's checkpoint holds transaction ids of another PostgreSQL cluster
+    (the database was restored from a dump or moved by logical replication); nothing was
+    projected. `aggregated_stream.projector.reanchor()` rebuilds the checkpoint."""

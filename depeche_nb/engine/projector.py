@@ -37,6 +37,18 @@ acknowledged any of its positions did so in a later, synchronous commit, and
 flushing that commit flushes the WAL before it, the step included. A lost
 step is simply redone (its checkpoint is lost with it).
 
+Tied to its cluster: transaction ids are only meaningful in the cluster that
+issued them. After a dump/restore or a logical-replication move into another
+cluster, new transactions get ids unrelated to (typically smaller than) the
+stored ones, and a snapshot test would take every new message as already
+seen. The checkpoint therefore records the cluster's `system_identifier`
+(kept by physical replicas and fail-over, new for another cluster); a step on
+another cluster raises `CheckpointClusterError` and projects nothing.
+`reanchor()` is the explicit fix: the messages' foreign transaction ids
+become "committed before every snapshot", the snapshots are forgotten, and
+the next rounds project every visible message not already in the stream
+table, found by its global position, so nothing is projected twice or lost.
+
 One projector at a time: each step runs in one transaction that first takes
 a transaction-level advisory lock with `pg_try_advisory_xact_lock`; a
 projector that does not get it returns at once with `locked=True`. Positions
@@ -54,7 +66,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.errors import DepecheError
+from depeche_nb.core.errors import CheckpointClusterError, DepecheError
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -242,7 +254,17 @@ class StreamProjector(NotificationDriven, Generic[E]):
             report.locked = True
             return
         cursor.execute(self._sql.checkpoint_sql)
-        seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
+        seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored = cursor.fetchone()
+        if cluster is not None and cluster != current_cluster:
+            cursor.execute("ROLLBACK")
+            raise CheckpointClusterError(
+                f"the checkpoint of aggregated stream {self.stream.name!r} holds transaction ids of "
+                f"another PostgreSQL cluster (system identifier {cluster}; this one is "
+                f"{current_cluster}): the database was restored from a dump or moved by logical "
+                "replication. Nothing was projected. Once the move is complete, run "
+                f"`{self.stream.name}.projector.reanchor()` to rebuild the checkpoint from the "
+                "messages already projected"
+            )
         params = {
             "after": after,
             "pending": pending,
@@ -252,7 +274,13 @@ class StreamProjector(NotificationDriven, Generic[E]):
             "seen_xip": seen_xip,
         }
         reads = self._reads
-        cursor.execute(reads.projection_first_sql if seen is None else reads.projection_delta_sql, params)
+        if seen is not None:
+            sql = reads.projection_delta_sql
+        elif anchored:  # re-anchored: part of what is visible is projected already
+            sql = self._sql.projection_unprojected_sql
+        else:
+            sql = reads.projection_first_sql
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
         report.more_available = len(rows) > limit
         rows = rows[:limit]
@@ -262,7 +290,24 @@ class StreamProjector(NotificationDriven, Generic[E]):
             advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
         else:
             advance = {"seen": pending, "pending": None, "after": None}
-        cursor.execute(self._sql.advance_sql, advance)
+        cursor.execute(self._sql.advance_sql, {**advance, "cluster": current_cluster})
+
+    def reanchor(self) -> None:
+        """Rebuild the checkpoint on this cluster after the database moved to another one
+        (dump/restore, logical replication), see `CheckpointClusterError` and the module
+        docstring. Waits for a step in flight; run it once the move is complete (rows still
+        arriving with the old cluster's transaction ids would need another re-anchoring)."""
+        with autocommit_cursor(self.stream.engine) as cursor:
+            cursor.execute("BEGIN")
+            try:
+                cursor.execute(self._sql.projector_wait_lock_sql)
+                cursor.execute(self._reads.retire_foreign_txids_sql)
+                cursor.execute(self._sql.reanchor_sql)
+                cursor.execute("COMMIT")
+            except BaseException:
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
+                raise
 
     def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport) -> None:
         serializer = self.stream.store.serializer
