@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
-from depeche_nb.core.errors import CheckpointClusterError
+from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedError, NameInUseError
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.embedded import EmbeddedServer
-from depeche_nb.tools import PydanticMessageSerializer
+from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.support import Numbered
 from tests.test_projector_exactness import ModuloStreamPartitioner, assert_exact_projection
 
@@ -192,3 +192,72 @@ def test_restore_into_another_cluster_is_detected_and_reanchored(
         assert len(committed) == 19
     finally:
         target.dispose()
+
+
+def _tables_named(engine: sa.Engine, prefix: str) -> list[str]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT tablename FROM pg_tables WHERE starts_with(tablename, %s) ORDER BY 1", (prefix,)
+        ).all()
+    return [row[0] for row in rows]
+
+
+def test_aggregated_stream_name_over_another_store_is_refused(engine: sa.Engine, unique_name: str) -> None:
+    first, second = _store(engine, f"{unique_name}_a"), _store(engine, f"{unique_name}_b")
+    first.write("same-1", Numbered(number=1))
+    second.write_all("same-1", [Numbered(number=n) for n in range(5)])
+    stream = first.aggregated_stream(
+        name=f"{unique_name}_s", partitioner=StreamNamePartitioner(), stream_wildcards=["same-%"]
+    )
+    stream.projector.update_full()
+    with pytest.raises(NameInUseError, match=f"store is '{unique_name}_a', not '{unique_name}_b'"):
+        second.aggregated_stream(
+            name=f"{unique_name}_s", partitioner=StreamNamePartitioner(), stream_wildcards=["same-%"]
+        )
+    assert _projected(engine, stream.name) == [m.global_position for m in first.read("same-1")]
+
+
+def test_subscription_name_on_another_stream_is_refused(engine: sa.Engine, unique_name: str) -> None:
+    store = _store(engine, unique_name)
+    one, two = (
+        store.aggregated_stream(
+            name=f"{unique_name}_{k}", partitioner=StreamNamePartitioner(), stream_wildcards=[f"{k}-%"]
+        )
+        for k in ("one", "two")
+    )
+    one.subscription(name=f"{unique_name}_sub")
+    before = _tables_named(engine, unique_name)
+    with pytest.raises(NameInUseError, match=f"reads aggregated stream '{unique_name}_one'"):
+        two.subscription(name=f"{unique_name}_sub")
+    assert _tables_named(engine, unique_name) == before
+    # Defining it again on its own stream (a notebook re-running a cell) is fine.
+    one.subscription(name=f"{unique_name}_sub")
+
+
+def test_changed_definition_is_an_error_until_rebuilt(engine: sa.Engine, unique_name: str) -> None:
+    store = _store(engine, unique_name)
+    for stream_name in ("a-1", "b-1"):
+        store.write(stream_name, Numbered(number=1))
+    name = f"{unique_name}_agg"
+    stream = store.aggregated_stream(
+        name=name, partitioner=StreamNamePartitioner(4), stream_wildcards=["a-%"]
+    )
+    stream.projector.update_full()
+    a_only = _projected(engine, name)
+    # The same definition again (a notebook re-running a cell): nothing to say.
+    store.aggregated_stream(name=name, partitioner=StreamNamePartitioner(4), stream_wildcards=["a-%"])
+    with pytest.raises(DefinitionChangedError, match=r"wildcards are \['a-%'\], not \['a-%', 'b-%'\]"):
+        store.aggregated_stream(
+            name=name, partitioner=StreamNamePartitioner(4), stream_wildcards=["a-%", "b-%"]
+        )
+    with pytest.raises(DefinitionChangedError, match=r"partitions=4\), not .*partitions=8\)"):
+        store.aggregated_stream(name=name, partitioner=StreamNamePartitioner(8), stream_wildcards=["a-%"])
+    assert _projected(engine, name) == a_only
+
+    rebuilt = store.aggregated_stream(
+        name=name, partitioner=StreamNamePartitioner(8), stream_wildcards=["b-%", "a-%"], rebuild=True
+    )
+    rebuilt.projector.update_full()
+    assert _projected(engine, name) == sorted(m.global_position for m in store.read_wildcard("%"))
+    # Wildcards are a set: another order is the same definition.
+    store.aggregated_stream(name=name, partitioner=StreamNamePartitioner(8), stream_wildcards=["a-%", "b-%"])

@@ -107,3 +107,17 @@ class CheckpointClusterError(DepecheError, RuntimeError):
     """An aggregated stream's checkpoint holds transaction ids of another PostgreSQL cluster
     (the database was restored from a dump or moved by logical replication); nothing was
     projected. `aggregated_stream.projector.reanchor()` rebuilds the checkpoint."""
+
+
+class DefinitionError(DepecheError, ValueError):
+    """A name already stands for something else in this database; nothing was changed."""
+
+
+class NameInUseError(DefinitionError):
+    """An aggregated-stream name used over another store, or a subscription name on another
+    aggregated stream."""
+
+
+class DefinitionChangedError(DefinitionError):
+    """An aggregated stream defined again with other wildcards or another partitioner; pass
+    `rebuild=True` to record the new definition and re-project."""

@@ -19,6 +19,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionStartPoint,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
@@ -61,7 +62,11 @@ class AggregatedStream(RichRepr, Generic[E]):
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
         lookback_for_gaps_hours: int | None = None,
+        *,
+        rebuild: bool = False,
     ) -> None:
+        """`rebuild=True`: when `name` is recorded with another store, wildcards or partitioner
+        (an error otherwise), record this definition and re-project from scratch."""
         validate_name(name, "aggregated stream name")
         wildcards = validate_wildcards(stream_wildcards)
         if not callable(getattr(partitioner, "get_partition", None)):
@@ -77,6 +82,9 @@ class AggregatedStream(RichRepr, Generic[E]):
         self.store = store
         self.names = StreamNames(name, store._storage.names)
         self.notification_channel = self.names.channel
+        rebuilt = check_aggregated_stream(
+            store.engine, name, store.name, wildcards, partitioner, rebuild=rebuild
+        )
         ensure_stream_schema(store.engine, self.names)
         self.views = StreamViews(self.names)
         self.projector: StreamProjector[E] = StreamProjector(
@@ -84,6 +92,8 @@ class AggregatedStream(RichRepr, Generic[E]):
         )
         self.subscription: SubscriptionFactory[E] = SubscriptionFactory(self)
         self.statements = StreamStatements(self.names)
+        if rebuilt:
+            self.truncate()
 
     @property
     def engine(self) -> sa.Engine:
@@ -255,9 +265,17 @@ class AggregatedStreamFactory(Generic[E]):
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
         lookback_for_gaps_hours: int | None = None,
+        *,
+        rebuild: bool = False,
     ) -> AggregatedStream[E]:
         return AggregatedStream(
-            name, self.store, partitioner, stream_wildcards, update_batch_size, lookback_for_gaps_hours
+            name,
+            self.store,
+            partitioner,
+            stream_wildcards,
+            update_batch_size,
+            lookback_for_gaps_hours,
+            rebuild=rebuild,
         )
 
 

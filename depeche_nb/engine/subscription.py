@@ -30,6 +30,7 @@ from depeche_nb.core.interfaces import (
 )
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.acks import AckOp, AckRolledback, BatchAck
+from depeche_nb.engine.definitions import check_subscription
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
@@ -96,6 +97,8 @@ class Subscription(RichRepr, Generic[E]):
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         engine = stream.engine
+        if getattr(state_provider, "records_definition", True):
+            check_subscription(engine, name, stream.name)
         self.name = name
         self.stream = stream
         self._stream = stream
