@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 import pytest
 import sqlalchemy as sa
 
@@ -17,7 +18,8 @@ from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedErro
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.embedded import EmbeddedServer
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.support import Numbered
+from tests.support import Numbered, _Message
+from tests.test_bad_input import Loose
 from tests.test_projector_exactness import ModuloStreamPartitioner, assert_exact_projection
 
 
@@ -261,3 +263,137 @@ def test_changed_definition_is_an_error_until_rebuilt(engine: sa.Engine, unique_
     assert _projected(engine, name) == sorted(m.global_position for m in store.read_wildcard("%"))
     # Wildcards are a set: another order is the same definition.
     store.aggregated_stream(name=name, partitioner=StreamNamePartitioner(8), stream_wildcards=["a-%", "b-%"])
+
+
+def _reading_v1() -> type[_Message]:
+    class Reading(_Message):
+        value: int
+
+    return Reading
+
+
+def _reading_v2() -> type[_Message]:
+    # The model after a change: stored values of 100 or more no longer validate.
+    class Reading(_Message):
+        value: int = pydantic.Field(lt=100)
+
+    return Reading
+
+
+class ByStream:
+    def get_partition(self, message: depeche_nb.StoredMessage[object]) -> int:
+        return int(message.stream.rsplit("-", 1)[1])
+
+
+def test_unreadable_message_is_parked_with_its_stream_held_and_can_be_skipped(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    v1, v2 = _reading_v1(), _reading_v2()
+    old = depeche_nb.MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(v1))
+    written = {}
+    for stream, value in [("r-1", 1), ("r-1", 500), ("r-1", 2), ("r-2", 3)]:
+        message = v1(value=value)
+        written[value] = old.write(stream, message)
+    store = depeche_nb.MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(v2))
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ByStream(), stream_wildcards=["r-%"]
+    )
+    report = stream.projector.step()
+    assert [(p.origin_stream, p.version) for p in report.projected] == [("r-1", 1), ("r-2", 1)]
+    letters = stream.projector.dead_letters_dataframe()
+    assert letters[["origin_stream", "version", "status"]].values.tolist() == [
+        ["r-1", 2, "parked"],
+        ["r-1", 3, "held"],
+    ]
+    poison = written[500].global_position
+    assert letters["global_position"].tolist() == [poison, written[2].global_position]
+    assert "ValidationError" in letters["error"][0] and "less than 100" in letters["error"][0]
+    # Later messages of other streams keep flowing; the held stream stays held.
+    store.write("r-2", v2(value=4))
+    store.write("r-1", v2(value=5))
+    flowing = stream.projector.step()
+    assert [(p.origin_stream, p.version) for p in flowing.projected] == [("r-2", 2)]
+    assert flowing.dead_lettered == 1
+
+    skipped = stream.projector.skip_dead_letter(poison)
+    assert [(p.origin_stream, p.version) for p in skipped.projected] == [("r-1", 3), ("r-1", 4)]
+    with pytest.raises(KeyError):
+        stream.projector.skip_dead_letter(poison)
+    assert stream.projector.dead_letters_dataframe().empty
+    projected = _projected(engine, stream.name)
+    everything = [m.global_position for m in old.read_wildcard("r-%")]
+    assert projected == sorted(set(everything) - {poison})
+    with engine.connect() as conn:
+        positions = conn.exec_driver_sql(
+            f"SELECT partition, array_agg(origin_stream_version ORDER BY position), "
+            f'array_agg(position ORDER BY position) FROM "{stream.name}_stream" GROUP BY partition ORDER BY 1'
+        ).all()
+    assert [tuple(row) for row in positions] == [(1, [1, 3, 4], [0, 1, 2]), (2, [1, 2], [0, 1])]
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deeply_nested_payload_is_projected_and_delivered(engine: sa.Engine, unique_name: str) -> None:
+    from tests.test_bad_input import Loose
+
+    store = depeche_nb.MessageStore(
+        name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Loose)
+    )
+    # pydantic writes up to 255 levels but its JSON parser stops at 200.
+    store.write("deep-1", Loose(data=_nested(230)))
+    store.write("deep-1", Loose(text="after"))
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(1), stream_wildcards=["deep-%"]
+    )
+    assert len(stream.projector.step()) == 2
+    seen: list[object] = []
+    handlers = depeche_nb.MessageHandlerRegister[Loose]()
+
+    def handle(message: Loose) -> None:
+        seen.append(message.data)
+
+    handlers.register(handle)
+    stream.subscription(name=f"{unique_name}_sub", handlers=handlers).runner.step()
+    assert seen == [_nested(230), None]
+
+
+def test_unreadable_message_goes_through_the_subscriptions_retry_and_parking(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    v1, v2 = _reading_v1(), _reading_v2()
+    old = depeche_nb.MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(v1))
+    stream_v1 = old.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ByStream(), stream_wildcards=["s-%"]
+    )
+    for value in (1, 500, 2):
+        old.write("s-1", v1(value=value))
+    stream_v1.projector.update_full()  # projected while the old model still read them
+
+    store = depeche_nb.MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(v2))
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ByStream(), stream_wildcards=["s-%"]
+    )
+    handled: list[int] = []
+    handlers = depeche_nb.MessageHandlerRegister[object]()
+
+    def handle(message: object) -> None:
+        handled.append(message.value)  # type: ignore[attr-defined]
+
+    handlers.register_manual(handle, v2)
+    subscription = stream.subscription(
+        name=f"{unique_name}_sub",
+        handlers=handlers,
+        error_handler=depeche_nb.ParkSubscriptionErrorHandler(),
+        retry_policy=depeche_nb.RetryPolicy(attempts=2, backoff_seconds=0.0),
+    )
+    report = subscription.runner.step()
+    assert handled == [1, 2]
+    parked = subscription.parked()
+    assert len(parked) == 1 and parked[0].position == 1 and parked[0].attempts == 2
+    assert "UnreadableMessageError" in parked[0].error and "version 2" in parked[0].error
+    assert [h.outcome for h in report.handled] == ["handled", "parked", "handled"]

@@ -121,3 +121,8 @@ class NameInUseError(DefinitionError):
 class DefinitionChangedError(DefinitionError):
     """An aggregated stream defined again with other wildcards or another partitioner; pass
     `rebuild=True` to record the new definition and re-project."""
+
+
+class UnreadableMessageError(DepecheError, ValueError):
+    """A stored message that cannot be deserialised any more (e.g. after a model change);
+    the message names its stream, version, global position and id."""

@@ -26,7 +26,7 @@ from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
-from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
+from depeche_nb.store.message_store import MessageStoreBase, to_stored_or_unreadable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -158,7 +158,9 @@ class AggregatedStream(RichRepr, Generic[E]):
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         serializer = self.store.serializer
-        return [(row[0], row[1], to_stored_message(row[2:], serializer)) for row in rows]
+        # A payload that cannot be deserialised travels as an `UnreadableMessage`, so the
+        # runner's retry and parking decide on it instead of every read failing.
+        return [(row[0], row[1], to_stored_or_unreadable(row[2:], serializer)) for row in rows]
 
     def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
         from depeche_nb.engine.reader import AggregatedStreamReader

@@ -154,6 +154,25 @@ _PARTITION_KINDS = (
 )
 
 
+def dead_letters_dataframe(stream: AggregatedStream[Any], include_resolved: bool = False) -> pd.DataFrame:
+    """The projector's dead letters (see `StreamProjector.dead_letters_dataframe`), by
+    global position: `global_position`, `message_id`, `origin_stream`, `version`, `status`,
+    `error`, `recorded_at`, `resolved_at` (timezone-aware)."""
+    import pandas as pd
+
+    letters = stream.statements.dead_letters
+    with autocommit_cursor(stream.engine) as cursor:
+        cursor.execute(letters.list_all_sql if include_resolved else letters.list_sql)
+        rows = cursor.fetchall()
+    columns = ["global_position", "message_id", "origin_stream", "version", "status", "error"]
+    frame: pd.DataFrame = pd.DataFrame(
+        [tuple(row) for row in rows], columns=[*columns, "recorded_at", "resolved_at"]
+    )
+    for name in ("recorded_at", "resolved_at"):
+        frame[name] = pd.to_datetime(frame[name], utc=True)
+    return frame
+
+
 def partitions_dataframe(stream: AggregatedStream[Any]) -> pd.DataFrame:
     """One row per partition: `partition`, `messages`, `head_position`,
     `first_global_position`, `last_global_position`, `last_projected_at`.

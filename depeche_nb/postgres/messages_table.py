@@ -156,6 +156,11 @@ class MessagesStatements:
             "WHERE m.txid >= pg_snapshot_xmin(pg_current_snapshot()) "
             "AND NOT pg_visible_in_snapshot(m.txid, pg_current_snapshot())"
         )
+        # Messages by global position (the projector's dead letters, replayed).
+        self.rows_at_sql = (
+            f"SELECT {columns} FROM {table} m WHERE m.global_position = ANY(%s::bigint[]) "
+            "ORDER BY m.global_position"
+        )
         self.max_version_sql = (
             f"SELECT version, global_position FROM {table} WHERE stream = %s ORDER BY version DESC LIMIT 1"
         )

@@ -9,6 +9,8 @@ Tables of aggregated stream `A` over store `S`:
   unique on (partition, position).
 * `A_heads`: per partition the highest position, so positions continue
   without scanning.
+* `A_dead_letters`: messages the projector could not read or partition, see
+  `postgres.dead_letter_table`.
 * `A_checkpoint`: the projector's progress as PostgreSQL snapshots, see
   `engine.projector`, and the identity of the cluster whose transaction ids they hold.
 """
@@ -22,6 +24,7 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
+from depeche_nb.postgres.dead_letter_table import DeadLetterTable
 from depeche_nb.postgres.messages_table import MessagesStatements, epoch_us_sql, text_row_columns
 from depeche_nb.postgres.names import StoreNames, lock_namespace, quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
@@ -104,6 +107,7 @@ def stream_ddl(names: StreamNames) -> list[str]:
         # records the current one on its next step.
         f"ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS cluster text",
         f"INSERT INTO {checkpoint} (singleton) VALUES (true) ON CONFLICT DO NOTHING",
+        *DeadLetterTable(names.stream).ddl,
     ]
 
 
@@ -126,14 +130,17 @@ class StreamStatements:
             "BEGIN; SET LOCAL synchronous_commit TO off; "
             f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
         )
-        # Then the stored and the current cluster, and (only while `seen` is empty, in a
-        # first round) whether anything is projected already: after a re-anchoring, or by
-        # this round's earlier steps; the round then skips what is.
+        self.dead_letters = DeadLetterTable(names.stream)
+        # Then the stored and the current cluster, (only while `seen` is empty, in a first
+        # round) whether anything is projected already: after a re-anchoring, or by this
+        # round's earlier steps, the round then skips what is; and the origin streams held
+        # back behind a dead letter.
         self.checkpoint_sql = (
             "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
             "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
             f"array(SELECT pg_snapshot_xip(seen))::text[], cluster, {CLUSTER_IDENTITY_SQL}, "
-            f"CASE WHEN seen IS NULL THEN EXISTS (SELECT 1 FROM {heads}) END FROM {checkpoint}"
+            f"CASE WHEN seen IS NULL THEN EXISTS (SELECT 1 FROM {heads}) END, "
+            f"{self.dead_letters.blocked_streams_sql} FROM {checkpoint}"
         )
         self.project_sql = f"""
             WITH new AS (
@@ -188,6 +195,7 @@ class StreamStatements:
             self.projector_wait_lock_sql,
             f"DELETE FROM {table}",
             f"DELETE FROM {heads}",
+            f"DELETE FROM {self.dead_letters.table}",
             f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, cluster = NULL, "
             "updated_at = now()",
         ]
