@@ -219,21 +219,42 @@ def test_aggregated_stream_name_over_another_store_is_refused(engine: sa.Engine,
     assert _projected(engine, stream.name) == [m.global_position for m in first.read("same-1")]
 
 
-def test_subscription_name_on_another_stream_is_refused(engine: sa.Engine, unique_name: str) -> None:
+def test_subscription_name_on_another_stream_is_refused_until_rebuilt(
+    engine: sa.Engine, unique_name: str
+) -> None:
     store = _store(engine, unique_name)
     one, two = (
         store.aggregated_stream(
-            name=f"{unique_name}_{k}", partitioner=StreamNamePartitioner(), stream_wildcards=[f"{k}-%"]
+            name=f"{unique_name}_{k}", partitioner=StreamNamePartitioner(1), stream_wildcards=[f"{k}-%"]
         )
         for k in ("one", "two")
     )
-    one.subscription(name=f"{unique_name}_sub")
+    for k, stream in (("one", one), ("two", two)):
+        store.write_all(f"{k}-1", [Numbered(number=n) for n in range(3)])
+        stream.projector.update_full()
+    handled: list[str] = []
+    handlers = depeche_nb.MessageHandlerRegister[depeche_nb.StoredMessage[Numbered]]()
+
+    def handle(message: depeche_nb.StoredMessage[Numbered]) -> None:
+        handled.append(message.stream)
+
+    handlers.register(handle)
+    one.subscription(name=f"{unique_name}_sub", handlers=handlers).runner.step()
+    assert handled == ["one-1"] * 3
     before = _tables_named(engine, unique_name)
+    # Both streams put their messages at positions 0-2 of partition 0: sharing the stored
+    # positions would deliver none of the second stream's.
     with pytest.raises(NameInUseError, match=f"reads aggregated stream '{unique_name}_one'"):
-        two.subscription(name=f"{unique_name}_sub")
+        two.subscription(name=f"{unique_name}_sub", handlers=handlers)
     assert _tables_named(engine, unique_name) == before
     # Defining it again on its own stream (a notebook re-running a cell) is fine.
-    one.subscription(name=f"{unique_name}_sub")
+    one.subscription(name=f"{unique_name}_sub", handlers=handlers)
+
+    moved = two.subscription(name=f"{unique_name}_sub", handlers=handlers, rebuild=True)
+    moved.runner.step()
+    assert handled == ["one-1"] * 3 + ["two-1"] * 3
+    with pytest.raises(NameInUseError, match=f"reads aggregated stream '{unique_name}_two'"):
+        one.subscription(name=f"{unique_name}_sub", handlers=handlers)
 
 
 def test_changed_definition_is_an_error_until_rebuilt(engine: sa.Engine, unique_name: str) -> None:
@@ -308,6 +329,7 @@ def test_unreadable_message_is_parked_with_its_stream_held_and_can_be_skipped(
     poison = written[500].global_position
     assert letters["global_position"].tolist() == [poison, written[2].global_position]
     assert "ValidationError" in letters["error"][0] and "less than 100" in letters["error"][0]
+    assert "2 messages the projector could not read" in stream._repr_html_()
     # Later messages of other streams keep flowing; the held stream stays held.
     store.write("r-2", v2(value=4))
     store.write("r-1", v2(value=5))
@@ -320,6 +342,7 @@ def test_unreadable_message_is_parked_with_its_stream_held_and_can_be_skipped(
     with pytest.raises(KeyError):
         stream.projector.skip_dead_letter(poison)
     assert stream.projector.dead_letters_dataframe().empty
+    assert "could not read" not in stream._repr_html_()
     projected = _projected(engine, stream.name)
     everything = [m.global_position for m in old.read_wildcard("r-%")]
     assert projected == sorted(set(everything) - {poison})

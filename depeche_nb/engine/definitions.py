@@ -58,14 +58,21 @@ def check_aggregated_stream(
     return True
 
 
-def check_subscription(engine: sa.Engine, name: str, stream: str) -> None:
+def check_subscription(engine: sa.Engine, name: str, stream: str, *, rebuild: bool) -> bool:
+    """Record or compare the subscription's stream; True when `rebuild` replaced another
+    one (the caller then resets the positions)."""
     owner, _ = definitions_table.claim(engine, SUBSCRIPTION, name, stream, {})
-    if owner != stream:
+    if owner == stream:
+        return False
+    if not rebuild:
         raise NameInUseError(
             f"subscription {name!r} already reads aggregated stream {owner!r}, not {stream!r}: "
             "its positions and parked messages belong to that stream. Use another subscription "
-            "name. Nothing was changed"
+            "name, or pass rebuild=True to move it to this stream and start it over. Nothing was "
+            "changed"
         )
+    definitions_table.replace(engine, SUBSCRIPTION, name, stream, {})
+    return True
 
 
 def _show(value: object) -> str:

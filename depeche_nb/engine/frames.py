@@ -128,6 +128,7 @@ class AggregatedStreamOverview:
     unprojected: int  # stored messages matching the wildcards, not projected yet
     last_projected_at: _dt.datetime | None
     checkpoint_updated_at: _dt.datetime | None  # when a projector step last finished
+    dead_letters: int = 0  # unresolved messages the projector parked or holds back
 
 
 def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]:
@@ -194,6 +195,8 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
     with autocommit_cursor(stream.engine) as cursor:
         cursor.execute(stream.views.checkpoint_updated_sql)
         row = cursor.fetchone()
+        cursor.execute(stream.statements.dead_letters.count_sql)
+        dead_letters = int(cursor.fetchone()[0])
     return AggregatedStreamOverview(
         name=stream.name,
         store=stream.store.name,
@@ -203,6 +206,7 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
         unprojected=unprojected,
         last_projected_at=max((s.last_projected_at for s in summaries), default=None),
         checkpoint_updated_at=None if row is None else row[0],
+        dead_letters=dead_letters,
     )
 
 

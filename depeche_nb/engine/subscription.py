@@ -83,7 +83,11 @@ class Subscription(RichRepr, Generic[E]):
         start_point: SubscriptionStartPoint | None = None,
         ack_strategy: AckStrategy = AckStrategy.SINGLE,
         retry_policy: RetryPolicy | None = None,
+        *,
+        rebuild: bool = False,
     ) -> None:
+        """`rebuild=True`: when `name` is recorded on another aggregated stream (an error
+        otherwise), move it to this one and reset its positions to `start_point`."""
         validate_name(name, "subscription name")
         if start_point is not None and not isinstance(start_point, SubscriptionStartPoint):
             raise TypeError(
@@ -97,8 +101,9 @@ class Subscription(RichRepr, Generic[E]):
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         engine = stream.engine
-        if getattr(state_provider, "records_definition", True):
-            check_subscription(engine, name, stream.name)
+        moved = getattr(state_provider, "records_definition", True) and check_subscription(
+            engine, name, stream.name, rebuild=rebuild
+        )
         self.name = name
         self.stream = stream
         self._stream = stream
@@ -116,6 +121,9 @@ class Subscription(RichRepr, Generic[E]):
             BatchedAckSubscriptionRunner if ack_strategy is AckStrategy.BATCHED else SubscriptionRunner
         )
         self.runner: SubscriptionRunner[E] = runner_class(self, message_handler, self.batch_size)
+        if moved:
+            # The stored positions are the old stream's partitions' (parked rows stay as records).
+            self.reset(self._start_point)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -377,6 +385,8 @@ class SubscriptionFactory(Generic[E]):
         start_point: SubscriptionStartPoint | None = None,
         ack_strategy: AckStrategy | None = None,
         retry_policy: RetryPolicy | None = None,
+        *,
+        rebuild: bool = False,
     ) -> Subscription[E]:
         register: MessageHandlerRegisterProtocol[E] = (
             handlers if handlers is not None else MessageHandlerRegister()
@@ -398,4 +408,5 @@ class SubscriptionFactory(Generic[E]):
             start_point=start_point,
             ack_strategy=ack_strategy or AckStrategy.SINGLE,
             retry_policy=retry_policy,
+            rebuild=rebuild,
         )
