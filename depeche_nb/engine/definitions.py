@@ -22,14 +22,15 @@ _SIMPLE = (str, int, float, bool, type(None))
 
 def describe_partitioner(partitioner: object) -> dict[str, Any]:
     """The partitioner's class and its simple attributes: what identifies it across kernel
-    restarts (a repr may hold a memory address)."""
+    restarts (a repr may hold a memory address). The class by its qualified name without the
+    module: a notebook defines it in `__main__`, a worker process imports it from a module."""
     cls = type(partitioner)
     params = {
         key: value
         for key, value in sorted(getattr(partitioner, "__dict__", {}).items())
         if not key.startswith("_") and isinstance(value, _SIMPLE)
     }
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "params": params}
+    return {"class": cls.__qualname__, "params": params}
 
 
 def check_aggregated_stream(
