@@ -257,6 +257,33 @@ def test_subscription_name_on_another_stream_is_refused_until_rebuilt(
         one.subscription(name=f"{unique_name}_sub", handlers=handlers)
 
 
+def test_concurrent_first_definitions_agree(engine: sa.Engine, unique_name: str) -> None:
+    store = _store(engine, unique_name)
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def define() -> None:
+        try:
+            start.wait(10)
+            store.aggregated_stream(
+                name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(), stream_wildcards=["c-%"]
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=define) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    with engine.connect() as conn:
+        owners = conn.exec_driver_sql(
+            "SELECT owner FROM depeche_nb_definitions WHERE name = %s", (f"{unique_name}_agg",)
+        ).all()
+    assert [row[0] for row in owners] == [unique_name]
+
+
 def test_changed_definition_is_an_error_until_rebuilt(engine: sa.Engine, unique_name: str) -> None:
     store = _store(engine, unique_name)
     for stream_name in ("a-1", "b-1"):

@@ -54,12 +54,11 @@ def claim(engine: sa.Engine, kind: str, name: str, owner: str, definition: dict[
     run_ddl_once(engine, "definitions", _DDL)
     text = json.dumps(definition, sort_keys=True)
     with autocommit_cursor(engine) as cursor:
-        for _ in range(2):
+        while True:  # a second round sees a concurrent definer's row (a new snapshot)
             cursor.execute(_CLAIM_SQL, (kind, name, owner, text, kind, name))
             row = cursor.fetchone()
             if row is not None:
                 return str(row[0]), json.loads(row[1])
-    raise RuntimeError(f"the definition of {kind} {name!r} could not be read")  # pragma: no cover
 
 
 def replace(engine: sa.Engine, kind: str, name: str, owner: str, definition: dict[str, Any]) -> None:
