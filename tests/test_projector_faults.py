@@ -334,7 +334,7 @@ class ByStream:
 
 
 def test_unreadable_message_is_parked_with_its_stream_held_and_can_be_skipped(
-    engine: sa.Engine, unique_name: str
+    engine: sa.Engine, unique_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     v1, v2 = _reading_v1(), _reading_v2()
     old = depeche_nb.MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(v1))
@@ -354,6 +354,9 @@ def test_unreadable_message_is_parked_with_its_stream_held_and_can_be_skipped(
         ["r-1", 3, "held"],
     ]
     poison = written[500].global_position
+    # A headless worker says so in its log, naming the message.
+    assert [r.levelname for r in caplog.records if "dead letter" in r.getMessage()] == ["WARNING"]
+    assert f"global position {poison}" in caplog.text
     assert letters["global_position"].tolist() == [poison, written[2].global_position]
     assert "ValidationError" in letters["error"][0] and "less than 100" in letters["error"][0]
     assert "2 messages the projector could not read" in stream._repr_html_()

@@ -49,6 +49,14 @@ become "committed before every snapshot", the snapshots are forgotten, and
 the next rounds project every visible message not already in the stream
 table, found by its global position, so nothing is projected twice or lost.
 
+Messages it cannot read: a payload that does not deserialise (a changed
+model) or a message the partitioner fails on is parked as a dead letter
+(`postgres.dead_letter_table`) with its error, and the later messages of its
+origin stream are held behind it, so a stream is never projected out of
+order while every other stream flows on. Dead letters are part of the rounds'
+D like any row (the checkpoint moves past them); `replay_dead_letters()` and
+`skip_dead_letter()` resolve them under the projector's lock.
+
 One projector at a time: each step runs in one transaction that first takes
 a transaction-level advisory lock with `pg_try_advisory_xact_lock`; a
 projector that does not get it returns at once with `locked=True`. Positions
@@ -60,6 +68,7 @@ from __future__ import annotations
 import collections
 import dataclasses as _dc
 import datetime as _dt
+import logging
 import numbers
 import uuid
 from collections.abc import Callable, Sequence
@@ -88,6 +97,7 @@ if TYPE_CHECKING:
     from depeche_nb.engine.aggregated_stream import AggregatedStream
 
 E = TypeVar("E")
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
@@ -348,6 +358,17 @@ class StreamProjector(NotificationDriven, Generic[E]):
             except Exception as exc:  # the policy: any failure here parks the message
                 blocked.add(stream)
                 _add_letter(letters, row, PARKED, f"{type(exc).__name__}: {exc}")
+                logger.warning(
+                    "%s: parked message %s (stream %r, version %s, global position %s) as a dead "
+                    "letter, holding its stream: %s: %s",
+                    self.stream.name,
+                    row[0],
+                    stream,
+                    row[2],
+                    row[4],
+                    type(exc).__name__,
+                    exc,
+                )
         if letters:
             cursor.execute(self._sql.dead_letters.insert_sql, letters)
             report.dead_lettered += len(letters["gps"])
