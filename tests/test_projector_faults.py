@@ -80,6 +80,26 @@ def test_truncate_waits_for_a_step_in_flight(engine: sa.Engine, unique_name: str
     assert _projected(engine, stream.name) == expected
 
 
+def test_checkpoint_without_a_cluster_records_this_one(engine: sa.Engine, unique_name: str) -> None:
+    """Checkpoints written before clusters were recorded are taken as this cluster's."""
+    store = _store(engine, unique_name)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(), stream_wildcards=["old-%"]
+    )
+    store.write("old-1", Numbered(number=1))
+    stream.projector.step()
+    checkpoint = f'"{unique_name}_agg_checkpoint"'
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE {checkpoint} SET cluster = NULL")
+    store.write("old-1", Numbered(number=2))
+    assert len(stream.projector.step()) == 1
+    with engine.connect() as conn:
+        recorded, current = conn.exec_driver_sql(
+            f"SELECT cluster, (SELECT system_identifier::text FROM pg_control_system()) FROM {checkpoint}"
+        ).one()
+    assert recorded == current
+
+
 @pytest.fixture
 def source_database(engine: sa.Engine) -> Iterator[sa.Engine]:
     """A new database on the session's server, so a dump of it holds only this test's tables."""
