@@ -32,6 +32,7 @@ DRIVER_SENSITIVE = {
     "test_notifications",
     "test_parallel_consumers",
     "test_projector_exactness",
+    "test_projector_faults",
     "test_serializer_fast_path",
     "test_store_read",
     "test_store_write",

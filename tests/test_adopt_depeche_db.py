@@ -351,6 +351,13 @@ def test_adopt_keeps_messages_assignments_and_positions(ddb: tuple[sa.Engine, di
         ("subscription_state", "shop_mailer", "adopted"),
     ]
     assert "unchanged" in report.kept and "AdoptionReport" in report._repr_html_()
+    # The constructed checkpoints are tied to this cluster (see `engine.projector`).
+    with engine.connect() as conn:
+        clusters = conn.exec_driver_sql(
+            "SELECT (SELECT cluster FROM shop_orders_checkpoint), system_identifier::text "
+            "FROM pg_control_system()"
+        ).one()
+    assert clusters[0] == clusters[1]
     after = dump(engine)
     # Depeche DB's tables, sequences, functions and triggers are exactly as they were.
     assert depeche_db_part(after) == depeche_db_part(before)

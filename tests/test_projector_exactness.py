@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import defaultdict
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -233,27 +234,50 @@ class BadPartitioner:
 
 
 @pytest.mark.parametrize("bad", [-1, "2", 1.5, None, True, RuntimeError("boom")])
-def test_bad_partition_stops_the_step_and_projects_nothing(
+def test_bad_partition_parks_the_message_and_holds_its_stream(
     engine: sa.Engine, unique_name: str, bad: object
 ) -> None:
     store = _store(engine, unique_name)
     stream = store.aggregated_stream(
         name=f"{unique_name}_agg", partitioner=BadPartitioner(bad), stream_wildcards=["bad-%"]
     )
-    bad_message = None
+    committed: dict[str, tuple[str, int]] = {}
     for i in range(5):
         message = Numbered(number=i)
-        store.write("bad-1", message)
+        committed[str(message.message_id)] = ("bad-1", store.write("bad-1", message).version)
         if i == 3:
             bad_message = message
-    with pytest.raises(depeche_nb.PartitionerError) as info:
-        stream.projector.step(max_messages=10)
-    assert str(bad_message.message_id) in str(info.value)  # type: ignore[union-attr]
-    assert _assignments(engine, f"{unique_name}_agg") == []
-    # The checkpoint did not move either: a fixed partitioner projects everything.
+    other = Numbered(number=10)
+    committed[str(other.message_id)] = ("bad-2", store.write("bad-2", other).version)
+    report = stream.projector.step(max_messages=10)
+    # Versions 1-3 and the other stream are projected; version 4 is parked, 5 held behind it.
+    assert [(p.origin_stream, p.version) for p in report.projected] == [
+        ("bad-1", 1),
+        ("bad-1", 2),
+        ("bad-1", 3),
+        ("bad-2", 1),
+    ]
+    assert report.dead_lettered == 2
+    letters = stream.projector.dead_letters_dataframe()
+    assert letters["status"].tolist() == ["parked", "held"]
+    assert letters["version"].tolist() == [4, 5]
+    assert letters["message_id"][0] == str(bad_message.message_id)
+    assert letters["error"][0].startswith("PartitionerError") and pd.isna(letters["error"][1])
+    assert len(stream.projector.step()) == 0
+    # Replaying with the partitioner still broken changes nothing; fixed, it projects both.
+    assert len(stream.projector.replay_dead_letters()) == 0
     stream.projector.partitioner = BadPartitioner(0)
-    stream.projector.run()
-    assert len(_assignments(engine, f"{unique_name}_agg")) == 5
+    replayed = stream.projector.replay_dead_letters()
+    assert [(p.origin_stream, p.version) for p in replayed.projected] == [("bad-1", 4), ("bad-1", 5)]
+    assert stream.projector.dead_letters_dataframe().empty
+    assert stream.projector.dead_letters_dataframe(include_resolved=True)["status"].tolist() == [
+        "replayed",
+        "replayed",
+    ]
+    assert_exact_projection(engine, f"{unique_name}_agg", committed)
+    # Truncating starts over: the dead letters go with the assignments.
+    stream.truncate()
+    assert stream.projector.dead_letters_dataframe(include_resolved=True).empty
 
 
 @pytest.mark.parametrize(

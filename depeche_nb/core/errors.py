@@ -46,6 +46,20 @@ class MessageSerializationError(DepecheError, TypeError):
     """A message could not be serialised; nothing was written."""
 
 
+class UnstorablePayloadError(MessageSerializationError, ValueError):
+    """A payload value PostgreSQL's jsonb cannot hold faithfully: a NUL character or a lone
+    surrogate in a string or key, or a NaN/Infinity (which JSON has no words for)."""
+
+
+class InvalidStreamNameError(DepecheError, ValueError):
+    """A stream name (free text, passed as a parameter) that PostgreSQL cannot store."""
+
+
+class InvalidWildcardError(DepecheError, ValueError):
+    """A stream wildcard that is not a valid SQL LIKE pattern, or that holds text PostgreSQL
+    cannot store."""
+
+
 class UnknownMessageTypeError(DepecheError, TypeError, LookupError):
     """A stored payload names a message type the serializer does not know.
 
@@ -103,3 +117,28 @@ class BatchAckError(DepecheError, ValueError, AssertionError):
 
     Depeche DB raises `ValueError` for a foreign message and asserts the order.
     """
+
+
+class CheckpointClusterError(DepecheError, RuntimeError):
+    """An aggregated stream's checkpoint holds transaction ids of another PostgreSQL cluster
+    (the database was restored from a dump or moved by logical replication); nothing was
+    projected. `aggregated_stream.projector.reanchor()` rebuilds the checkpoint."""
+
+
+class DefinitionError(DepecheError, ValueError):
+    """A name already stands for something else in this database; nothing was changed."""
+
+
+class NameInUseError(DefinitionError):
+    """An aggregated-stream name used over another store, or a subscription name on another
+    aggregated stream."""
+
+
+class DefinitionChangedError(DefinitionError):
+    """An aggregated stream defined again with other wildcards or another partitioner; pass
+    `rebuild=True` to record the new definition and re-project."""
+
+
+class UnreadableMessageError(DepecheError, ValueError):
+    """A stored message that cannot be deserialised any more (e.g. after a model change);
+    the message names its stream, version, global position and id."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from depeche_nb.core.errors import InvalidIdentifierError
+from depeche_nb.core.errors import InvalidIdentifierError, InvalidStreamNameError, InvalidWildcardError
 
 # Derived names add prefixes/suffixes; PostgreSQL truncates identifiers at 63
 # bytes, which would silently make two long names collide.
@@ -42,20 +42,46 @@ def validate_stream(stream: object) -> str:
     if not isinstance(stream, str):
         raise TypeError(f"stream must be a str, got {type(stream).__name__}")
     if not stream:
-        raise ValueError("stream must not be empty")
+        raise InvalidStreamNameError("stream must not be empty")
     if len(stream) > MAX_STREAM_LENGTH:
-        raise ValueError(
+        raise InvalidStreamNameError(
             f"stream name is {len(stream)} characters long; at most {MAX_STREAM_LENGTH} are allowed"
         )
-    if "\x00" in stream:
-        raise ValueError("stream name must not contain NUL characters")
+    problem = unstorable_text_problem(stream)
+    if problem is not None:
+        raise InvalidStreamNameError(f"stream name {stream!r} {problem}")
     return stream
+
+
+def unstorable_text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store `text` (it refuses NUL characters, and UTF-8, the only
+    encoding we connect with, has no encoding for a lone surrogate), or None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate ({text[exc.start]!r} at index {exc.start})"
+    return None
 
 
 def validate_wildcard(stream_wildcard: object) -> str:
     """A SQL LIKE pattern over stream names (passed as a parameter, so any text is safe)."""
     if not isinstance(stream_wildcard, str):
         raise TypeError(f"stream_wildcard must be a str, got {type(stream_wildcard).__name__}")
+    problem = unstorable_text_problem(stream_wildcard)
+    if problem is not None:
+        raise InvalidWildcardError(f"stream wildcard {stream_wildcard!r} {problem}")
+    # Backslash is LIKE's escape character: an unpaired one at the end escapes nothing and
+    # PostgreSQL rejects the pattern on every query that uses it.
+    trailing = len(stream_wildcard) - len(stream_wildcard.rstrip("\\"))
+    if trailing % 2:
+        raise InvalidWildcardError(
+            f"stream wildcard {stream_wildcard!r} ends with an unpaired backslash (LIKE's escape "
+            "character); write a literal backslash as two"
+        )
     return stream_wildcard
 
 

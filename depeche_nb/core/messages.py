@@ -41,6 +41,15 @@ class MessagePosition:
 
 
 @_dc.dataclass(frozen=True)
+class UnreadableMessage:
+    """Stands in a `StoredMessage` for a payload that could not be deserialised, so the
+    subscription's error policy (retry, park, ignore, exit) decides on it like on a failing
+    handler: delivering it raises `error`."""
+
+    error: Exception
+
+
+@_dc.dataclass(frozen=True)
 class StoredMessage(RichRepr, Generic[E]):
     """A message as it lives in the store, with its place in stream and store."""
 

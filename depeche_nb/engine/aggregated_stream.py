@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import sqlalchemy as sa
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.identifiers import check_positive_int, validate_name
+from depeche_nb.core.identifiers import check_positive_int, validate_name, validate_wildcard
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
     MessagePartitioner,
@@ -19,13 +19,14 @@ from depeche_nb.core.interfaces import (
     SubscriptionStartPoint,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
 from depeche_nb.store.frames import DEFAULT_LIMIT
-from depeche_nb.store.message_store import MessageStoreBase, to_stored_message
+from depeche_nb.store.message_store import MessageStoreBase, to_stored_or_unreadable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,6 +47,7 @@ def validate_wildcards(stream_wildcards: object) -> list[str]:
     for pattern in stream_wildcards:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(f"every stream wildcard must be a non-empty str, got {pattern!r}")
+        validate_wildcard(pattern)
     return list(stream_wildcards)
 
 
@@ -60,7 +62,11 @@ class AggregatedStream(RichRepr, Generic[E]):
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
         lookback_for_gaps_hours: int | None = None,
+        *,
+        rebuild: bool = False,
     ) -> None:
+        """`rebuild=True`: when `name` is recorded with another store, wildcards or partitioner
+        (an error otherwise), record this definition and re-project from scratch."""
         validate_name(name, "aggregated stream name")
         wildcards = validate_wildcards(stream_wildcards)
         if not callable(getattr(partitioner, "get_partition", None)):
@@ -76,6 +82,9 @@ class AggregatedStream(RichRepr, Generic[E]):
         self.store = store
         self.names = StreamNames(name, store._storage.names)
         self.notification_channel = self.names.channel
+        rebuilt = check_aggregated_stream(
+            store.engine, name, store.name, wildcards, partitioner, rebuild=rebuild
+        )
         ensure_stream_schema(store.engine, self.names)
         self.views = StreamViews(self.names)
         self.projector: StreamProjector[E] = StreamProjector(
@@ -83,6 +92,8 @@ class AggregatedStream(RichRepr, Generic[E]):
         )
         self.subscription: SubscriptionFactory[E] = SubscriptionFactory(self)
         self.statements = StreamStatements(self.names)
+        if rebuilt:
+            self.truncate()
 
     @property
     def engine(self) -> sa.Engine:
@@ -147,7 +158,9 @@ class AggregatedStream(RichRepr, Generic[E]):
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         serializer = self.store.serializer
-        return [(row[0], row[1], to_stored_message(row[2:], serializer)) for row in rows]
+        # A payload that cannot be deserialised travels as an `UnreadableMessage`, so the
+        # runner's retry and parking decide on it instead of every read failing.
+        return [(row[0], row[1], to_stored_or_unreadable(row[2:], serializer)) for row in rows]
 
     def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
         from depeche_nb.engine.reader import AggregatedStreamReader
@@ -254,9 +267,17 @@ class AggregatedStreamFactory(Generic[E]):
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
         lookback_for_gaps_hours: int | None = None,
+        *,
+        rebuild: bool = False,
     ) -> AggregatedStream[E]:
         return AggregatedStream(
-            name, self.store, partitioner, stream_wildcards, update_batch_size, lookback_for_gaps_hours
+            name,
+            self.store,
+            partitioner,
+            stream_wildcards,
+            update_batch_size,
+            lookback_for_gaps_hours,
+            rebuild=rebuild,
         )
 
 

@@ -115,6 +115,7 @@ class AggregatedStreamOverview:
     unprojected: int  # stored messages matching the wildcards, not projected yet
     last_projected_at: _dt.datetime | None
     checkpoint_updated_at: _dt.datetime | None  # when a projector step last finished
+    dead_letters: int = 0  # unresolved messages the projector parked or holds back
 
 
 def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]:
@@ -141,6 +142,25 @@ _PARTITION_KINDS = (
 )
 
 
+def dead_letters_dataframe(stream: AggregatedStream[Any], include_resolved: bool = False) -> pd.DataFrame:
+    """The projector's dead letters (see `StreamProjector.dead_letters_dataframe`), by
+    global position: `global_position`, `message_id`, `origin_stream`, `version`, `status`,
+    `error`, `recorded_at`, `resolved_at` (timezone-aware)."""
+    import pandas as pd
+
+    letters = stream.statements.dead_letters
+    with autocommit_cursor(stream.engine) as cursor:
+        cursor.execute(letters.list_all_sql if include_resolved else letters.list_sql)
+        rows = cursor.fetchall()
+    columns = ["global_position", "message_id", "origin_stream", "version", "status", "error"]
+    frame: pd.DataFrame = pd.DataFrame(
+        [tuple(row) for row in rows], columns=[*columns, "recorded_at", "resolved_at"]
+    )
+    for name in ("recorded_at", "resolved_at"):
+        frame[name] = pd.to_datetime(frame[name], utc=True)
+    return frame
+
+
 def partitions_dataframe(stream: AggregatedStream[Any]) -> pd.DataFrame:
     """One row per partition: `partition`, `messages`, `head_position`,
     `first_global_position`, `last_global_position`, `last_projected_at`.
@@ -162,6 +182,8 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
     with autocommit_cursor(stream.engine) as cursor:
         cursor.execute(stream.views.checkpoint_updated_sql)
         row = cursor.fetchone()
+        cursor.execute(stream.statements.dead_letters.count_sql)
+        dead_letters = int(cursor.fetchone()[0])
     return AggregatedStreamOverview(
         name=stream.name,
         store=stream.store.name,
@@ -171,6 +193,7 @@ def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStrea
         unprojected=unprojected,
         last_projected_at=max((s.last_projected_at for s in summaries), default=None),
         checkpoint_updated_at=None if row is None else row[0],
+        dead_letters=dead_letters,
     )
 
 

@@ -21,7 +21,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionErrorHandler,
     SubscriptionMessage,
 )
-from depeche_nb.core.messages import StoredMessage
+from depeche_nb.core.messages import StoredMessage, UnreadableMessage
 
 E = TypeVar("E")
 H = TypeVar("H", bound=Callable[..., Any])
@@ -213,7 +213,10 @@ class SubscriptionMessageHandler(Generic[E]):
 
     def call(self, message: SubscriptionMessage[E]) -> str:
         """Run the handler once; raises what it raises. Returns HANDLED or NO_HANDLER."""
-        descriptor = self.handler_register.get_handler(type(message.stored_message.message))
+        payload = message.stored_message.message
+        if isinstance(payload, UnreadableMessage):
+            raise payload.error
+        descriptor = self.handler_register.get_handler(type(payload))
         if descriptor is None:
             return NO_HANDLER
         argument = descriptor.adapt_message_type(message)

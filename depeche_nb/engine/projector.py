@@ -37,6 +37,26 @@ acknowledged any of its positions did so in a later, synchronous commit, and
 flushing that commit flushes the WAL before it, the step included. A lost
 step is simply redone (its checkpoint is lost with it).
 
+Tied to its cluster: transaction ids are only meaningful in the cluster that
+issued them. After a dump/restore or a logical-replication move into another
+cluster, new transactions get ids unrelated to (typically smaller than) the
+stored ones, and a snapshot test would take every new message as already
+seen. The checkpoint therefore records the cluster's `system_identifier`
+(kept by physical replicas and fail-over, new for another cluster); a step on
+another cluster raises `CheckpointClusterError` and projects nothing.
+`reanchor()` is the explicit fix: the messages' foreign transaction ids
+become "committed before every snapshot", the snapshots are forgotten, and
+the next rounds project every visible message not already in the stream
+table, found by its global position, so nothing is projected twice or lost.
+
+Messages it cannot read: a payload that does not deserialise (a changed
+model) or a message the partitioner fails on is parked as a dead letter
+(`postgres.dead_letter_table`) with its error, and the later messages of its
+origin stream are held behind it, so a stream is never projected out of
+order while every other stream flows on. Dead letters are part of the rounds'
+D like any row (the checkpoint moves past them); `replay_dead_letters()` and
+`skip_dead_letter()` resolve them under the projector's lock.
+
 One projector at a time: each step runs in one transaction that first takes
 a transaction-level advisory lock with `pg_try_advisory_xact_lock`; a
 projector that does not get it returns at once with `locked=True`. Positions
@@ -48,13 +68,14 @@ from __future__ import annotations
 import collections
 import dataclasses as _dc
 import datetime as _dt
+import logging
 import numbers
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.errors import DepecheError
+from depeche_nb.core.errors import CheckpointClusterError, DepecheError
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -65,6 +86,7 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.engine.report_frames import records_dataframe
+from depeche_nb.postgres.dead_letter_table import HELD, PARKED, REPLAYED, SKIPPED
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
 from depeche_nb.store.message_store import to_stored_message
@@ -75,6 +97,7 @@ if TYPE_CHECKING:
     from depeche_nb.engine.aggregated_stream import AggregatedStream
 
 E = TypeVar("E")
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
@@ -104,6 +127,7 @@ class ProjectionReport(RichRepr):
     projected: list[ProjectedMessage] = _dc.field(default_factory=list)
     more_available: bool = False
     locked: bool = False
+    dead_lettered: int = 0  # messages parked or held back (see `StreamProjector._project`)
 
     def __len__(self) -> int:
         return len(self.projected)
@@ -117,10 +141,29 @@ class ProjectionReport(RichRepr):
         if self.locked:
             return f"{self.stream_name}: another projector is running; nothing done"
         state = "more to project" if self.more_available else "caught up"
-        return f"{self.stream_name}: projected {len(self.projected)} message(s), {state}"
+        dead = f", {self.dead_lettered} dead-lettered" if self.dead_lettered else ""
+        return f"{self.stream_name}: projected {len(self.projected)} message(s){dead}, {state}"
 
     def __repr__(self) -> str:
         return f"<ProjectionReport {self.summary()}>"
+
+
+@_dc.dataclass(frozen=True)
+class _Placement(Generic[E]):
+    """A row read and partitioned, ready to insert."""
+
+    raw_id: Any
+    stored: StoredMessage[E]
+    partition: int
+    occurred: _dt.datetime
+
+
+def _add_letter(letters: dict[str, list[Any]], row: Sequence[Any], status: str, error: str | None) -> None:
+    # Row columns in `messages_table.ROW_COLUMNS` order.
+    for key, value in (("gps", row[4]), ("ids", row[0]), ("streams", row[1]), ("versions", row[2])):
+        letters[key].append(value)
+    letters["statuses"].append(status)
+    letters["errors"].append(error)
 
 
 class FullUpdateResult(NamedTuple):
@@ -242,7 +285,19 @@ class StreamProjector(NotificationDriven, Generic[E]):
             report.locked = True
             return
         cursor.execute(self._sql.checkpoint_sql)
-        seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
+        seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored, blocked = (
+            cursor.fetchone()
+        )
+        if cluster is not None and cluster != current_cluster:
+            cursor.execute("ROLLBACK")
+            raise CheckpointClusterError(
+                f"the checkpoint of aggregated stream {self.stream.name!r} holds transaction ids of "
+                f"another PostgreSQL cluster (system identifier {cluster}; this one is "
+                f"{current_cluster}): the database was restored from a dump or moved by logical "
+                "replication. Nothing was projected. Once the move is complete, run "
+                f"`{self.stream.name}.projector.reanchor()` to rebuild the checkpoint from the "
+                "messages already projected"
+            )
         params = {
             "after": after,
             "pending": pending,
@@ -252,48 +307,184 @@ class StreamProjector(NotificationDriven, Generic[E]):
             "seen_xip": seen_xip,
         }
         reads = self._reads
-        cursor.execute(reads.projection_first_sql if seen is None else reads.projection_delta_sql, params)
+        if seen is not None:
+            sql = reads.projection_delta_sql
+        elif anchored:  # re-anchored: part of what is visible is projected already
+            sql = self._sql.projection_unprojected_sql
+        else:
+            sql = reads.projection_first_sql
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
         report.more_available = len(rows) > limit
         rows = rows[:limit]
         if rows:
-            self._project(cursor, rows, report)
+            self._project(cursor, rows, report, set(blocked))
         if report.more_available:
             advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
         else:
             advance = {"seen": pending, "pending": None, "after": None}
-        cursor.execute(self._sql.advance_sql, advance)
+        cursor.execute(self._sql.advance_sql, {**advance, "cluster": current_cluster})
 
-    def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport) -> None:
-        serializer = self.stream.store.serializer
-        get_partition = self.partitioner.get_partition
-        columns: dict[str, list[Any]] = collections.defaultdict(list)
-        message_ids: list[uuid.UUID] = []
-        for row in rows:
-            stored: StoredMessage[E] = to_stored_message(row, serializer)
+    def reanchor(self) -> None:
+        """Rebuild the checkpoint on this cluster after the database moved to another one
+        (dump/restore, logical replication), see `CheckpointClusterError` and the module
+        docstring. Waits for a step in flight; run it once the move is complete (rows still
+        arriving with the old cluster's transaction ids would need another re-anchoring)."""
+        with autocommit_cursor(self.stream.engine) as cursor:
+            cursor.execute("BEGIN")
             try:
-                partition = get_partition(stored)
-            except Exception as exc:
-                raise PartitionerError(
-                    f"the partitioner raised {type(exc).__name__}: {exc} for message "
-                    f"{stored.message_id} (stream {stored.stream!r}, version {stored.version}, "
-                    f"global position {stored.global_position}); nothing of this batch was projected"
-                ) from exc
-            columns["partitions"].append(_validate_partition(partition, stored))
+                cursor.execute(self._sql.projector_wait_lock_sql)
+                cursor.execute(self._reads.retire_foreign_txids_sql)
+                cursor.execute(self._sql.reanchor_sql)
+                cursor.execute("COMMIT")
+            except BaseException:
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
+                raise
+
+    def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport, blocked: set[str]) -> None:
+        """Project `rows`, except those that cannot be read or partitioned: each of these
+        becomes a parked dead letter and holds back the later rows of its origin stream
+        (`blocked`, updated), so no stream is projected out of order."""
+        placed: list[_Placement[E]] = []
+        letters: dict[str, list[Any]] = collections.defaultdict(list)
+        for row in rows:
+            stream = row[1]
+            if stream in blocked:
+                _add_letter(letters, row, HELD, None)
+                continue
+            try:
+                placed.append(self._place(row))
+            except Exception as exc:  # the policy: any failure here parks the message
+                blocked.add(stream)
+                _add_letter(letters, row, PARKED, f"{type(exc).__name__}: {exc}")
+                logger.warning(
+                    "%s: parked message %s (stream %r, version %s, global position %s) as a dead "
+                    "letter, holding its stream: %s: %s",
+                    self.stream.name,
+                    row[0],
+                    stream,
+                    row[2],
+                    row[4],
+                    type(exc).__name__,
+                    exc,
+                )
+        if letters:
+            cursor.execute(self._sql.dead_letters.insert_sql, letters)
+            report.dead_lettered += len(letters["gps"])
+        if placed:
+            self._insert(cursor, placed, report)
+
+    def _place(self, row: Sequence[Any]) -> _Placement[E]:
+        """Deserialise and partition one row (raises what went wrong)."""
+        stored: StoredMessage[E] = to_stored_message(row, self.stream.store.serializer)
+        try:
+            partition = self.partitioner.get_partition(stored)
+        except Exception as exc:
+            raise PartitionerError(
+                f"the partitioner raised {type(exc).__name__}: {exc} for message "
+                f"{stored.message_id} (stream {stored.stream!r}, version {stored.version}, "
+                f"global position {stored.global_position})"
+            ) from exc
+        occurred = _as_utc(stored.message.get_message_time())  # type: ignore[attr-defined]
+        return _Placement(row[0], stored, _validate_partition(partition, stored), occurred)
+
+    def _insert(self, cursor: Any, placed: Sequence[_Placement[E]], report: ProjectionReport) -> None:
+        columns: dict[str, list[Any]] = collections.defaultdict(list)
+        for p in placed:
+            stored = p.stored
+            columns["partitions"].append(p.partition)
             columns["gps"].append(stored.global_position)
-            columns["ids"].append(row[0])  # the id column as the database sent it
-            message_ids.append(stored.message_id)
+            columns["ids"].append(p.raw_id)  # the id column as the database sent it
             columns["streams"].append(stored.stream)
             columns["versions"].append(stored.version)
-            columns["occurred"].append(_as_utc(stored.message.get_message_time()))  # type: ignore[attr-defined]
+            columns["occurred"].append(p.occurred)
             columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
         cursor.execute(self._sql.project_sql, {**columns, "channel": self.stream.names.channel})
-        placed = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
-        for gp, message_id, stream, version in zip(
-            columns["gps"], message_ids, columns["streams"], columns["versions"], strict=True
-        ):
-            partition, position = placed[gp]
-            report.projected.append(ProjectedMessage(message_id, stream, version, gp, partition, position))
+        positions = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
+        for p in placed:
+            stored = p.stored
+            partition, position = positions[stored.global_position]
+            report.projected.append(
+                ProjectedMessage(
+                    stored.message_id,
+                    stored.stream,
+                    stored.version,
+                    stored.global_position,
+                    partition,
+                    position,
+                )
+            )
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def dead_letters_dataframe(self, include_resolved: bool = False) -> pd.DataFrame:
+        """The messages this projector could not read or partition (`parked`, with the error)
+        and those held behind them in their origin stream (`held`); with `include_resolved`
+        also the `replayed` and `skipped` ones."""
+        from depeche_nb.engine.frames import dead_letters_dataframe
+
+        return dead_letters_dataframe(self.stream, include_resolved)
+
+    def replay_dead_letters(self, origin_stream: str | None = None) -> ProjectionReport:
+        """Project the dead letters of `origin_stream` (default: of every stream) now, in
+        order, e.g. after fixing the model or the partitioner; a stream stops at its first
+        message that still fails, which stays parked with the new error."""
+        return self._resolving(lambda cursor, report: self._replay(cursor, origin_stream, report))
+
+    def skip_dead_letter(self, global_position: int) -> ProjectionReport:
+        """Give up on one dead letter for good (it is never projected; the row stays as a
+        record), then replay the messages its origin stream held behind it."""
+        check_positive_int("global_position", global_position)
+
+        def skip(cursor: Any, report: ProjectionReport) -> None:
+            letters = self._sql.dead_letters
+            cursor.execute(letters.resolve_sql, (SKIPPED, [global_position]))
+            if cursor.rowcount != 1:
+                raise KeyError(f"no unresolved dead letter at global position {global_position}")
+            cursor.execute(letters.stream_of_sql, (global_position,))
+            self._replay(cursor, cursor.fetchone()[0], report)
+
+        return self._resolving(skip)
+
+    def _resolving(self, work: Callable[[Any, ProjectionReport], None]) -> ProjectionReport:
+        # Under the projector's lock (waiting for a step in flight), in one transaction.
+        report = ProjectionReport(self.stream.name)
+        with autocommit_cursor(self.stream.engine) as cursor:
+            cursor.execute("BEGIN")
+            try:
+                cursor.execute(self._sql.projector_wait_lock_sql)
+                work(cursor, report)
+                cursor.execute("COMMIT")
+            except BaseException:
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
+                raise
+        return report
+
+    def _replay(self, cursor: Any, origin_stream: str | None, report: ProjectionReport) -> None:
+        letters = self._sql.dead_letters
+        if origin_stream is None:
+            cursor.execute(f"SELECT {letters.blocked_streams_sql}")
+            streams = list(cursor.fetchone()[0])
+        else:
+            streams = [origin_stream]
+        for stream in streams:
+            cursor.execute(letters.stream_letters_sql, (stream,))
+            positions = [row[0] for row in cursor.fetchall()]
+            if not positions:
+                continue
+            cursor.execute(self._reads.rows_at_sql, (positions,))
+            placed: list[_Placement[E]] = []
+            for row in cursor.fetchall():
+                try:
+                    placed.append(self._place(row))
+                except Exception as exc:
+                    cursor.execute(letters.repark_sql, (f"{type(exc).__name__}: {exc}", row[4]))
+                    break
+            if placed:
+                self._insert(cursor, placed, report)
+                cursor.execute(letters.resolve_sql, (REPLAYED, [p.stored.global_position for p in placed]))
 
     def __repr__(self) -> str:
         return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"

@@ -25,6 +25,10 @@ E = TypeVar("E")
 class InMemorySubscriptionState:
     """Subscription state in a dict (per process, lost at exit)."""
 
+    # Nothing of the subscription's is stored, so its name is not recorded as a definition
+    # (every reader uses the same one; see `engine.definitions`).
+    records_definition = False
+
     def __init__(self) -> None:
         self._states: dict[str, dict[int, int]] = {}
         self._mutex = threading.Lock()

@@ -34,6 +34,7 @@ from depeche_nb.core.interfaces import (
 )
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.acks import AckOp, BatchAck
+from depeche_nb.engine.definitions import check_subscription
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
@@ -111,7 +112,11 @@ class Subscription(RichRepr, Generic[E]):
         start_point: SubscriptionStartPoint | None = None,
         ack_strategy: AckStrategy = AckStrategy.SINGLE,
         retry_policy: RetryPolicy | None = None,
+        *,
+        rebuild: bool = False,
     ) -> None:
+        """`rebuild=True`: when `name` is recorded on another aggregated stream (an error
+        otherwise), move it to this one and reset its positions to `start_point`."""
         validate_name(name, "subscription name")
         if start_point is not None and not isinstance(start_point, SubscriptionStartPoint):
             raise TypeError(
@@ -125,6 +130,9 @@ class Subscription(RichRepr, Generic[E]):
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         engine = stream.engine
+        moved = getattr(state_provider, "records_definition", True) and check_subscription(
+            engine, name, stream.name, rebuild=rebuild
+        )
         self.name = name
         self.stream = stream
         self._stream = stream
@@ -142,6 +150,9 @@ class Subscription(RichRepr, Generic[E]):
             BatchedAckSubscriptionRunner if ack_strategy is AckStrategy.BATCHED else SubscriptionRunner
         )
         self.runner: SubscriptionRunner[E] = runner_class(self, message_handler, self.batch_size)
+        if moved:
+            # The stored positions are the old stream's partitions' (parked rows stay as records).
+            self.reset(self._start_point)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -447,6 +458,8 @@ class SubscriptionFactory(Generic[E]):
         start_point: SubscriptionStartPoint | None = None,
         ack_strategy: AckStrategy | None = None,
         retry_policy: RetryPolicy | None = None,
+        *,
+        rebuild: bool = False,
     ) -> Subscription[E]:
         if isinstance(handlers, type):
             raise TypeError(
@@ -473,4 +486,5 @@ class SubscriptionFactory(Generic[E]):
             start_point=start_point,
             ack_strategy=ack_strategy or AckStrategy.SINGLE,
             retry_policy=retry_policy,
+            rebuild=rebuild,
         )

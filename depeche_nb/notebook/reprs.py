@@ -141,6 +141,13 @@ def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
                 "yet (stream.projector.step() or an Executor projects them)"
             )
         )
+    if ov.dead_letters:
+        parts.append(
+            h.note(
+                f"{h.count(ov.dead_letters, 'message')} the projector could not read or partition, "
+                "or holds back behind one: stream.projector.dead_letters_dataframe()"
+            )
+        )
     if not ov.partitions:
         parts.append(h.note("no partitions yet: nothing projected"))
         return h.box(*parts)

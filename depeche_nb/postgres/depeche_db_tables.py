@@ -40,6 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.stream_tables import CLUSTER_IDENTITY_SQL
 
 STORE_PREFIX = "depeche_msgs_"
 STREAM_PREFIX = "depeche_stream_"
@@ -618,7 +619,7 @@ def adopt_heads(conn: sa.Connection, heads_table: str, stream_table: str) -> Non
 def set_checkpoint(conn: sa.Connection, checkpoint_table: str, seen: str | None) -> None:
     conn.exec_driver_sql(
         f"UPDATE {quote_ident(checkpoint_table)} SET seen = %s::pg_snapshot, pending = NULL, "
-        "pending_after = NULL, updated_at = now()",
+        f"pending_after = NULL, cluster = {CLUSTER_IDENTITY_SQL}, updated_at = now()",
         (seen,),
     )
 

@@ -129,6 +129,7 @@ class MessagesStatements:
         )
         order = "ORDER BY global_position LIMIT %(limit)s"
         columns = text_row_columns("m")
+        self._table = table
         # First round: walk the primary key in order (everything is new).
         self.projection_first_sql = (
             f"SELECT {columns} FROM {table} m WHERE m.global_position > %(after)s AND {visible} {order}"
@@ -143,8 +144,34 @@ class MessagesStatements:
             f"WHERE m.txid = ANY(%(seen_xip)s::xid8[]) AND {visible}) d "
             f"WHERE d.global_position > %(after)s {order}"
         )
+        self._first_columns = columns
+        self._visible, self._order = visible, order
+        # Re-anchoring after a move to another cluster (see `StreamProjector.reanchor`): ids of
+        # the old cluster's transactions mean nothing in this one's snapshots. Every row this
+        # statement sees is committed (here or on the old cluster); those whose id is not visible in its own
+        # snapshot are foreign and become "committed before any snapshot" (the first normal
+        # xid, below every xmin). Rows of transactions still running are not seen, not touched.
+        self.retire_foreign_txids_sql = (
+            f"UPDATE {table} m SET txid = '3'::xid8 "
+            "WHERE m.txid >= pg_snapshot_xmin(pg_current_snapshot()) "
+            "AND NOT pg_visible_in_snapshot(m.txid, pg_current_snapshot())"
+        )
+        # Messages by global position (the projector's dead letters, replayed).
+        self.rows_at_sql = (
+            f"SELECT {columns} FROM {table} m WHERE m.global_position = ANY(%s::bigint[]) "
+            "ORDER BY m.global_position"
+        )
         self.max_version_sql = (
             f"SELECT version, global_position FROM {table} WHERE stream = %s ORDER BY version DESC LIMIT 1"
+        )
+
+    def projection_unprojected_sql(self, projected_table: str) -> str:
+        """The first round's read without the rows already in `projected_table` (a quoted
+        stream table keyed by global position): the first round after a re-anchoring."""
+        return (
+            f"SELECT {self._first_columns} FROM {self._table} m WHERE m.global_position > %(after)s "
+            f"AND {self._visible} AND NOT EXISTS (SELECT 1 FROM {projected_table} p "
+            f"WHERE p.global_position = m.global_position) {self._order}"
         )
 
 

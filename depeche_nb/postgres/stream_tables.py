@@ -9,8 +9,10 @@ Tables of aggregated stream `A` over store `S`:
   unique on (partition, position).
 * `A_heads`: per partition the highest position, so positions continue
   without scanning.
+* `A_dead_letters`: messages the projector could not read or partition, see
+  `postgres.dead_letter_table`.
 * `A_checkpoint`: the projector's progress as PostgreSQL snapshots, see
-  `engine.projector`.
+  `engine.projector`, and the identity of the cluster whose transaction ids they hold.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
-from depeche_nb.postgres.messages_table import epoch_us_sql, text_row_columns
+from depeche_nb.postgres.dead_letter_table import DeadLetterTable
+from depeche_nb.postgres.messages_table import MessagesStatements, epoch_us_sql, text_row_columns
 from depeche_nb.postgres.names import StoreNames, lock_namespace, quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.state_table import StateTable
+
+# The cluster a checkpoint's transaction ids belong to: set by initdb, kept by physical
+# replicas (whose ids continue the primary's), new after a dump/restore or logical
+# replication into another cluster. Readable by any role.
+CLUSTER_IDENTITY_SQL = "(SELECT system_identifier::text FROM pg_control_system())"
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,11 @@ def stream_ddl(names: StreamNames) -> list[str]:
             updated_at timestamptz NOT NULL DEFAULT now()
         )
         """,
+        # Checkpoints written before clusters were recorded have none; the projector
+        # records the current one on its next step.
+        f"ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS cluster text",
         f"INSERT INTO {checkpoint} (singleton) VALUES (true) ON CONFLICT DO NOTHING",
+        *DeadLetterTable(names.stream).ddl,
     ]
 
 
@@ -118,10 +130,17 @@ class StreamStatements:
             "BEGIN; SET LOCAL synchronous_commit TO off; "
             f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
         )
+        self.dead_letters = DeadLetterTable(names.stream)
+        # Then the stored and the current cluster, (only while `seen` is empty, in a first
+        # round) whether anything is projected already: after a re-anchoring, or by this
+        # round's earlier steps, the round then skips what is; and the origin streams held
+        # back behind a dead letter.
         self.checkpoint_sql = (
             "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
             "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
-            f"array(SELECT pg_snapshot_xip(seen))::text[] FROM {checkpoint}"
+            f"array(SELECT pg_snapshot_xip(seen))::text[], cluster, {CLUSTER_IDENTITY_SQL}, "
+            f"CASE WHEN seen IS NULL THEN EXISTS (SELECT 1 FROM {heads}) END, "
+            f"{self.dead_letters.blocked_streams_sql} FROM {checkpoint}"
         )
         self.project_sql = f"""
             WITH new AS (
@@ -159,13 +178,26 @@ class StreamStatements:
         """
         self.advance_sql = (
             f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
-            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, updated_at = now(); "
-            "COMMIT"
+            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, cluster = %(cluster)s, "
+            "updated_at = now(); COMMIT"
         )
+        self.projection_unprojected_sql = MessagesStatements(names.store).projection_unprojected_sql(table)
+        self.projector_wait_lock_sql = f"SELECT pg_advisory_xact_lock({lock_a}, {lock_b})"
+        # Re-anchoring (see `StreamProjector.reanchor`): forget the foreign snapshots; the
+        # next rounds project what is visible and not yet in the stream table.
+        self.reanchor_sql = (
+            f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, "
+            f"cluster = {CLUSTER_IDENTITY_SQL}, updated_at = now()"
+        )
+        # Truncation waits for the projector's lock: a step in flight would otherwise
+        # commit its checkpoint over the reset one, marking the deleted messages seen.
         self.truncate_sql = [
+            self.projector_wait_lock_sql,
             f"DELETE FROM {table}",
             f"DELETE FROM {heads}",
-            f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, updated_at = now()",
+            f"DELETE FROM {self.dead_letters.table}",
+            f"UPDATE {checkpoint} SET seen = NULL, pending = NULL, pending_after = NULL, cluster = NULL, "
+            "updated_at = now()",
         ]
         self.read_sql = (
             f"SELECT partition, position, message_id FROM {table} WHERE partition = %s ORDER BY position"

@@ -33,9 +33,10 @@ from depeche_nb.core.errors import (
     MessageIdMismatchError,
     MessageNotFound,
     MessageSerializationError,
+    UnreadableMessageError,
 )
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
-from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
+from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage, UnreadableMessage
 from depeche_nb.postgres.driver import is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.store.frames import DEFAULT_LIMIT
@@ -84,6 +85,24 @@ def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> S
         global_position=global_position,
         added_at=added_at,
     )
+
+
+def to_stored_or_unreadable(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[Any]:
+    """`to_stored_message`, except that a payload that cannot be deserialised gives a
+    `StoredMessage` holding an `UnreadableMessage` (for subscriptions, see there)."""
+    try:
+        return to_stored_message(row, serializer)
+    except Exception as exc:
+        message_id, stream, version, _, global_position, added_at = row
+        error = UnreadableMessageError(
+            f"message {message_id} (stream {stream!r}, version {version}, global position "
+            f"{global_position}) cannot be deserialised: {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        message_uuid = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
+        return StoredMessage(
+            message_uuid, stream, version, UnreadableMessage(error), global_position, added_at
+        )
 
 
 @functools.lru_cache(maxsize=256)

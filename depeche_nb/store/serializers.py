@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -15,6 +16,7 @@ from depeche_nb.core.errors import (
     MessageSerializationError,
     MissingMessageTypeError,
     UnknownMessageTypeError,
+    UnstorablePayloadError,
 )
 
 E = TypeVar("E")
@@ -36,6 +38,32 @@ def _union_members(message_type: Any) -> tuple[type[pydantic.BaseModel], ...]:
     raise TypeError(
         f"PydanticMessageSerializer needs a pydantic model or a Union of models, got {message_type!r}"
     )
+
+
+def _has_none(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return any(_has_none(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_none(item) for item in value)
+    return False
+
+
+def _non_finite_in(value: object, path: str) -> str | None:
+    """`path` of the first NaN or infinite float under `value` (a Python dump), described."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}"
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = enumerate(value)
+    for key, item in items:
+        found = _non_finite_in(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 class PydanticMessageSerializer(Generic[E]):
@@ -77,8 +105,19 @@ class PydanticMessageSerializer(Generic[E]):
             )
         try:
             payload = message.model_dump(mode="json")
+        except UnicodeEncodeError as exc:  # pydantic encodes keys: a lone surrogate fails here
+            raise UnstorablePayloadError(f"cannot serialise {type(message).__name__}: {exc}") from exc
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise MessageSerializationError(f"cannot serialise {type(message).__name__}: {exc}") from exc
+        if _has_none(payload):
+            # pydantic's JSON mode writes NaN and Infinity of untyped fields as null; only
+            # the Python dump still shows them.
+            found = _non_finite_in(message.model_dump(), "payload")
+            if found is not None:
+                raise UnstorablePayloadError(
+                    f"cannot serialise {type(message).__name__}: {found}, which JSON cannot "
+                    "represent (pydantic would store it as null)"
+                )
         if TYPE_KEY in payload:
             raise MessageSerializationError(
                 f"{type(message).__name__} has a field named {TYPE_KEY!r}, which is reserved"
@@ -100,7 +139,13 @@ class PydanticMessageSerializer(Generic[E]):
         if len(found) == 1:
             model = self._by_name.get(found[0]) or self._aliases.get(found[0])
             if model is not None and model.model_config.get("extra") != "forbid":
-                return typing.cast(E, model.model_validate_json(text))
+                try:
+                    return typing.cast(E, model.model_validate_json(text))
+                except pydantic.ValidationError as exc:
+                    # pydantic's JSON parser stops at 200 levels of nesting, while its
+                    # serialiser writes 255: such a stored payload is valid JSON, read generically.
+                    if exc.errors()[0]["type"] != "json_invalid":
+                        raise
         return self.deserialize(json.loads(text))
 
     def deserialize(self, message: dict[str, Any]) -> E:

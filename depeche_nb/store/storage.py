@@ -23,8 +23,9 @@ from depeche_nb.core.errors import (
     DuplicateMessageIdError,
     MessageSerializationError,
     OptimisticConcurrencyError,
+    UnstorablePayloadError,
 )
-from depeche_nb.core.identifiers import validate_stream, validate_wildcard
+from depeche_nb.core.identifiers import unstorable_text_problem, validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition
 from depeche_nb.postgres.driver import UNIQUE_VIOLATION, diagnostic, driver_error, sqlstate
 from depeche_nb.postgres.messages_table import (
@@ -54,11 +55,41 @@ def check_expected_version(expected_version: object) -> int | None:
 
 def payload_json(payload: dict[str, Any], message_type: str) -> str:
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise UnstorablePayloadError(f"the serialised {message_type} is not storable: {exc}") from exc
+    except TypeError as exc:
         raise MessageSerializationError(
             f"the serialised {message_type} is not JSON-compatible: {exc}"
         ) from exc
+    # jsonb refuses \u0000 and lone surrogates; the ASCII-escaped text shows either only as
+    # an escape, so the exact (slower) search runs only when one appears.
+    if "\\u0000" in text or "\\ud" in text:
+        problem = _unstorable_text_in(payload, "payload")
+        if problem is not None:
+            raise UnstorablePayloadError(f"the serialised {message_type} is not storable: {problem}")
+    return text
+
+
+def _unstorable_text_in(value: object, path: str) -> str | None:
+    """The first string or key under `value` PostgreSQL cannot store, described, or None."""
+    if isinstance(value, str):
+        problem = unstorable_text_problem(value)
+        return None if problem is None else f"{path} {problem}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            key_problem = unstorable_text_problem(key) if isinstance(key, str) else None
+            if key_problem is not None:
+                return f"key {key!r} of {path} {key_problem}"
+            found = _unstorable_text_in(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _unstorable_text_in(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def translate_write_error(error: BaseException, stream: str) -> Exception | None:
