@@ -104,6 +104,15 @@ class ProjectionReport(RichRepr):
     projected: list[ProjectedMessage] = _dc.field(default_factory=list)
     more_available: bool = False
     locked: bool = False
+    # The step finished a stored continuation (see `_step`): commits after its
+    # snapshot may be waiting, so "nothing more" is only known after another step.
+    continued: bool = False
+
+    @property
+    def caught_up(self) -> bool:
+        """Nothing was left when this step's snapshot was taken, and it was fresh
+        (`summary()` says "caught up" for any step that emptied its snapshot)."""
+        return not (self.locked or self.more_available or self.continued)
 
     def __len__(self) -> int:
         return len(self.projected)
@@ -196,7 +205,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 report = self.step(self.batch_size)
                 if bar is not None:
                     bar.update(len(report))
-                if report.locked or not report.more_available:
+                if report.locked or report.caught_up:
                     return RunOnNotificationResult.DONE_FOR_NOW
                 if budget is not None and budget.over_budget():
                     return RunOnNotificationResult.WORK_REMAINING
@@ -216,7 +225,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         while True:
             report = self.step(self.batch_size)
             total += len(report)
-            more = report.more_available
+            more = report.more_available or report.continued
             if report.locked or not more or (budget is not None and budget.over_budget()):
                 return FullUpdateResult(total, more)
 
@@ -243,6 +252,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             return
         cursor.execute(self._sql.checkpoint_sql)
         seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
+        report.continued = pending is not None
         params = {
             "after": after,
             "pending": pending,

@@ -89,6 +89,9 @@ def connect(
     if driver is not None:
         check_driver(driver)
     url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir, driver=driver)
+    # After a server restart every pooled connection is dead; a ping on checkout
+    # replaces it instead of failing the caller's first statement.
+    engine_options.setdefault("pool_pre_ping", True)
     if schema is None:
         return sa.create_engine(url, **engine_options)
     validate_name(schema, "schema")
