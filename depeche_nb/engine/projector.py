@@ -252,7 +252,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
             return
         cursor.execute(self._sql.checkpoint_sql)
         seen, pending, after, seen_xmax, seen_xip = cursor.fetchone()
-        report.continued = pending is not None
+        # A stored continuation is the only way `after` is not 0 (global positions start at 1).
+        report.continued = after > 0
         params = {
             "after": after,
             "pending": pending,

@@ -219,9 +219,14 @@ def _is_transient_driver_error(orig: BaseException) -> bool:
         return state in TRANSIENT_SQLSTATES or state.startswith("08")
     # Without a SQLSTATE the server never answered: libpq lost or could not open the
     # connection (OperationalError), or the driver refuses a connection it knows is
-    # closed (InterfaceError). Both drivers raise these types.
+    # closed (InterfaceError). psycopg2 also reports a connection lost mid-result as a
+    # bare DatabaseError; its other SQLSTATE-less errors (adaptation, misuse) are
+    # subclasses (ProgrammingError, DataError, ...), which stay non-transient.
     module = sys.modules[type(orig).__module__.split(".")[0]]
-    return isinstance(orig, (module.OperationalError, module.InterfaceError))
+    return (
+        isinstance(orig, (module.OperationalError, module.InterfaceError))
+        or type(orig) is module.DatabaseError
+    )
 
 
 __all__ = [
