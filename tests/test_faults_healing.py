@@ -23,8 +23,10 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb import MessageHandler, SubscriptionMessage
+from depeche_nb.core.errors import UnsupportedServerError
 from depeche_nb.engine.executor import Executor
-from depeche_nb.postgres.driver import DRIVERS, is_transient
+from depeche_nb.postgres import server_check
+from depeche_nb.postgres.driver import DRIVERS, backend_pid, is_transient, open_connection
 from tests.faults import FaultyServer
 from tests.support import Numbered
 from tests.workers import build_stream
@@ -285,3 +287,52 @@ def test_concurrent_steps_under_a_repeatable_read_default(
         _scalar(engine, f'SELECT count(DISTINCT global_position) FROM "{unique_name}_agg_stream"')
         == committed
     )
+
+
+def test_a_direct_connection_offers_everything(faulty_engine: sa.Engine) -> None:
+    connection = open_connection(faulty_engine)
+    try:
+        assert server_check.problems(connection) == []
+    finally:
+        connection.close()
+
+
+def test_an_engine_without_what_we_need_is_refused_before_anything_is_written(
+    faulty: FaultyServer, faulty_engine: sa.Engine, unique_name: str
+) -> None:
+    """A CockroachDB-like server: `version()` names it (an unqualified call resolves in
+    search_path order, so a schema placed before pg_catalog can answer for it)."""
+    fake = f"{unique_name}_crdb"
+    faulty.sql(f'CREATE SCHEMA "{fake}"')
+    faulty.sql(
+        f'CREATE FUNCTION "{fake}".version() RETURNS text LANGUAGE sql '
+        "AS $$ SELECT 'CockroachDB CCL v23.1.11 (x86_64-pc-linux-gnu)' $$"
+    )
+    url = faulty_engine.url.update_query_dict({"options": f"-csearch_path={fake},pg_catalog"})
+    engine = depeche_nb.connect(url.render_as_string(hide_password=False))
+    try:
+        with pytest.raises(UnsupportedServerError, match=r"CockroachDB.*fix: use PostgreSQL 13"):
+            build_stream(engine, unique_name, f"{unique_name}_agg")
+    finally:
+        engine.dispose()
+    tables = _scalar(
+        faulty_engine, f"SELECT count(*) FROM pg_tables WHERE starts_with(tablename, '{unique_name}')"
+    )
+    assert tables == 0
+
+
+def test_transient_errors_are_told_from_others(faulty: FaultyServer, faulty_engine: sa.Engine) -> None:
+    connection = open_connection(faulty_engine)
+    try:
+        with connection.cursor() as cursor, pytest.raises(Exception) as division:
+            cursor.execute("SELECT 1 / 0")
+        assert not is_transient(division.value)
+        assert faulty.terminate(backend_pid(connection))
+        with connection.cursor() as cursor, pytest.raises(Exception) as terminated:
+            cursor.execute("SELECT 1")
+        assert is_transient(terminated.value)
+    finally:
+        connection.close()
+    with pytest.raises(sa.exc.DBAPIError) as wrapped, faulty_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1 FROM pg_terminate_backend(pg_backend_pid())")
+    assert is_transient(wrapped.value)

@@ -87,3 +87,10 @@ class BatchAckError(DepecheError, ValueError, AssertionError):
 
     Depeche DB raises `ValueError` for a foreign message and asserts the order.
     """
+
+
+class UnsupportedServerError(DepecheError, RuntimeError):
+    """The database cannot give what the engine needs: a transaction-mode pooler
+    (PgBouncer) in the way, or a PostgreSQL-compatible engine without xid8 snapshots,
+    session advisory locks or LISTEN/NOTIFY (CockroachDB, YugabyteDB). Raised before
+    anything is written; the message says what is missing and how to fix it."""
