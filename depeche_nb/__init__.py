@@ -20,6 +20,7 @@ from depeche_nb.core.errors import (
     MissingMessageTypeError,
     OptimisticConcurrencyError,
     UnknownMessageTypeError,
+    UnsupportedServerError,
 )
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
@@ -190,6 +191,7 @@ __all__ = [
     "SubscriptionStateProvider",
     "TimeBudget",
     "UnknownMessageTypeError",
+    "UnsupportedServerError",
     "adopt_depeche_db",
     "assignments_dataframe",
     "connect",
