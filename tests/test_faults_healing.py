@@ -170,6 +170,7 @@ def test_executors_heal_after_the_server_went_away(
             assert _wait_for(lambda: _scalar(engine, handled) >= 30, RECOVERY_BOUND_S) is not None
             before = _scalar(engine, f'SELECT count(*) FROM "{name}_messages"')
             away = FAULTS[fault](faulty)
+            server_back = time.monotonic()
             # Writers keep going while the workers find their way back.
             written = f'SELECT count(*) FROM "{name}_messages"'
             assert _wait_for(lambda: _scalar(engine, written) >= before + 20, RECOVERY_BOUND_S) is not None
@@ -179,6 +180,7 @@ def test_executors_heal_after_the_server_went_away(
         marked = f"SELECT count(*) FROM \"{log_table}\" WHERE message_id = '{marker.message_id}'"
         recovery = _wait_for(lambda: _scalar(engine, marked) > 0, RECOVERY_BOUND_S)
         assert recovery is not None, f"a message written after the {fault} was not handled within 20 s"
+        since_back = time.monotonic() - server_back
         # Every worker of every executor ran after that write (woken by its notification),
         # and each is back from its backoff.
         back = _wait_for(
@@ -205,7 +207,8 @@ def test_executors_heal_after_the_server_went_away(
         calls = _scalar(engine, f'SELECT count(*) FROM "{log_table}"')
         print(
             f"\n{fault} [{engine.dialect.driver}]: server away {away:.2f} s; marker handled "
-            f"{recovery:.2f} s after the write, all workers back {back:.2f} s later; "
+            f"{recovery:.2f} s after its write ({since_back:.2f} s after the server was back), "
+            f"all workers back {back:.2f} s later; "
             f"{committed} committed, {projected} projected, "
             f"{calls} handler calls for {committed} messages, {writers.failures} failed writes; "
             f"reconnects {[h.reconnects for h in healths]}"
