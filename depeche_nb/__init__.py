@@ -23,6 +23,7 @@ from depeche_nb.core.errors import (
     PartitionLostError,
     ReplayInProgressError,
     UnknownMessageTypeError,
+    UnsupportedServerError,
 )
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
@@ -194,6 +195,7 @@ __all__ = [
     "SubscriptionStateProvider",
     "TimeBudget",
     "UnknownMessageTypeError",
+    "UnsupportedServerError",
     "adopt_depeche_db",
     "assignments_dataframe",
     "connect",

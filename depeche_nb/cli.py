@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from depeche_nb.core.errors import EmbeddedServerError
 from depeche_nb.postgres.connection import DSN_ENV
@@ -198,6 +199,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             engine.dispose()
         source = DSN_ENV if from_env else f"embedded server, data in {embedded_server().data_dir}"
         check("database", True, f"PostgreSQL {version} ({source})")
+        _check_server_capabilities(engine, check)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if from_env:
@@ -208,6 +210,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             fix = "run `depeche-nb db start` and read the server log it shows"
         check("database", False, message, fix)
     return EXIT_FAILED if problems else 0
+
+
+def _check_server_capabilities(engine: Any, check: Callable[..., None]) -> None:
+    """xid8 snapshots, session advisory locks, LISTEN/NOTIFY, and no pooler in between."""
+    from depeche_nb.postgres.driver import open_connection
+    from depeche_nb.postgres.server_check import problems
+
+    connection = open_connection(engine)
+    try:
+        found = problems(connection)
+    finally:
+        connection.close()
+    what = "xid8 snapshots, session advisory locks, LISTEN/NOTIFY over a direct connection"
+    check(
+        "server capabilities",
+        not found,
+        what if not found else found[0].split("; fix: ")[0],
+        "; ".join(f.split("; fix: ", 1)[-1] for f in found),
+    )
 
 
 def cmd_adopt_depeche_db(args: argparse.Namespace) -> int:

@@ -142,3 +142,10 @@ class DefinitionChangedError(DefinitionError):
 class UnreadableMessageError(DepecheError, ValueError):
     """A stored message that cannot be deserialised any more (e.g. after a model change);
     the message names its stream, version, global position and id."""
+
+
+class UnsupportedServerError(DepecheError, RuntimeError):
+    """The database cannot give what the engine needs: a transaction-mode pooler
+    (PgBouncer) in the way, or a PostgreSQL-compatible engine without xid8 snapshots,
+    session advisory locks or LISTEN/NOTIFY (CockroachDB, YugabyteDB). Raised before
+    anything is written; the message says what is missing and how to fix it."""

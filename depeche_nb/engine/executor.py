@@ -19,13 +19,29 @@ NOTIFY after the commit, so a process that dies in between loses the wake-up
 start only after LISTEN is active and run their handler once at start, so
 nothing committed before or during start-up is missed.
 
-A handler that raises stops the whole executor (as in Depeche DB: a failing
-subscription must not silently fall behind). The error is logged, kept in
+Transient database errors heal (see `postgres.driver.is_transient`: a lost
+connection, a server restart or crash, a failover, a serialization failure
+or deadlock). The worker that saw one logs it, backs off on the bounded
+schedule of `core.backoff` (0.05 s doubling to 2 s, with jitter) and runs its
+handler again, whose next statements open fresh connections and retake its
+locks; it runs once as soon as the database answers again, without waiting
+for a write. The listener reconnects on its own, without giving up. Nothing
+is lost meanwhile: an unacknowledged message is delivered again, a
+projector step that did not commit is redone. This also covers a handler
+whose own database work hit such an error and whose error handler chose
+EXIT: the message stays unacknowledged and comes again.
+
+Any other error stops the whole executor (as in Depeche DB: a failing
+subscription must not silently fall behind). It is logged, kept in
 `errors` and re-raised by `run()` after the shutdown.
+
+`health()` reports all of this: running, reconnects, the last error and
+its time, and per worker its state, runs and errors.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import signal
 import threading
@@ -36,9 +52,12 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
+from depeche_nb.core.backoff import backoff_delays
 from depeche_nb.core.interfaces import FixedTimeBudget, RunOnNotification, RunOnNotificationResult
 from depeche_nb.core.lifecycle import StartStopContext
+from depeche_nb.engine import health
 from depeche_nb.postgres.connection import connect
+from depeche_nb.postgres.driver import is_transient
 from depeche_nb.postgres.listener import PgNotification, PgNotificationListener, validate_channel
 
 logger = logging.getLogger("depeche_nb.executor")
@@ -71,30 +90,77 @@ class _Worker:
         self.thread = threading.Thread(
             target=self._loop, name=f"depeche-nb-worker[{handler.notification_channel}]", daemon=True
         )
+        # Written only by this worker's thread; `health()` reads them.
+        self.state = health.STARTING
+        self.runs = 0
+        self.errors = 0
+        self.recoveries = 0
+        self.last_run_at: _dt.datetime | None = None
+        self.last_error: str | None = None
+        self.last_error_at: _dt.datetime | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     def _loop(self) -> None:
+        delays = None  # the backoff schedule while the database is away
         while True:
             # Clear before running: a wake-up that arrives during the run is
             # kept and causes one more run, so none is lost.
             self._wake.clear()
             if self._stopping.is_set():
+                self.state = health.STOPPED
                 return
             try:
                 self._run_until_done()
             except Exception as exc:
-                logger.exception("handler %r failed; stopping the executor", self.handler)
-                self._on_error(self.handler, exc)
-                return
+                if not is_transient(exc):
+                    self.state = health.FAILED
+                    logger.exception("handler %r failed; stopping the executor", self.handler)
+                    self._on_error(self.handler, exc)
+                    return
+                self._note_transient(exc)
+                delays = delays or backoff_delays()
+                # Run again as soon as the delay is over, not at the next write.
+                self._stopping.wait(next(delays))
+                continue
+            if delays is not None:
+                delays = None
+                self.recoveries += 1
+                logger.info("handler %r works again after a transient database error", self.handler)
+            self.state = health.IDLE
             self._wake.wait(self._interval)
 
     def _run_until_done(self) -> None:
         while not self._stopping.is_set():
+            self.state = health.RUNNING
             result = self.handler.run(budget=FixedTimeBudget(RUN_BUDGET_SECONDS))
+            self.runs += 1
+            self.last_run_at = _dt.datetime.now(_dt.timezone.utc)
             if result is not RunOnNotificationResult.WORK_REMAINING:
                 return
+
+    def _note_transient(self, error: Exception) -> None:
+        self.state = health.BACKING_OFF
+        self.errors += 1
+        self.last_error = f"{type(error).__name__}: {error}".strip()
+        self.last_error_at = _dt.datetime.now(_dt.timezone.utc)
+        # One line, no traceback: this is expected during a restart or failover.
+        logger.warning("handler %r: transient database error, retrying: %s", self.handler, self.last_error)
+
+    def health(self) -> health.WorkerHealth:
+        return health.WorkerHealth(
+            handler=repr(self.handler),
+            channel=self.handler.notification_channel,
+            state=self.state,
+            alive=self.thread.is_alive(),
+            runs=self.runs,
+            errors=self.errors,
+            recoveries=self.recoveries,
+            last_run_at=self.last_run_at,
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+        )
 
 
 class Executor(StartStopContext):
@@ -146,6 +212,22 @@ class Executor(StartStopContext):
     def handlers(self) -> list[RunOnNotification]:
         return [handler for handlers in self.channel_register.values() for handler in handlers]
 
+    def health(self) -> health.ExecutorHealth:
+        """A snapshot of how the executor fares (a rich repr in a notebook)."""
+        workers = tuple(worker.health() for worker in self._workers)
+        listener = self._listener
+        listener_reconnects = listener.reconnects if listener is not None else 0
+        errors = [w for w in workers if w.last_error_at is not None]
+        last = max(errors, key=lambda w: w.last_error_at or _dt.datetime.min, default=None)
+        return health.ExecutorHealth(
+            running=self.is_running,
+            reconnects=listener_reconnects + sum(w.recoveries for w in workers),
+            listener_reconnects=listener_reconnects,
+            last_error=last.last_error if last is not None else None,
+            last_error_at=last.last_error_at if last is not None else None,
+            workers=workers,
+        )
+
     def register(self, handler: H) -> H:
         """Run `handler` on notifications of `handler.notification_channel`; returns `handler`."""
         missing = [name for name in _HANDLER_METHODS if not callable(getattr(handler, name, None))]
@@ -175,7 +257,10 @@ class Executor(StartStopContext):
                 _Worker(handler, self.stimulation_interval, stopping, self._handler_failed)
                 for handler in self.handlers
             ]
-            self._listener = PgNotificationListener(self.engine, list(self.channel_register))
+            # reconnect_delays=None: the listener never gives up while the executor runs.
+            self._listener = PgNotificationListener(
+                self.engine, list(self.channel_register), reconnect_delays=None
+            )
             self._dispatcher = threading.Thread(
                 target=self._dispatch_main,
                 args=(self._listener, self._workers, stopping),

@@ -128,6 +128,15 @@ class ProjectionReport(RichRepr):
     more_available: bool = False
     locked: bool = False
     dead_lettered: int = 0  # messages parked or held back (see `StreamProjector._project`)
+    # The step finished a stored continuation (see `_step`): commits after its
+    # snapshot may be waiting, so "nothing more" is only known after another step.
+    continued: bool = False
+
+    @property
+    def caught_up(self) -> bool:
+        """Nothing was left when this step's snapshot was taken, and it was fresh
+        (`summary()` says "caught up" for any step that emptied its snapshot)."""
+        return not (self.locked or self.more_available or self.continued)
 
     def __len__(self) -> int:
         return len(self.projected)
@@ -239,7 +248,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 report = self.step(self.batch_size)
                 if bar is not None:
                     bar.update(len(report))
-                if report.locked or not report.more_available:
+                if report.locked or report.caught_up:
                     return RunOnNotificationResult.DONE_FOR_NOW
                 if budget is not None and budget.over_budget():
                     return RunOnNotificationResult.WORK_REMAINING
@@ -259,7 +268,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         while True:
             report = self.step(self.batch_size)
             total += len(report)
-            more = report.more_available
+            more = report.more_available or report.continued
             if report.locked or not more or (budget is not None and budget.over_budget()):
                 return FullUpdateResult(total, more)
 
@@ -288,6 +297,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
         seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored, blocked = (
             cursor.fetchone()
         )
+        # A stored continuation is the only way `after` is not 0 (global positions start at 1).
+        report.continued = after > 0
         if cluster is not None and cluster != current_cluster:
             cursor.execute("ROLLBACK")
             raise CheckpointClusterError(

@@ -13,6 +13,7 @@ from depeche_nb.core.display import register_html_renderer
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.depeche_db_adoption import AdoptionReport
+from depeche_nb.engine.health import ExecutorHealth
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -26,6 +27,7 @@ register_html_renderer(AggregatedStream, reprs.render_aggregated_stream)
 register_html_renderer(Subscription, reprs.render_subscription)
 register_html_renderer(ProjectionReport, reprs.render_projection_report)
 register_html_renderer(RunnerReport, reprs.render_runner_report)
+register_html_renderer(ExecutorHealth, reprs.render_executor_health)
 register_html_renderer(AdoptionReport, depeche_db_explorer.render_adoption_report)
 
 __all__ = list(frames.__all__)

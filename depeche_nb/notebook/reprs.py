@@ -18,6 +18,7 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.frames import aggregated_stream_overview, subscription_overview
 from depeche_nb.engine.handlers import HANDLED
+from depeche_nb.engine.health import BACKING_OFF, FAILED, ExecutorHealth
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -287,9 +288,50 @@ def render_runner_report(report: RunnerReport) -> str:
     return h.box(*parts)
 
 
+@guarded
+def render_executor_health(health: ExecutorHealth) -> str:
+    state = "running" if health.running else "stopped"
+    css = "dnb-ok" if health.healthy else "dnb-warn"
+    parts = [
+        h.title("ExecutorHealth", state),
+        h.facts(
+            [
+                ("state", "healthy" if health.healthy else state),
+                ("reconnects", health.reconnects),
+                ("listener reconnects", health.listener_reconnects),
+                ("last error", health.last_error or "none"),
+                ("at", health.last_error_at),
+            ],
+            css={"state": css},
+        ),
+    ]
+    if health.workers:
+        parts.append(
+            h.table(
+                ("handler", "channel", "state", "runs", "errors", "recoveries", "last run", "last error"),
+                [
+                    (
+                        w.handler,
+                        w.channel,
+                        w.state if w.alive or w.state in (BACKING_OFF, FAILED) else f"{w.state} (ended)",
+                        w.runs,
+                        w.errors,
+                        w.recoveries,
+                        w.last_run_at,
+                        w.last_error,
+                    )
+                    for w in health.workers
+                ],
+                noun="worker",
+            )
+        )
+    return h.box(*parts)
+
+
 __all__ = [
     "guarded",
     "render_aggregated_stream",
+    "render_executor_health",
     "render_projection_report",
     "render_runner_report",
     "render_store",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,11 @@ from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.driver import check_driver, driver_of, with_driver
 from depeche_nb.postgres.embedded import embedded_server
 from depeche_nb.postgres.names import lock_namespace
+from depeche_nb.postgres.server_check import ensure_supported
 
 DSN_ENV = "DEPECHE_NB_DSN"
+_checked_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_checked_guard = threading.Lock()
 _SCHEMA_LOCK = lock_namespace("ddl", "schemas")
 
 
@@ -79,7 +84,7 @@ def connect(
                 "ephemeral, data_dir, schema, driver and engine options cannot be combined with an engine"
             )
         driver_of(dsn)
-        return dsn
+        return _checked(dsn)
     if fresh and schema is None:
         raise ValueError("fresh=True needs a schema to empty")
     if dsn is not None and not isinstance(dsn, str):
@@ -89,16 +94,30 @@ def connect(
     if driver is not None:
         check_driver(driver)
     url = resolve_dsn(dsn, ephemeral=ephemeral, data_dir=data_dir, driver=driver)
+    # After a server restart every pooled connection is dead; a ping on checkout
+    # replaces it instead of failing the caller's first statement.
+    engine_options.setdefault("pool_pre_ping", True)
     if schema is None:
-        return sa.create_engine(url, **engine_options)
+        return _checked(sa.create_engine(url, **engine_options))
     validate_name(schema, "schema")
     # In the URL (not connect_args) so the per-URL schema cache tells schemas apart.
     scoped = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
-    with sa.create_engine(url, poolclass=sa.pool.NullPool).begin() as conn:
+    with _checked(sa.create_engine(url, poolclass=sa.pool.NullPool)).begin() as conn:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK}, 0)")
         if fresh:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     if fresh:
         forget_ddl_for(scoped)
-    return sa.create_engine(scoped, **engine_options)
+    return _checked(sa.create_engine(scoped, **engine_options))
+
+
+def _checked(engine: sa.Engine) -> sa.Engine:
+    """`engine`, checking on its first pooled connection (once per URL) that the server
+    offers what depeche-nb needs (see `server_check`): lazily, so `connect()` itself
+    stays cheap and works while the database is still starting."""
+    with _checked_guard:
+        if engine not in _checked_engines:
+            _checked_engines.add(engine)
+            sa.event.listen(engine, "connect", lambda dbapi_connection, record: ensure_supported(engine))
+    return engine

@@ -67,7 +67,10 @@ def open_connection(engine: sa.Engine, *, autocommit: bool = True) -> Any:
     client-side parameter binding (see the module docstring).
 
     Its session's time zone is UTC, so both drivers hand out timestamps in UTC
-    (`datetime.timezone.utc`) whatever the server's `TimeZone` setting is.
+    (`datetime.timezone.utc`) whatever the server's `TimeZone` setting is, and its
+    transactions are READ COMMITTED whatever the server's default: our statements
+    (writes, acks, the projector) are written for it, and under a REPEATABLE READ
+    default a concurrent ack or claim would fail with a serialization error.
     """
     driver = driver_of(engine)
     cargs, cparams = engine.dialect.create_connect_args(engine.url)
@@ -82,7 +85,7 @@ def open_connection(engine: sa.Engine, *, autocommit: bool = True) -> Any:
         connection.autocommit = True
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SET TIME ZONE 'UTC'")
+            cursor.execute("SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'")
         connection.autocommit = autocommit
     except BaseException:
         connection.close()
@@ -175,12 +178,66 @@ def diagnostic(error: BaseException, field: str) -> str | None:
 
 UNIQUE_VIOLATION = "23505"
 
+# Errors that say nothing about the statement, only that the server or the session
+# went away or that a concurrent transaction won: worth the same work again on a
+# fresh connection. Class 08 (connection exceptions) is taken as a whole.
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown: fast shutdown, pg_terminate_backend
+        "57P02",  # crash_shutdown: another backend crashed, the server restarts
+        "57P03",  # cannot_connect_now: the server is starting or in recovery
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "25006",  # read_only_sql_transaction: a failed-over primary is now a standby
+        "53300",  # too_many_connections: old sessions not yet gone after a restart
+    }
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for database errors that retrying on a new connection can cure: a lost or
+    refused connection, a server shutting down or restarting, a failover to a
+    read-only server, a serialization failure or deadlock (see `TRANSIENT_SQLSTATES`).
+
+    Looks through SQLAlchemy's wrapper (`.orig`, `connection_invalidated`) and
+    through the `__cause__` chain, so an error of ours raised from a lost
+    connection counts too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "connection_invalidated", False):
+            return True
+        orig = driver_error(current)
+        if orig is not None and _is_transient_driver_error(orig):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _is_transient_driver_error(orig: BaseException) -> bool:
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state is not None:
+        return state in TRANSIENT_SQLSTATES or state.startswith("08")
+    # Without a SQLSTATE the server never answered: libpq lost or could not open the
+    # connection (OperationalError), or the driver refuses a connection it knows is
+    # closed (InterfaceError). psycopg2 also reports a connection lost mid-result as a
+    # bare DatabaseError; its other SQLSTATE-less errors (adaptation, misuse) are
+    # subclasses (ProgrammingError, DataError, ...), which stay non-transient.
+    module = sys.modules[type(orig).__module__.split(".")[0]]
+    return (
+        isinstance(orig, (module.OperationalError, module.InterfaceError))
+        or type(orig) is module.DatabaseError
+    )
+
 
 __all__ = [
     "DRIVERS",
     "DRIVER_ENV",
     "PSYCOPG",
     "PSYCOPG2",
+    "TRANSIENT_SQLSTATES",
     "UNIQUE_VIOLATION",
     "backend_pid",
     "check_driver",
@@ -191,6 +248,7 @@ __all__ = [
     "is_closed",
     "is_connection_error",
     "is_driver_error",
+    "is_transient",
     "open_connection",
     "pending_notifications",
     "sqlstate",

@@ -12,7 +12,9 @@ A dropped connection is re-opened with backoff. Notifications sent while it
 was down are lost, so after a reconnect every channel gets one synthetic
 notification with an empty payload: consumers treat a notification as "look
 for new work", and this makes them look once more instead of missing a
-wake-up. If no reconnect succeeds, `messages()` raises a `RuntimeError`.
+wake-up. If no reconnect succeeds, `messages()` raises a `RuntimeError`;
+with `reconnect_delays=None` (what an Executor uses) it never gives up and
+retries on `core.backoff`'s bounded schedule until stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.backoff import backoff_delays
 from depeche_nb.core.errors import InvalidIdentifierError
 from depeche_nb.core.lifecycle import StartStopContext
 from depeche_nb.postgres.connection import connect
@@ -105,12 +108,14 @@ class PgNotificationListener(StartStopContext):
         select_timeout: float = 3.0,
         ignore_payload: bool = False,
         *,
-        reconnect_delays: Sequence[float] = DEFAULT_RECONNECT_DELAYS,
+        reconnect_delays: Sequence[float] | None = DEFAULT_RECONNECT_DELAYS,
     ) -> None:
         self.channels = checked_channels(channels, select_timeout)
         self.select_timeout = select_timeout
         self.ignore_payload = ignore_payload
-        self.reconnect_delays = tuple(reconnect_delays)
+        self.reconnect_delays = None if reconnect_delays is None else tuple(reconnect_delays)
+        # Successful reconnects since construction (an Executor reports them).
+        self.reconnects = 0
         self._engine = connect(dsn)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -249,7 +254,8 @@ class PgNotificationListener(StartStopContext):
     def _reconnect(self, stop_fd: int, cause: Exception) -> Any:
         """A new listening connection, or None if stop() was called while waiting."""
         last_error: Exception = cause
-        for attempt, delay in enumerate(self.reconnect_delays, start=1):
+        delays = backoff_delays() if self.reconnect_delays is None else iter(self.reconnect_delays)
+        for attempt, delay in enumerate(delays, start=1):
             readable, _, _ = select.select([stop_fd], [], [], delay)
             if readable:
                 return None
@@ -260,10 +266,11 @@ class PgNotificationListener(StartStopContext):
                 logger.warning("notification listener: reconnect attempt %d failed: %s", attempt, exc)
                 continue
             logger.info("notification listener reconnected after %d attempt(s)", attempt)
+            self.reconnects += 1
             return connection
         raise _ReconnectFailed(
             f"lost the connection ({cause}) and could not reconnect after "
-            f"{len(self.reconnect_delays)} attempt(s): {last_error}"
+            f"{len(self.reconnect_delays or ())} attempt(s): {last_error}"
         ) from last_error
 
     def _connect(self) -> Any:

@@ -108,8 +108,10 @@ class MessagesStatements:
         # NOTIFY, then the NOTIFY in a transaction that waits for no flush (see
         # `store.message_store`). The result travels in a session setting, since
         # psycopg2 keeps only the last statement's result.
+        # READ COMMITTED whatever the server's default: under REPEATABLE READ a write
+        # whose snapshot predates a concurrent append to the same stream fails.
         self.write_and_notify_sql = (
-            "BEGIN; SELECT set_config('depeche_nb.last_write', "
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT set_config('depeche_nb.last_write', "
             "(SELECT max(w.version)::text || ',' || max(w.global_position)::text FROM ("
             f"{self.write_sql}) w), false); COMMIT; "
             "BEGIN; SET LOCAL synchronous_commit TO off; "

@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.postgres.driver import is_closed, is_connection_error, open_connection
+from depeche_nb.postgres.server_check import ensure_supported
 
 _local = threading.local()
 # Rendering an engine's URL costs ~15 us, too much per write; cache it per engine.
@@ -49,7 +50,9 @@ def open_dbapi_connection(
     engine: sa.Engine, *, autocommit: bool = True, on_dispose: Callable[[], None] | None = None
 ) -> Any:
     """A new connection to the engine's database, outside its pool, closed when the
-    engine is disposed (after `on_dispose` ran, if given)."""
+    engine is disposed (after `on_dispose` ran, if given). The first one per engine URL
+    checks that the server offers what the engine needs (`server_check`)."""
+    ensure_supported(engine)
     connection = open_connection(engine, autocommit=autocommit)
     with _registry_guard:
         connections = _opened.get(engine)

@@ -125,9 +125,11 @@ class StreamStatements:
         checkpoint = quote_ident(names.checkpoint_table)
         messages = quote_ident(names.store.messages_table)
         lock_a, lock_b = names.projector_lock
-        # Asynchronous commit: see "Durability" in `engine.projector`.
+        # Asynchronous commit: see "Durability" in `engine.projector`. READ COMMITTED
+        # whatever the server's default: the heads and the new snapshot must be read
+        # after the lock is granted, not from a snapshot taken when the step began.
         self.projector_lock_sql = (
-            "BEGIN; SET LOCAL synchronous_commit TO off; "
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; "
             f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
         )
         self.dead_letters = DeadLetterTable(names.stream)
