@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+import depeche_nb.tools
 from depeche_nb import MessageHandler, SubscriptionMessage
 from depeche_nb.core.errors import UnsupportedServerError
 from depeche_nb.engine.executor import Executor
@@ -339,3 +340,21 @@ def test_transient_errors_are_told_from_others(faulty: FaultyServer, faulty_engi
     with pytest.raises(sa.exc.DBAPIError) as wrapped, faulty_engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1 FROM pg_terminate_backend(pg_backend_pid())")
     assert is_transient(wrapped.value)
+
+
+def test_the_first_write_after_a_session_ended_while_idle_succeeds(
+    faulty: FaultyServer, faulty_engine: sa.Engine, unique_name: str
+) -> None:
+    """The thread's cached write connection was ended by the server while idle (here every
+    client backend is terminated): the next write opens a new session instead of failing."""
+    store = depeche_nb.MessageStore(
+        name=unique_name,
+        engine=faulty_engine,
+        serializer=depeche_nb.tools.PydanticMessageSerializer(Numbered),
+    )
+    store.write("idle-1", Numbered(number=1))
+    for pid in faulty.backends():
+        faulty.terminate(pid)
+    assert _wait_for(lambda: not faulty.backends(), RECOVERY_BOUND_S) is not None
+    assert store.write("idle-1", Numbered(number=2)).version == 2
+    assert [m.message.number for m in store.read("idle-1")] == [1, 2]

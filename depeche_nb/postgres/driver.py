@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,18 @@ def _script_cursor() -> type:
             return self
 
     return ScriptCursor
+
+
+def server_has_spoken(connection: Any) -> bool:
+    """Whether an idle connection's socket is readable. Between statements the server sends
+    nothing unasked, so this means it ended the session (a termination notice, end of file)
+    or, rarely, sent a notice: either way a reason not to trust the session blindly. One
+    system call, no round trip."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+    except (OSError, ValueError):  # a socket already closed
+        return True
+    return bool(readable)
 
 
 def backend_pid(connection: Any) -> int:
@@ -251,6 +264,7 @@ __all__ = [
     "is_transient",
     "open_connection",
     "pending_notifications",
+    "server_has_spoken",
     "sqlstate",
     "with_driver",
 ]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import select
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error
+from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, server_has_spoken
 from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
 
 _MASK32 = 0xFFFFFFFF
@@ -81,8 +80,7 @@ class DbLockProvider:
         if connection is None or is_closed(connection):
             return False
         try:
-            readable, _, _ = select.select([connection], [], [], 0)
-            if not readable:
+            if not server_has_spoken(connection):
                 return True
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")

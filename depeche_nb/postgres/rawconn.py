@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from depeche_nb.postgres.driver import is_closed, is_connection_error, open_connection
+from depeche_nb.postgres.driver import is_closed, is_connection_error, open_connection, server_has_spoken
 from depeche_nb.postgres.server_check import ensure_supported
 
 _local = threading.local()
@@ -82,14 +82,21 @@ def close_connections(engine: sa.Engine) -> None:
 def autocommit_cursor(engine: sa.Engine) -> Iterator[Any]:
     """A cursor on this thread's autocommit connection for `engine`.
 
-    A connection that failed (server restart, network) or was closed by
-    `engine.dispose()` is dropped and the next call opens a fresh one.
+    A connection whose session ended while idle is replaced before use; one that failed
+    during a statement (server restart, network) or was closed by `engine.dispose()` is
+    dropped and the next call opens a fresh one.
     """
     connections: dict[tuple[int, int, str], Any] = getattr(_local, "connections", None) or {}
     _local.connections = connections
     # The URL is part of the key: a collected engine's id may be reused by another.
     key = (os.getpid(), id(engine), _url_key(engine))
     connection = connections.get(key)
+    if connection is not None and not is_closed(connection) and server_has_spoken(connection):
+        # Ended while idle (server restart, terminated backend, idle timeout): nothing was
+        # sent on it yet, so a new session is safe and the caller never sees the old one's end.
+        with contextlib.suppress(Exception):
+            connection.close()
+        connection = None
     if connection is None or is_closed(connection):
         connection = open_dbapi_connection(engine)
         connections[key] = connection
