@@ -218,7 +218,10 @@ def test_executors_heal_after_the_server_went_away(
         for h in healths:
             assert all(w.alive for w in h.workers), h
             assert h.reconnects >= 1, h
-            assert h.last_error is not None and h.last_error_at is not None, h
+            # A worker whose connection the server ended while idle replaces it before use
+            # and never sees an error; one that was mid-statement recovers and reports it.
+            recovered = sum(w.recoveries for w in h.workers)
+            assert (h.last_error is not None and h.last_error_at is not None) == (recovered > 0), h
     finally:
         for executor in executors:
             executor.stop()
