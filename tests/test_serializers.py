@@ -370,3 +370,22 @@ def test_aliases_read_messages_stored_under_an_old_type_name(union_store: Messag
         stored = reader.get_message_by_id(message_id)
     assert type(stored.message) is Numbered
     assert stored.message.number == 3
+
+
+def test_a_same_named_class_of_another_module_is_refused_with_names_that_tell_them_apart() -> None:
+    import types as _types
+
+    other = _types.ModuleType("elsewhere")
+    exec(  # a class named like a registered one, defined in another module
+        "import pydantic, uuid, datetime as dt\n"
+        "class Numbered(pydantic.BaseModel):\n"
+        "    number: int\n"
+        "    def get_message_id(self): return uuid.uuid4()\n"
+        "    def get_message_time(self): return dt.datetime.now(dt.timezone.utc)\n",
+        other.__dict__,
+    )
+    serializer = PydanticMessageSerializer(Numbered)
+    with pytest.raises(MessageSerializationError) as caught:
+        serializer.serialize(other.Numbered(number=1))
+    assert "cannot serialise elsewhere.Numbered" in str(caught.value)
+    assert f"handles {Numbered.__module__}.Numbered" in str(caught.value)

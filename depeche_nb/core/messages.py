@@ -30,6 +30,17 @@ class MessageSerializer(Protocol[E]):
     def deserialize(self, message: dict[str, Any]) -> E: ...
 
 
+def redefines(new: type, old: type) -> bool:
+    """Whether `new` is `old` defined again: another class object under the same module and
+    qualified name, as a notebook makes when a cell defining a class runs twice. Stored
+    messages and registered handlers keep meaning the same type across such a re-run."""
+    return (
+        new is not old
+        and new.__qualname__ == old.__qualname__
+        and getattr(new, "__module__", None) == getattr(old, "__module__", None)
+    )
+
+
 @_dc.dataclass(frozen=True)
 class MessagePosition:
     """Where a written message landed."""

@@ -21,7 +21,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionErrorHandler,
     SubscriptionMessage,
 )
-from depeche_nb.core.messages import StoredMessage, UnreadableMessage
+from depeche_nb.core.messages import StoredMessage, UnreadableMessage, redefines
 
 E = TypeVar("E")
 H = TypeVar("H", bound=Callable[..., Any])
@@ -129,9 +129,16 @@ class MessageHandlerRegister(Generic[E]):
         if message_type in self._cache:
             return self._cache[message_type]
         found: HandlerDescriptor[E] | None = self._handlers.get(message_type)
-        if found is None:
+        if found is None and isinstance(message_type, type):
             for registered, descriptor in self._handlers.items():
-                if isinstance(message_type, type) and issubclass(message_type, registered):
+                if issubclass(message_type, registered):
+                    found = descriptor
+                    break
+        if found is None and isinstance(message_type, type):
+            # A class defined again by a re-run notebook cell, on either side: messages
+            # read as the old class, or handlers registered for the old one.
+            for registered, descriptor in self._handlers.items():
+                if redefines(message_type, registered):
                     found = descriptor
                     break
         self._cache[message_type] = found

@@ -18,6 +18,7 @@ from depeche_nb.core.errors import (
     UnknownMessageTypeError,
     UnstorablePayloadError,
 )
+from depeche_nb.core.messages import redefines
 
 E = TypeVar("E")
 
@@ -97,11 +98,24 @@ class PydanticMessageSerializer(Generic[E]):
     def type_names(self) -> list[str]:
         return sorted(self._by_name)
 
+    def _adopt_redefinition(self, cls: type) -> bool:
+        """A re-run notebook cell defined `cls` again: from now on it is the class this
+        serializer writes and reads under that name (aliases follow it)."""
+        old = self._by_name.get(cls.__name__)
+        if old is None or not issubclass(cls, pydantic.BaseModel) or not redefines(cls, old):
+            return False
+        self._by_name[cls.__name__] = cls
+        self._models = tuple(self._by_name.values())
+        self._aliases = {alias: cls if model is old else model for alias, model in self._aliases.items()}
+        return True
+
     def serialize(self, message: E) -> dict[str, Any]:
-        if not isinstance(message, self._models):
+        if not isinstance(message, pydantic.BaseModel) or (
+            not isinstance(message, self._models) and not self._adopt_redefinition(type(message))
+        ):
             raise MessageSerializationError(
-                f"cannot serialise {type(message).__name__}: this serializer handles "
-                f"{', '.join(self.type_names)}"
+                f"cannot serialise {type(message).__module__}.{type(message).__qualname__}: this "
+                f"serializer handles {', '.join(self._qualified_names())}"
             )
         try:
             payload = message.model_dump(mode="json")
@@ -124,6 +138,9 @@ class PydanticMessageSerializer(Generic[E]):
             )
         payload[TYPE_KEY] = type(message).__name__
         return payload
+
+    def _qualified_names(self) -> list[str]:
+        return sorted(f"{model.__module__}.{model.__qualname__}" for model in self._models)
 
     def deserialize_text(self, text: str) -> E:
         """Deserialize the payload's JSON text with pydantic's own parser (no dict in between).
