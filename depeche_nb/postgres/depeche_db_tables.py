@@ -293,14 +293,7 @@ def store_message_chunks(
         f"{_epoch_us(_local('added_at'))}, message::text FROM {store.table.sql} "
         f"WHERE {where} ORDER BY {order} LIMIT %s"
     )
-    result = conn.execution_options(stream_results=True, max_row_buffer=chunk_rows).exec_driver_sql(
-        sql, (timezone, *params, limit)
-    )
-    try:
-        for chunk in result.partitions(chunk_rows):
-            yield [tuple(r) for r in chunk]
-    finally:
-        result.close()
+    yield from _chunks(conn, sql, (timezone, *params, limit), chunk_rows)
 
 
 # -- reading an aggregated stream -------------------------------------------------------------
@@ -383,14 +376,7 @@ def assignment_chunks(
         f"{_epoch_us(_local('message_occurred_at'))} FROM {stream.table.sql} "
         f"WHERE {where} ORDER BY {order} LIMIT %s"
     )
-    result = conn.execution_options(stream_results=True, max_row_buffer=chunk_rows).exec_driver_sql(
-        sql, (timezone, *params, limit)
-    )
-    try:
-        for chunk in result.partitions(chunk_rows):
-            yield [tuple(r) for r in chunk]
-    finally:
-        result.close()
+    yield from _chunks(conn, sql, (timezone, *params, limit), chunk_rows)
 
 
 def unprojected_in_known_streams(conn: sa.Connection, stream: DdbStream, store: DdbStore) -> int:
@@ -645,6 +631,20 @@ def checkpoint_seen(conn: sa.Connection, checkpoint_table: str) -> str | None:
 
 def notify(conn: sa.Connection, channel: str) -> None:
     conn.exec_driver_sql("SELECT pg_notify(%s, '')", (channel,))
+
+
+def _chunks(
+    conn: sa.Connection, sql: str, params: tuple[Any, ...], chunk_rows: int
+) -> Generator[list[tuple[Any, ...]], None, None]:
+    """The rows of `sql` in chunks of `chunk_rows`, streamed from a server-side cursor."""
+    result = conn.execution_options(stream_results=True, max_row_buffer=chunk_rows).exec_driver_sql(
+        sql, params
+    )
+    try:
+        for chunk in result.partitions(chunk_rows):
+            yield [tuple(r) for r in chunk]
+    finally:
+        result.close()
 
 
 __all__ = [
