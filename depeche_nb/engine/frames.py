@@ -55,7 +55,7 @@ _MASK32 = 0xFFFFFFFF
 
 # -- aggregated streams -------------------------------------------------------------------------
 
-_ASSIGNMENT_KINDS = (
+ASSIGNMENT_KINDS = (
     ("message_id", STRING),
     ("origin_stream", STRING),
     ("version", INT64),
@@ -89,7 +89,7 @@ def assignments_dataframe(
     sql = stream.views.assignments_sql(where, order)
     fetch = None if row_limit is None else row_limit + 1
     chunks = stream_chunks(stream.engine, sql, (*params, fetch))
-    return typed_frame_from_chunks(chunks, row_limit, _ASSIGNMENT_KINDS)
+    return typed_frame_from_chunks(chunks, row_limit, ASSIGNMENT_KINDS)
 
 
 @_dc.dataclass(frozen=True)

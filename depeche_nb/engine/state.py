@@ -40,7 +40,7 @@ class DbSubscriptionStateProvider:
         fenced store of this claim must present it (see `postgres.state_table`)."""
         with autocommit_cursor(self.engine) as cursor:
             cursor.execute(self.sql.take_sql, (subscription_name, partition))
-            token, _ = cursor.fetchone()
+            (token,) = cursor.fetchone()
             return int(token)
 
     def store_fenced(self, subscription_name: str, partition: int, position: int, token: int) -> None:

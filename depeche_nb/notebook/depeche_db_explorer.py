@@ -29,6 +29,7 @@ from depeche_nb.engine.depeche_db_adoption import (
     adopt_depeche_db,
     infer_subscription_streams,
 )
+from depeche_nb.engine.frames import ASSIGNMENT_KINDS
 from depeche_nb.notebook import html as h
 from depeche_nb.notebook.reprs import guarded
 from depeche_nb.postgres import depeche_db_tables as ddb
@@ -450,15 +451,8 @@ _PARTITION_KINDS = (
     ("last_global_position", INT64),
     ("last_occurred_at", UTC),
 )
-_ASSIGNMENT_KINDS = (
-    ("message_id", STRING),
-    ("origin_stream", STRING),
-    ("version", INT64),
-    ("global_position", INT64),
-    ("partition", INT64),
-    ("position", INT64),
-    ("message_occurred_at", EPOCH_US),
-)
+# Depeche DB records no projection time: ours without `projected_at`.
+_ASSIGNMENT_KINDS = ASSIGNMENT_KINDS[:-1]
 _SUBSCRIPTION_KINDS = (
     ("provider", STRING),
     ("subscription", STRING),

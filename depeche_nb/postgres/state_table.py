@@ -12,8 +12,8 @@ acknowledgement it makes is a compare-and-set on that token (`fenced_store_sql`,
 also inside a handler's own transaction). Once another runner took the
 partition, the first one's token is stale: its acks update no row, the caller
 raises, and a handler's transaction rolls back with its side effects. The
-bump takes the row lock, so it waits for an acknowledgement still in flight
-and then returns the position that acknowledgement committed. The set is also
+bump takes the row lock, so it waits for an acknowledgement still in flight;
+the claim's reads of the position come after it. The set is also
 refused when it would lower the position: positions go back only by an
 explicit reset (`reset_sql`), which bumps the token too. A row that a claim
 created before any acknowledgement has a NULL position, so reads still show
@@ -53,11 +53,12 @@ class StateTable:
             f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
         )
         self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
-        # (subscription, partition) -> (token, position); NULL = nothing acknowledged yet.
+        # (subscription, partition) -> the new token; a new row's NULL position means
+        # nothing is acknowledged yet.
         self.take_sql = (
             f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
             "VALUES (%s, %s, NULL, 1) ON CONFLICT (subscription_name, partition) "
-            "DO UPDATE SET token = st.token + 1 RETURNING st.token, st.position"
+            "DO UPDATE SET token = st.token + 1 RETURNING st.token"
         )
         # (position, subscription, partition, token, position)
         self.fenced_store_sql = (
