@@ -33,6 +33,7 @@ DRIVER_SENSITIVE = {
     "test_parallel_consumers",
     "test_projector_exactness",
     "test_projector_faults",
+    "test_rebuild",
     "test_serializer_fast_path",
     "test_store_read",
     "test_store_write",

@@ -139,6 +139,10 @@ class DefinitionChangedError(DefinitionError):
     `rebuild=True` to record the new definition and re-project."""
 
 
+class RebuildInProgressError(DepecheError, RuntimeError):
+    """Another session is rebuilding the aggregated stream; nothing was changed."""
+
+
 class UnreadableMessageError(DepecheError, ValueError):
     """A stored message that cannot be deserialised any more (e.g. after a model change);
     the message names its stream, version, global position and id."""

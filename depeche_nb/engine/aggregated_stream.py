@@ -21,6 +21,7 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
+from depeche_nb.engine.rebuild import RebuildReport, run_rebuild
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
@@ -66,7 +67,9 @@ class AggregatedStream(RichRepr, Generic[E]):
         rebuild: bool = False,
     ) -> None:
         """`rebuild=True`: when `name` is recorded with another store, wildcards or partitioner
-        (an error otherwise), record this definition and re-project from scratch."""
+        (an error otherwise), re-project every matching message under this definition beside
+        the old projection, then switch to it and move the subscriptions' positions along
+        (see `rebuild`); the outcome is kept in `last_rebuild`."""
         validate_name(name, "aggregated stream name")
         wildcards = validate_wildcards(stream_wildcards)
         if not callable(getattr(partitioner, "get_partition", None)):
@@ -78,22 +81,64 @@ class AggregatedStream(RichRepr, Generic[E]):
         # `lookback_for_gaps_hours` is accepted for Depeche DB compatibility and
         # ignored: projection is exact, there is no look-back window to size.
         del lookback_for_gaps_hours
-        self.name = name
-        self.store = store
-        self.names = StreamNames(name, store._storage.names)
-        self.notification_channel = self.names.channel
-        rebuilt = check_aggregated_stream(
+        recorded_store = check_aggregated_stream(
             store.engine, name, store.name, wildcards, partitioner, rebuild=rebuild
         )
-        ensure_stream_schema(store.engine, self.names)
-        self.views = StreamViews(self.names)
-        self.projector: StreamProjector[E] = StreamProjector(
-            self, partitioner, wildcards, batch_size=update_batch_size
+        self._open(
+            name, store, StreamNames(name, store._storage.names), partitioner, wildcards, update_batch_size
         )
         self.subscription: SubscriptionFactory[E] = SubscriptionFactory(self)
-        self.statements = StreamStatements(self.names)
-        if rebuilt:
-            self.truncate()
+        self.last_rebuild: RebuildReport | None = None
+        if recorded_store is not None:
+            self.last_rebuild = run_rebuild(self, same_store=recorded_store == store.name, progress=None)
+
+    def _open(
+        self,
+        name: str,
+        store: MessageStoreBase[E],
+        names: StreamNames,
+        partitioner: MessagePartitioner[E],
+        wildcards: list[str],
+        batch_size: int | None,
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.names = names
+        self.notification_channel = names.channel
+        ensure_stream_schema(store.engine, names)
+        self.views = StreamViews(names)
+        self.projector: StreamProjector[E] = StreamProjector(
+            self, partitioner, wildcards, batch_size=batch_size
+        )
+        self.statements = StreamStatements(names)
+
+    def _beside(self, names: StreamNames) -> AggregatedStream[E]:
+        """This stream's definition projected into other tables (`names`, which must exist):
+        a rebuild's new projection. Its reports and errors carry this stream's name."""
+        beside: AggregatedStream[E] = AggregatedStream.__new__(AggregatedStream)
+        beside.name = self.name
+        beside.store = self.store
+        beside.names = names
+        beside.notification_channel = names.channel
+        beside.views = StreamViews(names)
+        beside.projector = StreamProjector(
+            beside, self.projector.partitioner, self.stream_wildcards, batch_size=self.projector.batch_size
+        )
+        beside.statements = StreamStatements(names)
+        return beside
+
+    def rebuild(self, *, progress: bool | None = None) -> RebuildReport:
+        """Re-project every matching message under this object's wildcards and partitioner
+        (e.g. after the partitioner's code changed), beside the current projection, which
+        projectors and runners keep using meanwhile; then switch to the new one in one
+        transaction and move every subscription's positions so that no unhandled message is
+        skipped (handled ones behind an unhandled one in its new partition are delivered
+        again). Projectors of another definition are refused from then on.
+
+        `progress`: a tqdm bar over the messages (True), none (False), or in a notebook with
+        more than 1,000 messages (None)."""
+        self.last_rebuild = run_rebuild(self, same_store=True, progress=progress)
+        return self.last_rebuild
 
     @property
     def engine(self) -> sa.Engine:

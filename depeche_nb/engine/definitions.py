@@ -8,6 +8,7 @@ before definitions were recorded and streams adopted from Depeche DB (which kept
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,12 +34,32 @@ def describe_partitioner(partitioner: object) -> dict[str, Any]:
     return {"class": cls.__qualname__, "params": params}
 
 
+def stream_definition(wildcards: list[str], partitioner: object) -> dict[str, Any]:
+    """What an aggregated stream's projection depends on; wildcards are a set."""
+    return {"wildcards": sorted(wildcards), "partitioner": describe_partitioner(partitioner)}
+
+
+def definition_text(wildcards: list[str], partitioner: object) -> str:
+    """`stream_definition` as canonical JSON, the form a projection's checkpoint records."""
+    return json.dumps(stream_definition(wildcards, partitioner), sort_keys=True)
+
+
+def describe_definition(text: str) -> str:
+    """A recorded definition (`definition_text`) for error messages."""
+    try:
+        definition = json.loads(text)
+        return f"wildcards {definition['wildcards']!r}, partitioner {_show(definition['partitioner'])}"
+    except (ValueError, KeyError, TypeError):
+        return text
+
+
 def check_aggregated_stream(
     engine: sa.Engine, name: str, store: str, wildcards: list[str], partitioner: object, *, rebuild: bool
-) -> bool:
-    """Record or compare the stream's definition; True when `rebuild` replaced a different
-    one (the caller then re-projects)."""
-    definition = {"wildcards": sorted(wildcards), "partitioner": describe_partitioner(partitioner)}
+) -> str | None:
+    """Record or compare the stream's definition. When it differs and `rebuild` was given,
+    the recorded owner (store): the caller rebuilds, which records the new definition when
+    it switches to the new projection; None when nothing differs."""
+    definition = stream_definition(wildcards, partitioner)
     owner, recorded = definitions_table.claim(engine, AGGREGATED_STREAM, name, store, definition)
     changes = []
     if owner != store:
@@ -47,16 +68,15 @@ def check_aggregated_stream(
         if recorded.get(key) != definition[key]:
             changes.append(f"its {what} are {_show(recorded.get(key))}, not {_show(definition[key])}")
     if not changes:
-        return False
+        return None
     if not rebuild:
         error = NameInUseError if owner != store else DefinitionChangedError
         raise error(
             f"aggregated stream {name!r} is already defined differently: {'; '.join(changes)}. "
-            "Use another name, or pass rebuild=True to record this definition and re-project the "
-            "stream from scratch (then reset its subscriptions). Nothing was changed"
+            "Use another name, or pass rebuild=True to re-project the stream under this "
+            "definition (its subscriptions move along). Nothing was changed"
         )
-    definitions_table.replace(engine, AGGREGATED_STREAM, name, store, definition)
-    return True
+    return owner
 
 
 def check_subscription(engine: sa.Engine, name: str, stream: str, *, rebuild: bool) -> bool:

@@ -75,7 +75,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from depeche_nb.core.display import RichRepr
-from depeche_nb.core.errors import CheckpointClusterError, DepecheError
+from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedError, DepecheError
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -83,6 +83,7 @@ from depeche_nb.core.interfaces import (
     TimeBudget,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.definitions import definition_text, describe_definition
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.engine.report_frames import records_dataframe
@@ -223,6 +224,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         self.partitioner = partitioner
         self.stream_wildcards = list(stream_wildcards)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.definition = definition_text(self.stream_wildcards, partitioner)
         self._sql = StreamStatements(stream.names)
         self._reads = stream.store._storage.statements
         self._keep_running = True
@@ -294,7 +296,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             report.locked = True
             return
         cursor.execute(self._sql.checkpoint_sql)
-        seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored, blocked = (
+        seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored, blocked, made_under = (
             cursor.fetchone()
         )
         # A stored continuation is the only way `after` is not 0 (global positions start at 1).
@@ -308,6 +310,15 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 "replication. Nothing was projected. Once the move is complete, run "
                 f"`{self.stream.name}.projector.reanchor()` to rebuild the checkpoint from the "
                 "messages already projected"
+            )
+        if made_under is not None and made_under != self.definition:
+            cursor.execute("ROLLBACK")
+            raise DefinitionChangedError(
+                f"aggregated stream {self.stream.name!r} was rebuilt under another definition "
+                f"({describe_definition(made_under)}); this projector partitions by "
+                f"{describe_definition(self.definition)}. Nothing was projected. Create the "
+                "aggregated stream again with its current definition (restart workers that run "
+                "the old code)"
             )
         params = {
             "after": after,
@@ -334,7 +345,9 @@ class StreamProjector(NotificationDriven, Generic[E]):
             advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
         else:
             advance = {"seen": pending, "pending": None, "after": None}
-        cursor.execute(self._sql.advance_sql, {**advance, "cluster": current_cluster})
+        cursor.execute(
+            self._sql.advance_sql, {**advance, "cluster": current_cluster, "definition": self.definition}
+        )
 
     def reanchor(self) -> None:
         """Rebuild the checkpoint on this cluster after the database moved to another one

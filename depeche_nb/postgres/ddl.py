@@ -22,14 +22,20 @@ def run_ddl_once(engine: sa.Engine, key: str, statements: Sequence[str]) -> None
     with _guard:
         if marker in _done:
             return
-        with engine.begin() as conn:
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, 0)", (_DDL_LOCK,))
-            # A bare DBAPI cursor: DDL bodies contain `%` (plpgsql RAISE), which
-            # parameter interpolation would misread.
-            with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                for statement in statements:
-                    cursor.execute(statement)
+        run_ddl(engine, statements)
         _done.add(marker)
+
+
+def run_ddl(engine: sa.Engine, statements: Sequence[str]) -> None:
+    """Execute `statements` in one transaction under the global DDL lock, every time (for
+    tables that come and go, such as a rebuild's new projection)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, 0)", (_DDL_LOCK,))
+        # A bare DBAPI cursor: DDL bodies contain `%` (plpgsql RAISE), which
+        # parameter interpolation would misread.
+        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+            for statement in statements:
+                cursor.execute(statement)
 
 
 def _url_key(url: sa.URL) -> str:

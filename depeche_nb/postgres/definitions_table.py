@@ -63,4 +63,15 @@ def claim(engine: sa.Engine, kind: str, name: str, owner: str, definition: dict[
 
 def replace(engine: sa.Engine, kind: str, name: str, owner: str, definition: dict[str, Any]) -> None:
     with autocommit_cursor(engine) as cursor:
-        cursor.execute(_REPLACE_SQL, (owner, json.dumps(definition, sort_keys=True), kind, name))
+        replace_in(cursor, kind, name, owner, definition)
+
+
+def replace_in(cursor: Any, kind: str, name: str, owner: str, definition: dict[str, Any]) -> None:
+    """`replace` inside the caller's transaction (a rebuild's switch)."""
+    cursor.execute(_REPLACE_SQL, (owner, json.dumps(definition, sort_keys=True), kind, name))
+
+
+def names_owned_by(cursor: Any, kind: str, owner: str) -> list[str]:
+    """The recorded names of `kind` whose owner is `owner` (e.g. a stream's subscriptions)."""
+    cursor.execute(f"SELECT name FROM {TABLE} WHERE kind = %s AND owner = %s ORDER BY name", (kind, owner))
+    return [row[0] for row in cursor.fetchall()]

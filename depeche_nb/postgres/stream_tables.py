@@ -28,7 +28,7 @@ from depeche_nb.postgres.dead_letter_table import DeadLetterTable
 from depeche_nb.postgres.messages_table import MessagesStatements, epoch_us_sql, text_row_columns
 from depeche_nb.postgres.names import StoreNames, lock_namespace, quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
-from depeche_nb.postgres.state_table import StateTable
+from depeche_nb.postgres.state_table import INIT_PARTITION, StateTable
 
 # The cluster a checkpoint's transaction ids belong to: set by initdb, kept by physical
 # replicas (whose ids continue the primary's), new after a dump/restore or logical
@@ -106,6 +106,10 @@ def stream_ddl(names: StreamNames) -> list[str]:
         # Checkpoints written before clusters were recorded have none; the projector
         # records the current one on its next step.
         f"ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS cluster text",
+        # The definition (wildcards, partitioner) the projection was made under, recorded by
+        # the first step: a projector of another definition (a worker still running old code
+        # after a rebuild) is refused instead of mixing two partitionings in one table.
+        f"ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS definition text",
         f"INSERT INTO {checkpoint} (singleton) VALUES (true) ON CONFLICT DO NOTHING",
         *DeadLetterTable(names.stream).ddl,
     ]
@@ -142,7 +146,7 @@ class StreamStatements:
             "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
             f"array(SELECT pg_snapshot_xip(seen))::text[], cluster, {CLUSTER_IDENTITY_SQL}, "
             f"CASE WHEN seen IS NULL THEN EXISTS (SELECT 1 FROM {heads}) END, "
-            f"{self.dead_letters.blocked_streams_sql} FROM {checkpoint}"
+            f"{self.dead_letters.blocked_streams_sql}, definition FROM {checkpoint}"
         )
         self.project_sql = f"""
             WITH new AS (
@@ -181,7 +185,7 @@ class StreamStatements:
         self.advance_sql = (
             f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
             "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, cluster = %(cluster)s, "
-            "updated_at = now(); COMMIT"
+            "definition = coalesce(definition, %(definition)s), updated_at = now(); COMMIT"
         )
         self.projection_unprojected_sql = MessagesStatements(names.store).projection_unprojected_sql(table)
         self.projector_wait_lock_sql = f"SELECT pg_advisory_xact_lock({lock_a}, {lock_b})"
@@ -301,3 +305,116 @@ class StreamViews:
             cursor.execute(self._latest_sql, (latest,))
             newest = list(reversed(cursor.fetchall()))
         return cells, (int(partition_count), int(projected)), newest
+
+
+class RebuildStatements:
+    """A rebuild (see `engine.rebuild`) projects into a second set of tables (`beside`) and
+    then swaps them for the stream's own (`names`) in one transaction."""
+
+    def __init__(self, names: StreamNames, beside: StreamNames) -> None:
+        self.names, self.beside = names, beside
+        self._old = quote_ident(names.table)
+        self._new = quote_ident(beside.table)
+        self._new_heads = quote_ident(beside.heads_table)
+        self.drop_beside_sql = [f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in _tables(beside)]
+        self.drop_old_sql = [f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in _tables(names)]
+        self.partitions_sql = (
+            f"SELECT partition FROM {quote_ident(names.heads_table)} "
+            f"UNION SELECT partition FROM {self._new_heads} ORDER BY 1"
+        )
+        # The state tables (of `DbSubscriptionStateProvider`s) holding rows of a subscription.
+        self.state_tables_sql = (
+            "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' "
+            "AND c.relnamespace = current_schema()::regnamespace "
+            "AND c.relname LIKE '%\\_subscription\\_state'"
+        )
+        # Each index and constraint of a table (to carry the stream's names after the swap).
+        self.indexes_sql = (
+            "SELECT i.relname, con.conname IS NOT NULL FROM pg_index x "
+            "JOIN pg_class i ON i.oid = x.indexrelid "
+            "LEFT JOIN pg_constraint con ON con.conindid = x.indexrelid AND con.conrelid = x.indrelid "
+            "WHERE x.indrelid = to_regclass(%s) ORDER BY 1"
+        )
+        self.new_partitions_sql = f"SELECT count(*) FROM {self._new_heads}"
+        # After the switch (the heads table has the stream's name again); the channel.
+        self.notify_heads_sql = (
+            "SELECT count(pg_notify(%s, json_build_object('partition', partition, "
+            f"'position', max_position)::text)) FROM {quote_ident(names.heads_table)}"
+        )
+
+    def has_rows_sql(self, state: StateTable) -> str:
+        return f"SELECT EXISTS (SELECT 1 FROM {state.table} WHERE subscription_name = %s)"
+
+    def move_positions_sql(self, state: StateTable) -> str:
+        """Set a subscription's positions for the new partitions and bump their tokens; one
+        parameter, the subscription's name, used three times (`%(subscription)s`).
+
+        A message was handled when its old position is at or before the acknowledged
+        position of its old partition. In each new partition the acknowledged position
+        becomes the one before its first unhandled message, so no unhandled message is
+        skipped; handled messages after that one are delivered again (at least once).
+        Partitions that exist no more keep a row without a position (and a new token)."""
+        st = state.table
+        return f"""
+            WITH handled AS (
+                SELECT o.global_position FROM {self._old} o JOIN {st} s
+                    ON s.subscription_name = %(subscription)s AND s.partition = o.partition
+                    AND o.position <= s.position
+            ), first_open AS (
+                SELECT n.partition, min(n.position) AS position FROM {self._new} n
+                WHERE NOT EXISTS (SELECT 1 FROM handled h WHERE h.global_position = n.global_position)
+                GROUP BY n.partition
+            ), targets AS (
+                SELECT nh.partition,
+                       nullif(coalesce(f.position, nh.max_position + 1) - 1, -1) AS position
+                FROM {self._new_heads} nh LEFT JOIN first_open f ON f.partition = nh.partition
+                UNION ALL
+                SELECT s.partition, NULL FROM {st} s
+                WHERE s.subscription_name = %(subscription)s AND s.partition >= 0
+                    AND NOT EXISTS (SELECT 1 FROM {self._new_heads} nh WHERE nh.partition = s.partition)
+            ), moved AS (
+                INSERT INTO {st} AS st (subscription_name, partition, position, token)
+                SELECT %(subscription)s, partition, position, 1 FROM targets
+                ON CONFLICT (subscription_name, partition) DO UPDATE
+                    SET position = EXCLUDED.position, token = st.token + 1, updated_at = now()
+                RETURNING partition, position
+            )
+            SELECT (SELECT count(*) FROM {self._new} n JOIN handled h
+                        ON h.global_position = n.global_position),
+                   (SELECT coalesce(sum(position + 1), 0) FROM moved)
+        """
+
+    def start_over_sql(self, state: StateTable) -> str:
+        """Forget a subscription's positions and initialisation (its start point applies
+        again), bumping the tokens; parameter `%(subscription)s`."""
+        return (
+            f"WITH forgotten AS (UPDATE {state.table} SET position = NULL, token = token + 1, "
+            "updated_at = now() WHERE subscription_name = %(subscription)s AND partition >= 0 "
+            f"RETURNING 1) DELETE FROM {state.table} WHERE subscription_name = %(subscription)s "
+            f"AND partition = {INIT_PARTITION}"
+        )
+
+    def rename_sql(self, cursor: Any) -> list[str]:
+        """The statements giving the new tables, their indexes and constraints the stream's
+        own names (each name starts with the stream's name; the rest is kept)."""
+        statements = []
+        old_prefix, new_prefix = self.beside.stream, self.names.stream
+        for beside_table, own_table in zip(_tables(self.beside), _tables(self.names), strict=True):
+            cursor.execute(self.indexes_sql, (quote_ident(beside_table),))
+            for index, is_constraint in cursor.fetchall():
+                if not index.startswith(old_prefix):
+                    continue
+                renamed = quote_ident(new_prefix + index[len(old_prefix) :])
+                if is_constraint:
+                    statements.append(
+                        f"ALTER TABLE {quote_ident(beside_table)} RENAME CONSTRAINT "
+                        f"{quote_ident(index)} TO {renamed}"
+                    )
+                else:
+                    statements.append(f"ALTER INDEX {quote_ident(index)} RENAME TO {renamed}")
+            statements.append(f"ALTER TABLE {quote_ident(beside_table)} RENAME TO {quote_ident(own_table)}")
+        return statements
+
+
+def _tables(names: StreamNames) -> list[str]:
+    return [names.table, names.heads_table, names.checkpoint_table, DeadLetterTable(names.stream).name]
