@@ -6,6 +6,7 @@ The kernel is a real IPython kernel (jupyter_client), so classes are defined in
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import uuid
@@ -25,6 +26,18 @@ class Kernel:
 
     def run(self, code: str) -> str:
         """Execute one cell; its printed output, or AssertionError with the traceback."""
+        status, printed, errors = self._execute(code)
+        if status != "ok":
+            raise AssertionError("cell failed:\n" + errors)
+        return printed
+
+    def run_failing(self, code: str) -> str:
+        """Execute one cell that must fail; its traceback as text."""
+        status, _, errors = self._execute(code)
+        assert status != "ok", "the cell was expected to fail"
+        return errors
+
+    def _execute(self, code: str) -> tuple[str, str, str]:
         printed: list[str] = []
         errors: list[str] = []
 
@@ -37,9 +50,7 @@ class Kernel:
                 errors.append("\n".join(str(line) for line in content["traceback"]))
 
         reply = self.client.execute_interactive(code, output_hook=hook, timeout=120)
-        if reply["content"]["status"] != "ok":
-            raise AssertionError("cell failed:\n" + "\n".join(errors))
-        return "".join(printed)
+        return str(reply["content"]["status"]), "".join(printed), "\n".join(errors)
 
     def close(self) -> None:
         self.client.stop_channels()
@@ -104,4 +115,75 @@ def test_a_re_run_event_class_cell_reads_writes_and_dispatches_like_the_old_clas
         "print(type(last) is ItemAdded, last.sku, last.quantity)"
     )
     assert out.strip() == "True d 2"
+    kernel.run(f"engine.dispose(); depeche_nb.connect(schema={schema!r}, fresh=True).dispose()")
+
+
+SETUP_CELL = (
+    """
+import datetime as dt, uuid, pydantic, depeche_nb
+from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
+engine = depeche_nb.connect(schema={schema!r}, fresh=True)
+"""
+    + CLASS_CELL.format(extra="")
+    + """
+store = depeche_nb.MessageStore(name='shop', engine=engine, serializer=PydanticMessageSerializer(ItemAdded))
+for stream_name, skus in (('cart-1', 'ab'), ('cart-2', 'cde'), ('invoice-1', 'fg')):
+    for sku in skus:
+        store.write(stream_name, ItemAdded(sku=sku))
+seen = []
+class Seen(depeche_nb.MessageHandler[ItemAdded]):
+    @depeche_nb.MessageHandler.register
+    def added(self, event: depeche_nb.StoredMessage[ItemAdded]) -> None:
+        seen.append((event.stream, event.version))
+"""
+)
+STREAM_CELL = """
+carts = store.aggregated_stream(name='carts', partitioner={partitioner}, stream_wildcards={wildcards}{extra})
+carts.projector.run()
+view = carts.subscription(name='cart_view', handlers=Seen())
+"""
+PLACEMENT = """
+import collections
+placed = collections.defaultdict(set)
+for row in carts.assignments_dataframe(limit=None).itertuples():
+    placed[row.origin_stream].add(row.partition)
+print(sorted((k, sorted(v)) for k, v in placed.items()))
+"""
+
+
+def test_a_re_run_aggregated_stream_cell_with_an_edit_is_refused_until_rebuilt(kernel: Kernel) -> None:
+    schema = f"rerun_{uuid.uuid4().hex[:8]}"
+    kernel.run(SETUP_CELL.format(schema=schema))
+    kernel.run(STREAM_CELL.format(partitioner="StreamNamePartitioner(2)", wildcards="['cart-%']", extra=""))
+    kernel.run("view.runner.step(max_messages=3)")
+    first = kernel.run(PLACEMENT)
+    assert "invoice" not in first
+    # The user edits the cell: one more wildcard and another partitioner, and runs it again.
+    edited = STREAM_CELL.format(
+        partitioner="StreamNamePartitioner(8)", wildcards="['cart-%', 'invoice-%']", extra=""
+    )
+    error = kernel.run_failing(edited)
+    assert "DefinitionChangedError" in error and "rebuild=True" in error
+    assert "StreamNamePartitioner(partitions=2), not StreamNamePartitioner(partitions=8)" in error
+    assert kernel.run(PLACEMENT) == first, "a refused definition changed the projection"
+    # As the error says: the same cell with rebuild=True.
+    kernel.run(
+        edited.replace(
+            "stream_wildcards=['cart-%', 'invoice-%']",
+            "stream_wildcards=['cart-%', 'invoice-%'], rebuild=True",
+        )
+    )
+    summary = kernel.run("print(carts.last_rebuild.summary())")
+    assert "projected 7 message(s)" in summary and "'cart_view' keeps" in summary
+    placed = ast.literal_eval(kernel.run(PLACEMENT).strip())
+    assert [stream for stream, _ in placed] == ["cart-1", "cart-2", "invoice-1"]
+    assert all(len(partitions) == 1 for _, partitions in placed), f"a stream is split: {placed}"
+    out = kernel.run("view.runner.run()\nprint(sorted(set(seen)))")
+    assert out.strip() == (
+        "[('cart-1', 1), ('cart-1', 2), ('cart-2', 1), ('cart-2', 2), ('cart-2', 3), "
+        "('invoice-1', 1), ('invoice-1', 2)]"
+    )
+    # Running the rebuilt cell once more (the usual re-run) is quiet: no second rebuild.
+    kernel.run(edited)
+    assert kernel.run("print(carts.last_rebuild)").strip() == "None"
     kernel.run(f"engine.dispose(); depeche_nb.connect(schema={schema!r}, fresh=True).dispose()")

@@ -64,9 +64,9 @@ def check_aggregated_stream(
     changes = []
     if owner != store:
         changes.append(f"its store is {owner!r}, not {store!r}")
-    for key, what in (("wildcards", "wildcards"), ("partitioner", "partitioner")):
+    for key, what in (("wildcards", "wildcards are"), ("partitioner", "partitioner is")):
         if recorded.get(key) != definition[key]:
-            changes.append(f"its {what} are {_show(recorded.get(key))}, not {_show(definition[key])}")
+            changes.append(f"its {what} {_show(recorded.get(key))}, not {_show(definition[key])}")
     if not changes:
         return None
     if not rebuild:
