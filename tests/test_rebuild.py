@@ -244,3 +244,27 @@ def test_one_rebuild_at_a_time_and_rebuild_of_the_same_definition(
             "SELECT count(*) FROM pg_class WHERE relname LIKE %s", (f"{name}__next%",)
         ).scalar()
     assert leftovers == 0
+
+
+def test_a_stream_moved_to_another_store_starts_its_subscriptions_over(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    first, second = _store(engine, f"{unique_name}_a"), _store(engine, f"{unique_name}_b")
+    for store, count in ((first, 4), (second, 6)):
+        for n in range(count):
+            store.write(f"m-{n % 2}", Numbered(number=n))
+    name, sub = f"{unique_name}_agg", f"{unique_name}_sub"
+    on_first = first.aggregated_stream(
+        name=name, partitioner=StreamNamePartitioner(2), stream_wildcards=["m-%"]
+    )
+    on_first.projector.update_full()
+    handlers, handled = _recorder()
+    on_first.subscription(name=sub, handlers=handlers).runner.run()
+    assert len(handled) == 4
+    # Global positions of the first store say nothing about the second's messages.
+    on_second = second.aggregated_stream(
+        name=name, partitioner=StreamNamePartitioner(2), stream_wildcards=["m-%"], rebuild=True
+    )
+    assert on_second.last_rebuild is not None and on_second.last_rebuild.started_over == [sub]
+    on_second.subscription(name=sub, handlers=handlers).runner.run()
+    assert sorted(handled[4:]) == sorted((m.stream, m.version) for m in second.read_wildcard("m-%"))
