@@ -1,8 +1,9 @@
 """An aggregate's history as data: its state after each of its events.
 
 `AggregateHistory` replays an aggregate's stream once and records, after every event, a
-snapshot of the aggregate's public attributes, flattened into dotted names
-(`balance`, `address.city`). Snapshots are copies, so a list the aggregate keeps
+snapshot of the aggregate's public attributes, records in them flattened into
+dotted names (`balance`, `address.city` for a dataclass or pydantic model; a dict or
+list stays one value). Snapshots are copies, so a list the aggregate keeps
 appending to shows at each version what it held then. Each step also names the
 fields its event changed, which is what "what did this event do?" asks.
 
@@ -38,8 +39,8 @@ AGG = TypeVar("AGG", bound=EventSourcedAggregateRoot[Any, Any])
 STATE_PREFIX = "state."
 # An event field named like a fixed column is shown as "event.<name>".
 EVENT_PREFIX = "event."
-# Levels of nested dicts / dataclasses / models spelled out as dotted names; deeper values
-# stay whole in one column.
+# Levels of nested dataclasses / models spelled out as dotted names; deeper values stay
+# whole in one column.
 MAX_DEPTH = 3
 FIXED_COLUMNS = ("version", "event_type", "added_at", "global_position", "message_id", "changed")
 
@@ -104,6 +105,10 @@ class AggregateHistory(Generic[AGG, ID]):
     @property
     def version(self) -> int:
         return len(self.steps)
+
+    @property
+    def aggregate_type(self) -> str:
+        return type(self._aggregate).__name__
 
     def update(self) -> int:
         """Read the events stored after the last step; returns how many steps were added.
@@ -204,8 +209,8 @@ def event_fields(event: object) -> dict[str, Any]:
 
 def state_fields(aggregate: object) -> dict[str, Any]:
     """The aggregate's public attributes (not `_events`, `_version` or any other `_name`),
-    nested dicts, dataclasses and pydantic models spelled out as dotted names, every
-    value a copy."""
+    dataclasses and pydantic models in them spelled out as dotted names, every value a
+    copy."""
     out: dict[str, Any] = {}
     for name, value in vars(aggregate).items():
         if not name.startswith("_"):
@@ -223,8 +228,8 @@ def _flatten(name: str, value: object, out: dict[str, Any], depth: int) -> None:
 
 
 def _nested_fields(value: object) -> dict[str, Any] | None:
-    if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
+    # Records with fixed fields only: a dict's keys are data (one column per customer or
+    # order would make a column appear with every new key), so a dict stays one value.
     if _dc.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in _dc.fields(value)}
     model_fields = getattr(type(value), "model_fields", None)

@@ -356,7 +356,7 @@ class EventStoreRepo(Repo[AGG, ID], Generic[E, AGG, ID]):
         """One row per event of the aggregate, oldest first: `version`, `event_type`,
         `added_at`, `global_position`, `message_id`, the event's fields, and the aggregate's
         state after the event, its public attributes flattened into `state.<name>` columns
-        (`state.<name>.<key>` for dicts, dataclasses and pydantic models inside), and
+        (`state.<name>.<field>` for a dataclass or pydantic model in one), and
         `changed`: the list of state columns the event changed. `NotFound` for an empty
         stream. See `AggregateHistory`."""
         from depeche_nb.event_sourcing.history import AggregateHistory
