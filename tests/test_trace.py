@@ -11,8 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+import depeche_nb.tools
 from depeche_nb import MessageHandlerRegister, MessageNotFound, StoredMessage
 from depeche_nb.engine import trace as t
+from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import AnyMessage, Numbered
 
@@ -208,3 +210,25 @@ def test_trace_takes_ids_text_and_stored_messages_and_shows_itself(shop: Shop) -
     assert "RuntimeError: cannot take 12" in visible and "<b>" not in page
     assert repr(trace).startswith("<MessageTrace Numbered 'n-1' v3")
     assert f"{shop.slow.name} pending (2 behind)" in repr(trace)
+
+
+def test_state_kept_by_another_provider_is_found(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(AnyMessage))
+    stream = store.aggregated_stream(f"{unique_name}_n", ByNumber(), ["n-%"])
+    provider = depeche_nb.tools.DbSubscriptionStateProvider(f"{unique_name}_shared", engine)
+    subscription = stream.subscription(f"{unique_name}_s", handlers=handlers(), state_provider=provider)
+    message = Numbered(number=1)
+    store.write_all("n-1", [message, Numbered(number=2)])
+    stream.projector.run()
+    subscription.runner.step(max_messages=1)
+    # A table that looks like state but that no provider made (providers' names are
+    # lowercase identifiers) is not read.
+    odd = quote_ident(f"Odd{unique_name}_subscription_state")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {odd} (x int)")
+    try:
+        (traced,) = store.trace(message.message_id).streams[0].subscriptions
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {odd}")
+    assert (traced.status, traced.acknowledged_position, traced.initialized) == (t.HANDLED, 0, True)
