@@ -99,9 +99,13 @@ WIDGET_STYLE = (
     ".dnb pre.dnb-json{font-family:var(--jp-code-font-family,monospace);font-size:inherit;margin:2px 0;"
     "padding:0;white-space:pre-wrap;word-break:break-all;background:transparent;color:inherit;"
     "max-height:400px;overflow:auto}"
-    ".dnb .dnb-table tr.dnb-changed td{background:rgba(255,196,0,.22)}"
-    ".dnb .dnb-changed-mark{font-weight:600}"
     "</style>"
+)
+
+# Only in the timeline's pages: the other widgets' committed tutorial outputs stay as they are.
+TIMELINE_STYLE = (
+    "<style>.dnb .dnb-table tr.dnb-changed td{background:rgba(255,196,0,.22)}"
+    ".dnb .dnb-changed-mark{font-weight:600}</style>"
 )
 
 # Characters of a payload shown by the browser (cut server-side beyond this).
@@ -906,6 +910,10 @@ class SubscriptionStepper(_DnbWidget):
 # -- AggregateTimeline --------------------------------------------------------------------------
 
 
+def _timeline_page(*parts: str) -> str:
+    return page(TIMELINE_STYLE, *parts)
+
+
 class AggregateTimeline(_DnbWidget):
     """Slide through the versions of aggregate `id` of an `EventStoreRepo`.
 
@@ -1010,14 +1018,14 @@ class AggregateTimeline(_DnbWidget):
 
     def _draw(self) -> None:
         with self._draw_lock:
-            self.header.value = page(self._header_html())
+            self.header.value = _timeline_page(self._header_html())
             step = self.shown
             if step is None:
-                self.state_view.value = page(h.note("no events: the stream is empty now"))
+                self.state_view.value = _timeline_page(h.note("no events: the stream is empty now"))
                 self.event_view.value = ""
                 return
-            self.state_view.value = page(self._state_html(step))
-            self.event_view.value = page(self._event_html(step))
+            self.state_view.value = _timeline_page(self._state_html(step))
+            self.event_view.value = _timeline_page(self._event_html(step))
 
     def _header_html(self) -> str:
         step = self.shown
@@ -1102,7 +1110,7 @@ class AggregateTimeline(_DnbWidget):
         return "".join(parts)
 
     def snapshot_html(self) -> str:
-        return page(self._header_html(), self._history_html())
+        return _timeline_page(self._header_html(), self._history_html())
 
     def __repr__(self) -> str:
         return (
