@@ -854,6 +854,9 @@ def test_aggregate_timeline_slides_through_versions_and_follows_new_events(
         with pytest.raises(ValueError, match="at most 6"):
             timeline.show_version(7)
 
+        columns = set(repo.history("b1").columns)
+        assert {"state.items", "state.last_added.item", "state.last_added.price"} <= columns
+
         bundle = timeline._repr_mimebundle_(include=None, exclude=None)
         assert "application/vnd.jupyter.widget-view+json" in bundle
         assert bundle["text/plain"] == "AggregateTimeline(stream='basket-b1', version=6 of 6)"
