@@ -79,6 +79,7 @@ from depeche_nb.engine.subscription import (
     Subscription,
     SubscriptionFactory,
 )
+from depeche_nb.engine.trace import MessageTrace
 
 # Importing the notebook package also registers the HTML reprs of the objects
 # above; it loads pandas/ipywidgets/IPython only when a view is used.
@@ -170,6 +171,7 @@ __all__ = [
     "MessageStoreProtocol",
     "MessageStoreReader",
     "MessageStoreReaderProtocol",
+    "MessageTrace",
     "MissingMessageTypeError",
     "NameInUseError",
     "OptimisticConcurrencyError",

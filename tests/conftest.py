@@ -38,6 +38,7 @@ DRIVER_SENSITIVE = {
     "test_store_read",
     "test_store_write",
     "test_subscription",
+    "test_trace",
 }
 
 

@@ -7,7 +7,9 @@ import copy
 import datetime as dt
 import logging
 import pickle
+import random
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Union
@@ -19,6 +21,7 @@ import sqlalchemy as sa
 import depeche_nb
 import depeche_nb.tools
 from depeche_nb.event_sourcing import (
+    AggregateHistory,
     BaseCache,
     ConcurrentModificationError,
     EventSourcedAggregateRoot,
@@ -28,6 +31,7 @@ from depeche_nb.event_sourcing import (
     NotFound,
     ReadRepository,
     Repo,
+    VersionNotFound,
 )
 
 # -- the example domain -----------------------------------------------------------------------
@@ -705,3 +709,228 @@ def test_in_memory_cache_set_copies_the_object() -> None:
     account.deposit(5)
     entry = cache.get(account.id)
     assert entry is not None and (entry.balance, entry.version) == (0, 1)
+
+
+# -- time travel and history --------------------------------------------------------------------
+
+
+class Untouchable:
+    """A store that fails the test if anything reads or writes it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the store was used ({name}) before the arguments were checked")
+
+
+def replayed(events: Sequence[AccountEvent]) -> Account:
+    """The aggregate built in memory from `events`: what a past state must equal."""
+    account = Account()
+    for event in events:
+        account.apply(event)
+    return account
+
+
+def state_of(account: Account) -> tuple[Any, ...]:
+    return (account.id, account.owner, account.balance, list(account.transactions), account.version)
+
+
+def random_account(rng: random.Random, repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]) -> Account:
+    """An account with a random history, saved in random batches (so events of one save share
+    a transaction and a stored time)."""
+    account = Account.open(rng.choice(["ada", "bob", "cy"]))
+    saved = 0
+    for _ in range(rng.randint(0, 14)):
+        if rng.random() < 0.55 or account.balance == 0:
+            account.deposit(rng.randint(1, 50))
+        else:
+            account.withdraw(rng.randint(1, account.balance))
+        if rng.random() < 0.4:
+            repo.save(account, expected_version=saved)
+            saved = account.version
+    repo.save(account, expected_version=saved)
+    return account
+
+
+def test_state_at_each_version_equals_replaying_that_prefix(
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
+) -> None:
+    rng = random.Random(1207)
+    for _ in range(12):
+        account = random_account(rng, repo)
+        assert account.id is not None
+        events = account.events
+        history = repo.history(account.id)
+        assert history["version"].tolist() == list(range(1, len(events) + 1))
+        for version in range(1, len(events) + 1):
+            expected = replayed(events[:version])
+            past = repo.get(account.id, version=version)
+            assert state_of(past) == state_of(expected)
+            assert past.events == events[:version]
+            row = history.iloc[version - 1]
+            assert (row["state.owner"], row["state.balance"], row["state.transactions"]) == (
+                expected.owner,
+                expected.balance,
+                expected.transactions,
+            )
+            before = replayed(events[: version - 1])
+            changed = {
+                name
+                for name in ("id", "owner", "balance", "transactions")
+                if getattr(before, name) != getattr(expected, name)
+            }
+            assert set(row["changed"]) == {f"state.{name}" for name in changed}
+        with pytest.raises(VersionNotFound) as info:
+            repo.get(account.id, version=len(events) + 1)
+        assert info.value.current_version == len(events)
+
+
+def stored_times(store: depeche_nb.MessageStore[AccountEvent], account: Account) -> list[dt.datetime]:
+    return [m.added_at.replace(tzinfo=dt.timezone.utc) for m in store.read(f"account-{account.id}")]
+
+
+def test_time_travel_by_at_uses_the_stored_time_not_the_message_time(
+    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+) -> None:
+    future = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)  # every event claims to happen then
+    account = Account()
+    account.apply(AccountOpened(account_id=uuid.uuid4(), owner="ada", occurred_at=future))
+    repo.add(account)
+    for amount, version in [(10, 1), (20, 2)]:
+        time.sleep(0.002)  # distinct stored times
+        account.apply(MoneyDeposited(account_id=account.id, amount=amount, occurred_at=future))
+        repo.save(account, expected_version=version)
+    assert account.id is not None
+    first, second, third = stored_times(store, account)
+    assert first < second < third
+
+    assert repo.get(account.id, at=first).version == 1
+    assert repo.get(account.id, at=second).balance == 10  # inclusive
+    assert repo.get(account.id, at=third - dt.timedelta(microseconds=1)).version == 2
+    assert repo.get(account.id, at=future).version == 3
+    # Any time zone names the same moment.
+    tz = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    assert repo.get(account.id, at=second.astimezone(tz)).version == 2
+
+    with pytest.raises(VersionNotFound) as info:
+        repo.get(account.id, at=first - dt.timedelta(microseconds=1))
+    assert isinstance(info.value, NotFound)
+    assert info.value.first_added_at == first
+    assert "did not exist yet" in str(info.value)
+    with pytest.raises(NotFound) as missing:
+        repo.get(uuid.uuid4(), at=future)
+    assert not isinstance(missing.value, VersionNotFound)
+
+
+def test_time_travel_neither_reads_nor_fills_the_cache(
+    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+) -> None:
+    account = saved_account(repo, deposits=4)  # versions 1..5, balance 10
+    assert account.id is not None
+    counting = CountingStore(store)
+    cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache(cache_every_x_version=1)
+    cached_repo = EventStoreRepo(counting, Account, "account", cache=cache)
+
+    assert cached_repo.get(account.id, version=2).balance == 1
+    assert cache.get(account.id) is None  # a past state is never stored
+    assert cached_repo.get(account.id).version == 5
+    counting.reset()
+    past = cached_repo.get(account.id, version=3)
+    assert (past.version, past.balance) == (3, 3)
+    assert counting.read_calls == [(f"account-{account.id}", None)]  # from the start, not the cache
+    entry = cache.get(account.id)
+    assert entry is not None and entry.version == 5
+    assert cached_repo.get(account.id).balance == 10
+
+    past.deposit(100)  # a past state cannot overwrite what came after it
+    with pytest.raises(depeche_nb.OptimisticConcurrencyError):
+        repo.save(past, expected_version=3)
+    assert len(stream_of(store, account.id)) == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"version": 0}, ValueError, "version must be >= 1"),
+        ({"version": -3}, ValueError, "version must be >= 1"),
+        ({"version": True}, TypeError, "version must be an int"),
+        ({"version": 2.0}, TypeError, "version must be an int"),
+        ({"version": "2"}, TypeError, "version must be an int"),
+        ({"at": dt.datetime(2024, 5, 6, 9, 0)}, ValueError, "timezone-aware"),
+        ({"at": dt.date(2024, 5, 6)}, TypeError, "at must be a datetime"),
+        ({"at": "2024-05-06T09:00:00+00:00"}, TypeError, "at must be a datetime"),
+        (
+            {"version": 1, "at": dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)},
+            ValueError,
+            "either version or at",
+        ),
+    ],
+)
+def test_bad_time_travel_arguments_fail_before_the_store_is_used(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID] = EventStoreRepo(
+        Untouchable(),  # type: ignore[arg-type]
+        Account,
+        "account",
+    )
+    with pytest.raises(error, match=match):
+        repo.get(uuid.uuid4(), **kwargs)
+
+
+def test_history_is_a_typed_dataframe_pandas_can_query(
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
+) -> None:
+    account = Account.open("ada")
+    for amount in (50, -30, -15, 40, -42):
+        account.deposit(amount) if amount > 0 else account.withdraw(-amount)
+    repo.add(account)
+    assert account.id is not None
+
+    history = repo.history(account.id)
+    assert list(history.columns[:5]) == ["version", "event_type", "added_at", "global_position", "message_id"]
+    assert str(history["version"].dtype) == "int64"
+    assert str(history["added_at"].dtype) == "datetime64[us, UTC]"
+    assert str(history["occurred_at"].dtype) == "datetime64[us, UTC]"  # an event field
+    assert str(history["state.balance"].dtype) == "int64"
+    assert str(history["amount"].dtype) == "Int64"  # AccountOpened has none
+    assert history["event_type"].tolist() == [
+        "AccountOpened",
+        "MoneyDeposited",
+        "MoneyWithdrawn",
+        "MoneyWithdrawn",
+        "MoneyDeposited",
+        "MoneyWithdrawn",
+    ]
+    assert history["state.balance"].tolist() == [0, 50, 20, 5, 45, 3]
+    # Snapshots, not the list the aggregate kept appending to.
+    assert history["state.transactions"].tolist()[:3] == [[], [50], [50, -30]]
+    assert history["changed"].tolist()[:2] == [
+        ["state.id", "state.owner"],
+        ["state.balance", "state.transactions"],
+    ]
+    # "Which withdrawal first took the balance below 10?"
+    low = history[(history["state.balance"] < 10) & (history["event_type"] == "MoneyWithdrawn")].iloc[0]
+    assert (low["version"], low["event_type"], low["amount"]) == (4, "MoneyWithdrawn", 15)
+
+    with pytest.raises(NotFound):
+        repo.history(uuid.uuid4())
+
+
+def test_aggregate_history_follows_new_events_and_a_rewritten_stream(
+    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+) -> None:
+    account = saved_account(repo, deposits=2)
+    assert account.id is not None
+    history = AggregateHistory(repo, account.id)
+    assert (history.version, history.update()) == (3, 0)
+
+    account.deposit(7)
+    account.withdraw(2)
+    repo.save(account, expected_version=3)
+    assert history.update() == 2
+    assert [s.state["balance"] for s in history.steps] == [0, 1, 3, 10, 8]
+    assert history.steps[-1].changed == ("balance", "transactions")
+
+    store.truncate()  # the same id with another, shorter history
+    repo.add(Account.open("bob", account_id=account.id))
+    assert history.update() == 1
+    assert [(s.version, s.state["owner"]) for s in history.steps] == [(1, "bob")]

@@ -5,6 +5,8 @@ widgets' state and HTML are checked. No `from __future__ import annotations`:
 handler annotations must be real objects.
 """
 
+import dataclasses
+import datetime as dt
 import hashlib
 import html
 import io
@@ -12,16 +14,19 @@ import itertools
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
 import matplotlib
+import pydantic
 import pytest
 import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb import ExitSubscriptionErrorHandler, MessageHandlerRegister, StoredMessage
+from depeche_nb.event_sourcing import EventSourcedAggregateRoot, EventStoreRepo, NotFound
 from depeche_nb.notebook import live as live_module
 from depeche_nb.notebook.live import LiveRefresher
 from depeche_nb.notebook.widgets import PALETTE, legend_key, stream_colour_index
@@ -29,6 +34,7 @@ from depeche_nb.postgres.listener import APPLICATION_NAME
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
 from depeche_nb.widgets import (
+    AggregateTimeline,
     PartitionMap,
     StreamBrowser,
     SubscriptionStepper,
@@ -705,3 +711,170 @@ def test_plots_return_figures(engine: sa.Engine, unique_name: str) -> None:
 
     empty = _subscription(engine, unique_name + "e", Recorder())[1]
     assert len(plot_partition_sizes(empty).axes[0].patches) == 0
+
+
+# -- AggregateTimeline ----------------------------------------------------------------------------
+
+
+class _BasketEvent(pydantic.BaseModel):
+    basket_id: str
+    event_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+
+    def get_message_id(self) -> uuid.UUID:
+        return self.event_id
+
+    def get_message_time(self) -> dt.datetime:
+        return dt.datetime(2024, 5, 6, tzinfo=dt.timezone.utc)
+
+
+class BasketOpened(_BasketEvent):
+    owner: str
+
+
+class ItemAdded(_BasketEvent):
+    item: str
+    price: int
+
+
+class ItemRemoved(_BasketEvent):
+    item: str
+
+
+BasketEvent = BasketOpened | ItemAdded | ItemRemoved
+
+
+@dataclasses.dataclass
+class LastAdded:
+    item: str
+    price: int
+
+
+class Basket(EventSourcedAggregateRoot[str, BasketEvent]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.id: str | None = None
+        self.owner = ""
+        self.items: dict[str, int] = {}
+        self.total = 0
+        self.last_added: LastAdded | None = None
+
+    def get_id(self) -> str | None:
+        return self.id
+
+    def _apply(self, event: BasketEvent) -> None:
+        if isinstance(event, BasketOpened):
+            self.id, self.owner = event.basket_id, event.owner
+        elif isinstance(event, ItemAdded):
+            self.items[event.item] = event.price
+            self.total += event.price
+            self.last_added = LastAdded(event.item, event.price)
+        else:
+            self.total -= self.items.pop(event.item)
+
+
+def highlighted(page: str) -> dict[str, str]:
+    """The highlighted rows of a timeline's state table: field -> its mark (changed / removed)."""
+    rows = re.findall(r'<tr class="dnb-changed"><td>([^<]*)</td>.*?dnb-changed-mark">(\w+)<', page)
+    return {html.unescape(name): mark for name, mark in rows}
+
+
+def test_aggregate_timeline_slides_through_versions_and_follows_new_events(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(BasketEvent))
+    repo: EventStoreRepo[BasketEvent, Basket, str] = EventStoreRepo(store, Basket, "basket")
+    basket = Basket()
+    for event in [
+        BasketOpened(basket_id="b1", owner=HOSTILE),
+        ItemAdded(basket_id="b1", item="apple", price=3),
+        ItemAdded(basket_id="b1", item="pear", price=2),
+        ItemRemoved(basket_id="b1", item="apple"),
+    ]:
+        basket.apply(event)
+    repo.add(basket)
+
+    timeline = AggregateTimeline(repo, "b1", live=True)
+    try:
+        assert timeline.live
+        assert (timeline.slider.min, timeline.slider.max, timeline.slider.value) == (1, 4, 4)
+        assert highlighted(timeline.state_view.value) == {"items": "changed", "total": "changed"}
+        assert "Event 4: ItemRemoved" in text(timeline.event_view.value)
+
+        timeline.slider.value = 2
+        assert timeline.shown is not None and timeline.shown.event_type == "ItemAdded"
+        # A dataclass attribute is spelled out field by field; its None before is gone.
+        assert timeline.changed_fields == (
+            "items",
+            "total",
+            "last_added.item",
+            "last_added.price",
+            "last_added",
+        )
+        assert highlighted(timeline.state_view.value) == {
+            "items": "changed",
+            "total": "changed",
+            "last_added.item": "changed",
+            "last_added.price": "changed",
+            "last_added": "removed",
+        }
+        state_text = text(timeline.state_view.value)
+        assert "State after version 2 (5 fields changed)" in state_text
+        assert "total 3 changed 0" in state_text  # the value, and the one before
+        assert "version 2 of 4" in text(timeline.header.value)
+        assert "apple" in text(timeline.event_view.value)
+
+        timeline.slider.value = 1
+        assert highlighted(timeline.state_view.value) == {"id": "changed", "owner": "changed"}
+        assert HOSTILE_ESCAPED in timeline.state_view.value and HOSTILE not in timeline.state_view.value
+
+        timeline.play.value = 3  # what Play's ticks do
+        assert timeline.slider.value == 3
+        assert highlighted(timeline.state_view.value) == {
+            "items": "changed",
+            "total": "changed",
+            "last_added.item": "changed",
+            "last_added.price": "changed",
+        }
+        assert "last_added.item pear changed apple" in text(timeline.state_view.value)
+
+        # A new event while an earlier version is shown: it appears at the end, the view stays.
+        basket.apply(ItemAdded(basket_id="b1", item="plum", price=7))
+        repo.save(basket, expected_version=4)
+        assert wait_for(lambda: timeline.slider.max == 5), timeline.slider.max
+        assert timeline.play.max == 5 and timeline.slider.value == 3
+        timeline.show_version(5)
+        assert "Event 5: ItemAdded" in text(timeline.event_view.value)
+
+        # At the end, the widget follows the new event.
+        basket.apply(ItemRemoved(basket_id="b1", item="pear"))
+        repo.save(basket, expected_version=5)
+        assert wait_for(lambda: timeline.slider.value == 6), timeline.slider.value
+        assert "Event 6: ItemRemoved" in text(timeline.event_view.value)
+        assert highlighted(timeline.state_view.value) == {"items": "changed", "total": "changed"}
+        with pytest.raises(ValueError, match="at most 6"):
+            timeline.show_version(7)
+
+        columns = set(repo.history("b1").columns)
+        assert {"state.items", "state.last_added.item", "state.last_added.price"} <= columns
+
+        bundle = timeline._repr_mimebundle_(include=None, exclude=None)
+        assert "application/vnd.jupyter.widget-view+json" in bundle
+        assert bundle["text/plain"] == "AggregateTimeline(stream='basket-b1', version=6 of 6)"
+        static = bundle["text/html"]
+        assert data_rows(static) == 6 and "<script" not in static.lower()
+        assert "state.total" in static and HOSTILE_ESCAPED in static
+        assert timeline.last_error is None
+    finally:
+        timeline.close()
+    assert not timeline.live
+
+
+def test_aggregate_timeline_refuses_bad_arguments(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(BasketEvent))
+    repo: EventStoreRepo[BasketEvent, Basket, str] = EventStoreRepo(store, Basket, "basket")
+    with pytest.raises(NotFound):
+        AggregateTimeline(repo, "nobody", live=False)
+    with pytest.raises(TypeError, match="EventStoreRepo"):
+        AggregateTimeline(store, "b1", live=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="interval_ms"):
+        AggregateTimeline(repo, "b1", interval_ms=0, live=False)

@@ -51,13 +51,11 @@ from depeche_nb.postgres.ddl import run_ddl
 from depeche_nb.postgres.locks import advisory_key
 from depeche_nb.postgres.names import lock_namespace
 from depeche_nb.postgres.rawconn import open_dbapi_connection
-from depeche_nb.postgres.state_table import StateTable
+from depeche_nb.postgres.state_table import StateTable, state_tables
 from depeche_nb.postgres.stream_tables import RebuildStatements, StreamNames, stream_ddl
 
 if TYPE_CHECKING:
     from depeche_nb.engine.aggregated_stream import AggregatedStream
-
-_STATE_SUFFIX = "_subscription_state"
 
 
 @_dc.dataclass
@@ -207,8 +205,7 @@ def _subscriptions_with_state(
     names = definitions_table.names_owned_by(cursor, SUBSCRIPTION, stream_name)
     if not names:
         return []
-    cursor.execute(statements.state_tables_sql)
-    tables = [StateTable(row[0][: -len(_STATE_SUFFIX)]) for row in cursor.fetchall()]
+    tables = state_tables(cursor)
     found = []
     for name in names:
         for table in tables:

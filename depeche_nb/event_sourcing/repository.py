@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import abc
+import datetime as _dt
 import logging
 import pickle
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.errors import DepecheError, MessageIdMismatchError, OptimisticConcurrencyError
-from depeche_nb.core.messages import MessagePosition
+from depeche_nb.core.messages import MessagePosition, StoredMessage
 from depeche_nb.event_sourcing.aggregate import EventSourcedAggregateRoot
 from depeche_nb.event_sourcing.cache import NoOpCache, RepoCache
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,43 @@ class NotFound(DepecheError):
         return f"no aggregate with id {self.id!r}{where}"
 
 
+class VersionNotFound(NotFound):
+    """The aggregate exists, but not in the past state asked for: `version` is beyond its
+    current version, or it had no event yet at `at`.
+
+    A subclass of `NotFound`, so `except NotFound` reads "there was no such aggregate then".
+    `current_version` is the stream's version when it was read (for `version`);
+    `first_added_at` the time its first event was stored (for `at`).
+    """
+
+    def __init__(
+        self,
+        id: object,
+        stream: str,
+        *,
+        current_version: int | None = None,
+        version: int | None = None,
+        at: _dt.datetime | None = None,
+        first_added_at: _dt.datetime | None = None,
+    ) -> None:
+        super().__init__(id, stream)
+        self.current_version = current_version
+        self.version = version
+        self.at = at
+        self.first_added_at = first_added_at
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return (
+                f"aggregate {self.id!r} (stream {self.stream!r}) is at version {self.current_version}; "
+                f"version {self.version} does not exist (yet)"
+            )
+        return (
+            f"aggregate {self.id!r} (stream {self.stream!r}) did not exist yet at {self.at}: its first "
+            f"event was stored at {self.first_added_at}"
+        )
+
+
 class ConcurrentModificationError(OptimisticConcurrencyError, MessageIdMismatchError):
     """The stream holds other events than the aggregate being saved was built from.
 
@@ -55,6 +96,37 @@ class ConcurrentModificationError(OptimisticConcurrencyError, MessageIdMismatchE
 
 def _stream_name(stream_prefix: str, id: object) -> str:
     return f"{stream_prefix}-{id}"
+
+
+def check_past(version: object, at: object) -> tuple[int | None, _dt.datetime | None]:
+    """The `version` / `at` of a time-travelling `get`, checked (`at` as UTC) before anything is read."""
+    if version is not None and at is not None:
+        raise ValueError("pass either version or at, not both")
+    if version is not None:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise TypeError(f"version must be an int, got {type(version).__name__}")
+        if version < 1:
+            raise ValueError(
+                f"version must be >= 1 (version N is the state after the N-th event), got {version}"
+            )
+        return version, None
+    if at is not None:
+        if not isinstance(at, _dt.datetime):
+            raise TypeError(f"at must be a datetime, got {type(at).__name__}")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(
+                "at must be timezone-aware (e.g. datetime.now(timezone.utc)): stored times are UTC, "
+                "and a naive datetime could mean any time zone"
+            )
+        return None, at.astimezone(_dt.timezone.utc)
+    return None, None
+
+
+def stored_at(stored: StoredMessage[Any]) -> _dt.datetime:
+    """A stored message's `added_at` as an aware UTC datetime (the store returns it naive UTC,
+    as Depeche DB does)."""
+    added = stored.added_at
+    return added.replace(tzinfo=_dt.timezone.utc) if added.tzinfo is None else added
 
 
 def _check_prefix(stream_prefix: object) -> str:
@@ -108,12 +180,45 @@ class ReadRepository(Generic[E, AGG, ID]):
         self._stream_prefix = _check_prefix(stream_prefix)
         self._cache: RepoCache[AGG, ID] = cache if cache is not None else NoOpCache()
 
-    def get(self, id: ID) -> AGG:
+    def get(self, id: ID, *, version: int | None = None, at: _dt.datetime | None = None) -> AGG:
+        """The aggregate now, or as it was after its `version`-th event, or at time `at`
+        (see `EventStoreRepo.get`)."""
+        past_version, past_at = check_past(version, at)
         stream = _stream_name(self._stream_prefix, id)
+        if past_version is not None or past_at is not None:
+            return self._past(id, stream, past_version, past_at)
         obj = self._from_cache(id, stream)
         if obj is None:
             obj = self._rebuild(id, stream)
         self._cache.set(id, obj)
+        return obj
+
+    def _past(self, id: ID, stream: str, version: int | None, at: _dt.datetime | None) -> AGG:
+        """Replay the stream's first events only, bypassing the cache both ways: it keeps one
+        state per id, which the next `get` takes for the newest one it knows, so a past state
+        must never be stored there; and an entry could serve only if it were older than the
+        state asked for."""
+        obj = self._constructor()
+        first_later: StoredMessage[Any] | None = None  # the first event stored after `at`
+        with obj._replaying():
+            for stored in self._reader.read(stream):
+                if version is not None and stored.version > version:
+                    break
+                # Stop at the first event stored after `at`, even if a later one carries an
+                # earlier time: a stream's writers take turns, so that later event committed
+                # after this one, i.e. after `at` too.
+                if at is not None and stored_at(stored) > at:
+                    first_later = stored
+                    break
+                obj.apply(stored.message)
+        if obj.version == 0:
+            if first_later is None:
+                raise NotFound(id, stream)
+            raise VersionNotFound(id, stream, at=at, first_added_at=stored_at(first_later))
+        if version is not None and obj.version < version:
+            raise VersionNotFound(id, stream, current_version=obj.version, version=version)
+        if obj.get_id() is None:
+            raise NotFound(id, stream)
         return obj
 
     def _from_cache(self, id: ID, stream: str) -> AGG | None:
@@ -188,6 +293,18 @@ class EventStoreRepo(Repo[AGG, ID], Generic[E, AGG, ID]):
         self._stream_prefix = _check_prefix(stream_prefix)
         self._cache: RepoCache[AGG, ID] = cache if cache is not None else NoOpCache()
 
+    @property
+    def event_store(self) -> MessageStoreProtocol[E]:
+        return self._event_store
+
+    @property
+    def constructor(self) -> Callable[[], AGG]:
+        return self._constructor
+
+    def stream_name(self, id: ID) -> str:
+        """The stream holding the aggregate `id`: `"{stream_prefix}-{id}"`."""
+        return _stream_name(self._stream_prefix, id)
+
     def add(self, entity: AGG) -> MessagePosition:
         return self.save(entity, expected_version=0)
 
@@ -212,6 +329,36 @@ class EventStoreRepo(Repo[AGG, ID], Generic[E, AGG, ID]):
                 "uses the same id); load it again and retry"
             ) from exc
 
-    def get(self, id: ID) -> AGG:
+    def get(self, id: ID, *, version: int | None = None, at: _dt.datetime | None = None) -> AGG:
+        """The aggregate as it is now; or, time travelling, as it was after its `version`-th
+        event, or at the moment `at` (a timezone-aware datetime).
+
+        `at` means what the store held at that moment: the events whose stored `added_at`
+        is at or before `at` (not their own `get_message_time()`, which the writer chose and
+        may lie in the past or the future). `added_at` is the start of the writing
+        transaction (PostgreSQL's `now()`): within milliseconds of the commit for the
+        store's own writes, earlier for a write inside a long transaction of the caller's.
+
+        Past states are replayed from the stream, bypassing the cache (never stored there).
+        A past aggregate can run commands, but saving it raises `OptimisticConcurrencyError`
+        once the stream has moved on. Raises `NotFound` for an empty stream and
+        `VersionNotFound` (a `NotFound`) for a `version` beyond the current one or an `at`
+        before the first event; bad arguments (`version` < 1 or not an int, a naive or
+        non-datetime `at`, both given) raise `ValueError` / `TypeError` before anything is
+        read.
+        """
+        past_version, past_at = check_past(version, at)
         with self._event_store.reader() as reader:
-            return ReadRepository(reader, self._constructor, self._stream_prefix, self._cache).get(id)
+            repository = ReadRepository(reader, self._constructor, self._stream_prefix, self._cache)
+            return repository.get(id, version=past_version, at=past_at)
+
+    def history(self, id: ID) -> pd.DataFrame:
+        """One row per event of the aggregate, oldest first: `version`, `event_type`,
+        `added_at`, `global_position`, `message_id`, the event's fields, and the aggregate's
+        state after the event, its public attributes flattened into `state.<name>` columns
+        (`state.<name>.<field>` for a dataclass or pydantic model in one), and
+        `changed`: the list of state columns the event changed. `NotFound` for an empty
+        stream. See `AggregateHistory`."""
+        from depeche_nb.event_sourcing.history import AggregateHistory
+
+        return AggregateHistory(self, id).to_dataframe()

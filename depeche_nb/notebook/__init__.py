@@ -17,6 +17,7 @@ from depeche_nb.engine.health import ExecutorHealth
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
+from depeche_nb.engine.trace import MessageTrace
 from depeche_nb.notebook import depeche_db_explorer, frames, reprs
 from depeche_nb.notebook.frames import *  # noqa: F403 - the views, re-exported
 from depeche_nb.store.message_store import MessageStoreBase
@@ -28,6 +29,7 @@ register_html_renderer(Subscription, reprs.render_subscription)
 register_html_renderer(ProjectionReport, reprs.render_projection_report)
 register_html_renderer(RunnerReport, reprs.render_runner_report)
 register_html_renderer(ExecutorHealth, reprs.render_executor_health)
+register_html_renderer(MessageTrace, reprs.render_message_trace)
 register_html_renderer(AdoptionReport, depeche_db_explorer.render_adoption_report)
 
 __all__ = list(frames.__all__)

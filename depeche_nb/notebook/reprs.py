@@ -22,6 +22,9 @@ from depeche_nb.engine.health import BACKING_OFF, FAILED, ExecutorHealth
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
+from depeche_nb.engine.trace import HANDLED as TRACE_HANDLED
+from depeche_nb.engine.trace import PENDING as TRACE_PENDING
+from depeche_nb.engine.trace import PROJECTED, MessageTrace, StreamTrace
 from depeche_nb.notebook import html as h
 from depeche_nb.store.frames import store_overview
 from depeche_nb.store.message_store import MessageStoreBase
@@ -328,10 +331,89 @@ def render_executor_health(health: ExecutorHealth) -> str:
     return h.box(*parts)
 
 
+@guarded
+def render_message_trace(trace: MessageTrace) -> str:
+    parts = [
+        h.title("MessageTrace", trace.message_type or "message"),
+        h.facts(
+            [
+                ("store", trace.store),
+                ("stream", trace.stream),
+                ("version", trace.version),
+                ("global position", trace.global_position),
+                ("added at", trace.added_at),
+                ("id", trace.message_id),
+            ]
+        ),
+    ]
+    if not trace.streams:
+        checked = ", ".join(trace.unmatched_streams) or "none recorded"
+        parts.append(
+            h.note(
+                f"no aggregated stream of store {trace.store!r} matches stream {trace.stream!r} "
+                f"(its aggregated streams: {checked}): no subscription will see this message"
+            )
+        )
+        return h.box(*parts)
+    for stream in trace.streams:
+        parts.append(_stream_trace_html(stream))
+    if trace.unmatched_streams:
+        parts.append(h.note(f"not matching: {', '.join(trace.unmatched_streams)}"))
+    return h.box(*parts)
+
+
+def _stream_trace_html(stream: StreamTrace) -> str:
+    if stream.status == PROJECTED:
+        where = f"partition {stream.partition}, position {stream.position} (head {stream.head})"
+    else:
+        where = stream.status + (f": {stream.error}" if stream.error else "")
+    parts = [
+        h.section(f"Aggregated stream {stream.aggregated_stream}: {where}"),
+        h.facts(
+            [("wildcards", ", ".join(stream.wildcards)), ("projected at", stream.projected_at)]
+            if stream.status == PROJECTED
+            else [("wildcards", ", ".join(stream.wildcards))]
+        ),
+    ]
+    if not stream.subscriptions:
+        parts.append(h.note("no subscription recorded on this stream"))
+        return "".join(parts)
+    counts: dict[str, int] = {}
+    for t in stream.subscriptions:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    parts.append(
+        h.facts(
+            [(status, n) for status, n in counts.items()],
+            css={status: "dnb-ok" if status == TRACE_HANDLED else "dnb-warn" for status in counts},
+        )
+    )
+    parts.append(
+        h.table(
+            ("subscription", "status", "acknowledged position", "behind", "error", "note"),
+            [
+                (
+                    t.subscription,
+                    t.status,
+                    t.acknowledged_position,
+                    t.behind if t.status == TRACE_PENDING else None,
+                    t.error,
+                    t.note,
+                )
+                for t in stream.subscriptions
+            ],
+            keep="first",
+            noun="subscription",
+            hint="trace.to_dataframe() lists them all",
+        )
+    )
+    return "".join(parts)
+
+
 __all__ = [
     "guarded",
     "render_aggregated_stream",
     "render_executor_health",
+    "render_message_trace",
     "render_projection_report",
     "render_runner_report",
     "render_store",

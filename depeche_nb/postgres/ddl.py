@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -48,3 +49,10 @@ def forget_ddl_for(url: sa.URL) -> None:
     with _guard:
         for marker in [m for m in _done if m[0] == key]:
             _done.discard(marker)
+
+
+def tables_exist(cursor: Any, *tables: str) -> bool:
+    """Whether every one of the (quoted) tables exists: read-only callers ask first instead
+    of creating them, or failing their transaction on a missing one."""
+    cursor.execute("SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest(%s::text[]) t", (list(tables),))
+    return bool(cursor.fetchone()[0])

@@ -71,6 +71,25 @@ def replace_in(cursor: Any, kind: str, name: str, owner: str, definition: dict[s
     cursor.execute(_REPLACE_SQL, (owner, json.dumps(definition, sort_keys=True), kind, name))
 
 
+def exists(cursor: Any) -> bool:
+    """Whether the table exists (a read-only caller must not create it)."""
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,))
+    return bool(cursor.fetchone()[0])
+
+
+def wildcard_matches(cursor: Any, kind: str, owner: str, stream: str) -> list[tuple[str, list[str], bool]]:
+    """The recorded names of `kind` owned by `owner` (a store's aggregated streams) with
+    their wildcards, and whether `stream` matches one of them (LIKE, as the projector
+    selects)."""
+    cursor.execute(
+        f"SELECT name, (definition->'wildcards')::text, %s LIKE ANY(ARRAY(SELECT "
+        f"jsonb_array_elements_text(definition->'wildcards'))) FROM {TABLE} "
+        "WHERE kind = %s AND owner = %s ORDER BY name",
+        (stream, kind, owner),
+    )
+    return [(row[0], json.loads(row[1]), bool(row[2])) for row in cursor.fetchall()]
+
+
 def names_owned_by(cursor: Any, kind: str, owner: str) -> list[str]:
     """The recorded names of `kind` whose owner is `owner` (e.g. a stream's subscriptions)."""
     cursor.execute(f"SELECT name FROM {TABLE} WHERE kind = %s AND owner = %s ORDER BY name", (kind, owner))

@@ -285,6 +285,11 @@ class MessagesViews:
         self._count_sql = (
             f"SELECT count(*), count(*) FILTER (WHERE global_position < %s) FROM {table} WHERE stream LIKE %s"
         )
+        # One message by id (the unique index): where it is and its type.
+        self.trace_sql = (
+            f"SELECT stream, version, global_position, added_at, message->>%s FROM {table} "
+            "WHERE message_id = %s::uuid"
+        )
         self._message_sql = (
             f"SELECT stream, version, message_id::text, added_at, {preview}, "
             f"length((message - %s)::text) FROM {table} WHERE global_position = %s"

@@ -46,6 +46,12 @@ class ParkedTable:
         # A display must not create the table (it exists only after first use): ask first.
         self.exists_sql = "SELECT to_regclass(%s) IS NOT NULL"
         self.count_unresolved_sql = f"SELECT count(*) FROM {table} WHERE {_UNRESOLVED_SQL}"
+        # The latest record of one message (global position, id): status, error, attempts
+        # and when it was recorded; by the global-position index.
+        self.trace_sql = (
+            f"SELECT status, error, attempts, recorded_at FROM {table} "
+            "WHERE global_position = %s AND message_id = %s::uuid ORDER BY id DESC LIMIT 1"
+        )
 
     def ddl(self) -> list[str]:
         return [
@@ -64,7 +70,9 @@ class ParkedTable:
                 recorded_at timestamptz NOT NULL DEFAULT now(),
                 resolved_at timestamptz
             )
-            """
+            """,
+            # `trace` looks a message up by its global position.
+            f"CREATE INDEX IF NOT EXISTS {quote_ident(self.name + '_gp')} ON {self.table} (global_position)",
         ]
 
     def ensure(self, engine: sa.Engine) -> None:

@@ -23,14 +23,36 @@ created before any acknowledgement has a NULL position, so reads still show
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.errors import InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
 from depeche_nb.postgres.names import quote_ident
 
 INIT_PARTITION = -1
+SUFFIX = "_subscription_state"
+# The tables of every `DbSubscriptionStateProvider` in the current schema (a catalog read).
+_STATE_TABLES_SQL = (
+    "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' "
+    "AND c.relnamespace = current_schema()::regnamespace "
+    "AND c.relname LIKE '%\\_subscription\\_state' ORDER BY c.relname"
+)
+
+
+def state_tables(cursor: Any) -> list[StateTable]:
+    """The state tables of the current schema. A table whose prefix is no valid provider
+    name was not made by a provider (their names are checked), so it is left out."""
+    cursor.execute(_STATE_TABLES_SQL)
+    tables = []
+    for (name,) in cursor.fetchall():
+        try:
+            tables.append(StateTable(name[: -len(SUFFIX)]))
+        except InvalidIdentifierError:
+            continue
+    return tables
 
 
 class StateTable:
@@ -38,7 +60,7 @@ class StateTable:
 
     def __init__(self, provider_name: str) -> None:
         self.provider_name = validate_name(provider_name, "state provider name")
-        self.name = f"{provider_name}_subscription_state"
+        self.name = provider_name + SUFFIX
         self.table = quote_ident(self.name)
         table = self.table
         self.upsert_sql = (
@@ -53,6 +75,14 @@ class StateTable:
             f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
         )
         self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
+        # (partition, subscription, partition): whether the subscription has any row here,
+        # is initialised, and its acknowledged position in the partition (NULL: none); two
+        # primary-key lookups.
+        self.trace_sql = (
+            f"SELECT count(*) > 0, bool_or(partition = {INIT_PARTITION}), "
+            f"max(position) FILTER (WHERE partition = %s) FROM {table} "
+            f"WHERE subscription_name = %s AND partition IN (%s, {INIT_PARTITION})"
+        )
         # (subscription, partition) -> the new token; a new row's NULL position means
         # nothing is acknowledged yet.
         self.take_sql = (
@@ -112,4 +142,4 @@ class StateTable:
         )
 
 
-__all__ = ["INIT_PARTITION", "StateTable"]
+__all__ = ["INIT_PARTITION", "SUFFIX", "StateTable", "state_tables"]

@@ -282,6 +282,18 @@ class StreamViews:
             "SELECT global_position, origin_stream, origin_stream_version, partition, position "
             f"FROM {table} ORDER BY global_position DESC LIMIT %s"
         )
+        # One message (by global position and id, parameters in that order): its partition,
+        # position, projection time and the partition's head if it is projected, and its
+        # dead letter's status and error if the projector set it aside; primary-key lookups.
+        self.trace_sql = (
+            "SELECT s.partition, s.position, s.projected_at, h.max_position, d.status, d.error "
+            "FROM (SELECT %s::bigint AS global_position, %s::uuid AS message_id) m "
+            f"LEFT JOIN {table} s ON s.global_position = m.global_position "
+            "AND s.message_id = m.message_id "
+            f"LEFT JOIN {heads} h ON h.partition = s.partition "
+            f"LEFT JOIN {DeadLetterTable(names.stream).table} d ON d.global_position = m.global_position "
+            "AND d.message_id = m.message_id"
+        )
 
     def assignments_sql(self, where: str, order: str) -> str:
         """Rows for an assignments DataFrame; `where` and `order` are fixed SQL fragments of
@@ -321,12 +333,6 @@ class RebuildStatements:
         self.partitions_sql = (
             f"SELECT partition FROM {quote_ident(names.heads_table)} "
             f"UNION SELECT partition FROM {self._new_heads} ORDER BY 1"
-        )
-        # The state tables (of `DbSubscriptionStateProvider`s) holding rows of a subscription.
-        self.state_tables_sql = (
-            "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' "
-            "AND c.relnamespace = current_schema()::regnamespace "
-            "AND c.relname LIKE '%\\_subscription\\_state'"
         )
         # Each index and constraint of a table (to carry the stream's names after the swap).
         self.indexes_sql = (

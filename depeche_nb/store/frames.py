@@ -259,7 +259,7 @@ def messages_frame_from_chunks(
             meta_chunks.append(meta)
             if flatten:
                 # dtype=object: keep the raw JSON values per chunk; types are decided
-                # once over all chunks (see `_payload_dtype`).
+                # once over all chunks (see `infer_column_dtype`).
                 payload_chunks.append(pd.DataFrame(payloads, dtype=object))
             else:
                 raw_payloads.extend(payloads)
@@ -331,17 +331,22 @@ def _assemble(
             name = str(key)
             while name in columns:
                 name = PAYLOAD_PREFIX + name
-            columns[name] = _payload_dtype(payload[key])
+            columns[name] = infer_column_dtype(payload[key])
     frame: pd.DataFrame = pd.DataFrame(columns)
     return frame
 
 
-def _payload_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
-    """Give a payload column (object dtype, NaN where a row lacks the key) its dtype."""
+def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
+    """Give a column of Python values (object dtype, NaN/None where a row has none) its dtype:
+    a payload column, or a field of events or aggregates (`event_sourcing.history`), where
+    timezone-aware datetimes also occur (JSON payloads hold them as strings)."""
     import pandas as pd
 
     kind = pd.api.types.infer_dtype(column, skipna=True)
     has_missing = bool(column.isna().any())
+    if kind == "datetime" and all(value.tzinfo is not None for value in column.dropna()):
+        times: pd.Series[Any] = utc_datetimes(column.tolist())
+        return times
     try:
         if kind == "integer":
             return column.astype("Int64" if has_missing else "int64")
@@ -447,6 +452,7 @@ __all__ = [
     "StoreOverview",
     "StreamSummary",
     "frame_from_rows",
+    "infer_column_dtype",
     "messages_dataframe",
     "messages_frame_from_chunks",
     "store_overview",
