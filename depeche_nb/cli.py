@@ -129,7 +129,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not os.environ.get(DSN_ENV):
         os.environ[DSN_ENV] = embedded_server().start()
-    return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *args.lab_args])
+    command = lab_command(folder, args.lab_args, as_root=sys.platform != "win32" and os.geteuid() == 0)
+    if sys.platform != "win32":
+        # This process becomes JupyterLab, so Ctrl-C and SIGTERM reach it directly (a child
+        # would be orphaned by a SIGTERM to us, or killed at once by our KeyboardInterrupt).
+        os.execv(sys.executable, command)
+    return subprocess.call(command)
+
+
+def lab_command(folder: Path, lab_args: Sequence[str], *, as_root: bool) -> list[str]:
+    """The JupyterLab command line: this interpreter's JupyterLab on `folder` with the user's
+    own options; as root (containers, cloud VMs, CI) it needs --allow-root to start at all."""
+    allow_root = ["--allow-root"] if as_root and "--allow-root" not in lab_args else []
+    return [sys.executable, "-m", "jupyterlab", str(folder), *allow_root, *lab_args]
 
 
 def _labextension_installed(name: str) -> bool:
@@ -285,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     tutorials.add_argument("--notebooks", default=None, help="folder with the notebooks")
     tutorials.add_argument("--write", action="store_true", help="save executed outputs back")
     tutorials.set_defaults(func=cmd_tutorials)
-    lab = commands.add_parser("lab", help="start JupyterLab on the tutorials")
-    lab.add_argument("--notebooks", default=None)
-    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    lab = commands.add_parser(
+        "lab",
+        help="start JupyterLab on the tutorials",
+        description="Start JupyterLab on the tutorials; every other option (e.g. --no-browser "
+        "--port=8899), also after --, goes to JupyterLab.",
+        # Abbreviations would take JupyterLab's options for ours (--note for --notebooks).
+        allow_abbrev=False,
+    )
+    lab.add_argument("--notebooks", default=None, help="folder with the notebooks")
     lab.set_defaults(func=cmd_lab)
     doctor = commands.add_parser("doctor", help="check the environment and say what to fix")
     doctor.set_defaults(func=cmd_doctor)
@@ -317,8 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; `lab` keeps the options it does not know, for JupyterLab (`lab_args`)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "lab":
+        # Python versions differ in whether they keep the `--` that ends our options.
+        if "--" in unknown:
+            unknown.remove("--")
+        args.lab_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except EmbeddedServerError as exc:

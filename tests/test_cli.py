@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +23,11 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+from depeche_nb.cli import lab_command, parse_args
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.postgres.driver import default_driver
 
+ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "depeche-nb"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "depeche_nb"]
 
@@ -257,3 +264,95 @@ def test_lab_without_jupyterlab_exits_2_with_the_pip_command() -> None:
     assert result.returncode == 2
     assert "pip install 'depeche-nb[lab]'" in result.stderr
     assert result.stdout == ""
+
+
+# -- lab --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lab", "--no-browser", "--port=8899", "--notebooks", "nb", "--ServerApp.token=t"],
+        ["lab", "--notebooks", "nb", "--", "--no-browser", "--port=8899", "--ServerApp.token=t"],
+        ["lab", "--no-browser", "--notebooks", "nb", "--", "--port=8899", "--ServerApp.token=t"],
+    ],
+    ids=["direct", "after-separator", "both"],
+)
+def test_lab_passes_jupyter_options_through_and_allows_root_only_as_root(argv: list[str]) -> None:
+    args = parse_args(argv)
+    assert args.notebooks == "nb"
+    jupyter = ["--no-browser", "--port=8899", "--ServerApp.token=t"]
+    assert args.lab_args == jupyter
+    lab = [sys.executable, "-m", "jupyterlab", "nb"]
+    assert lab_command(Path("nb"), args.lab_args, as_root=False) == [*lab, *jupyter]
+    assert lab_command(Path("nb"), args.lab_args, as_root=True) == [*lab, "--allow-root", *jupyter]
+    assert lab_command(Path("nb"), ["--allow-root"], as_root=True) == [*lab, "--allow-root"]
+
+
+def test_lab_takes_no_abbreviation_of_its_own_option() -> None:
+    """`--note` is JupyterLab's to interpret, not an abbreviation of `--notebooks`."""
+    args = parse_args(["lab", "--note=x"])
+    assert args.notebooks is None and args.lab_args == ["--note=x"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def test_lab_starts_as_this_user_and_serves_the_tutorials(tmp_path: Path) -> None:
+    """A real JupyterLab, as whoever runs the tests (root here and in most CI), with options
+    given directly and after `--`; its REST API lists the tutorial notebooks."""
+    if importlib.util.find_spec("jupyterlab") is None:
+        pytest.fail("JupyterLab is part of the test extras: pip install -e '.[test]'")
+    port, token = _free_port(), uuid.uuid4().hex
+    # Jupyter's configuration, runtime files and workspaces of this run stay in tmp_path.
+    env = dict(os.environ)
+    for variable, folder in (
+        ("JUPYTER_CONFIG_DIR", "config"),
+        ("JUPYTER_RUNTIME_DIR", "runtime"),
+        ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
+    ):
+        env[variable] = str(tmp_path / folder)
+    ours = ["--notebooks", str(ROOT / "notebooks")]
+    jupyter = ["--no-browser", f"--port={port}", "--", "--ip=127.0.0.1", f"--IdentityProvider.token={token}"]
+    with open(tmp_path / "lab.log", "w+") as log:
+        lab = subprocess.Popen(
+            [*COMMAND, "lab", *ours, *jupyter],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+        try:
+            contents = f"http://127.0.0.1:{port}/api/contents"
+            deadline = time.monotonic() + 120
+            status, body = 0, b""
+            while time.monotonic() < deadline and lab.poll() is None:
+                try:
+                    status, body = _get(f"{contents}?token={token}")
+                    break
+                except OSError:  # not listening yet
+                    time.sleep(0.25)
+            log.seek(0)
+            assert status == 200, f"JupyterLab did not serve (exit {lab.poll()}):\n{log.read()}"
+            listed = {item["name"] for item in json.loads(body)["content"] if item["type"] == "notebook"}
+            assert listed == {path.name for path in (ROOT / "notebooks").glob("*.ipynb")}
+            assert _get(contents)[0] == 403, "the token given after -- is in force"
+        finally:
+            lab.terminate()  # `depeche-nb lab` became JupyterLab, which stops on SIGTERM
+            try:
+                lab.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                lab.kill()
+                lab.wait(timeout=30)
