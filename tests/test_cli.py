@@ -342,6 +342,18 @@ def test_two_tutorial_runs_at_once_on_one_server_both_pass(tmp_path: Path, engin
     assert _databases(engine) == before, "each run dropped its database"
 
 
+def test_tutorials_on_an_unreachable_server_exit_3_naming_it(tmp_path: Path) -> None:
+    _tiny_notebook(tmp_path / "01_tiny.ipynb")
+    env = dict(os.environ, **{DSN_ENV: "postgresql://x:secret@127.0.0.1:1/x"})
+    result = run("tutorials", "--notebooks", str(tmp_path), env=env, timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        f"depeche-nb: cannot use the server {DSN_ENV} names (postgresql://x:***@127.0.0.1:1/x): "
+    ), result.stderr
+    assert "secret" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
 def test_tutorials_need_a_role_that_may_create_databases(tmp_path: Path, engine: sa.Engine) -> None:
     _tiny_notebook(tmp_path / "01_tiny.ipynb")
     role = f"cli_{uuid.uuid4().hex[:10]}"

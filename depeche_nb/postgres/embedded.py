@@ -184,8 +184,9 @@ def _binaries_dir(install: Path) -> Path:
 
 def _lock(handle: IO[str], how: Literal["wait", "try", "unlock"] = "wait") -> bool:
     """Lock an open file exclusively between processes ("wait" until it is free, or "try":
-    False if another process holds it), or "unlock" it. The only platform-specific lines of
-    the module, so that it imports where `fcntl` does not exist."""
+    False if another process holds it), or "unlock" it. The OS drops a process's locks when it
+    ends, however it ends. `fcntl` and `msvcrt` are imported here only, so that the module
+    imports on either platform."""
     if sys.platform == "win32":
         import msvcrt
 
