@@ -373,10 +373,96 @@ def test_stepper_shows_handler_errors(engine: sa.Engine, unique_name: str) -> No
         assert data_rows(stepper.last_step.value) == 2
         assert [s.lag for s in stepper.states] == [2]  # the failed message was not acknowledged
 
+        # The traceback, on demand: a closed toggle under the error line, the runner's note
+        # naming the failed message at its end; escaped like the rest.
+        failed = stepper.last_report.handled[-1]
+        toggle = stepper.error.value.split('<details class="dnb-traceback">', 1)[1]
+        assert toggle.startswith("<summary>show traceback</summary><pre")
+        shown = html.unescape(toggle)
+        assert "Traceback (most recent call last)" in shown and "raise RuntimeError(HOSTILE)" in shown
+        assert (
+            shown.rstrip()
+            .removesuffix("</pre></details></div>")
+            .rstrip()
+            .endswith(
+                f"while subscription {subscription.name!r} handled message {failed.message_id} (Numbered, "
+                f"stream 'n-0' version 2, partition 0 position 1, global position "
+                f"{list(store.read('n-0'))[1].global_position}; 1 attempt(s))"
+            )
+        )
+        assert HOSTILE not in toggle
+        # A display of the widget after the failure (the static snapshot) shows it too.
+        snapshot = stepper.snapshot_html()
+        assert "RuntimeError" in text(snapshot) and "<summary>show traceback</summary>" in snapshot
+        assert f"handled message {failed.message_id}" in html.unescape(snapshot)
+
         recorder.fail_on = set()
         stepper.step_button.click()
         assert stepper.last_error is None and stepper.error.value == ""
+        assert "show traceback" not in stepper.snapshot_html()
         assert recorder.seen == [0, 1, 2] and [s.lag for s in stepper.states] == [0]
+    finally:
+        stepper.close()
+
+
+def test_stepper_counts_agree_with_the_report(engine: sa.Engine, unique_name: str) -> None:
+    """Run to end over four good messages and a failing one: everything says 4 handled,
+    1 failed (it used to say "5 messages handled" beside "handled 4, failed 1")."""
+    recorder = Recorder()
+    recorder.fail_on = {4}
+    store, stream, subscription = _subscription(engine, unique_name, recorder, partitions=1)
+    store.write_all("n-0", [Numbered(number=n) for n in range(6)])
+    stream.projector.run()
+    stepper = SubscriptionStepper(subscription, live=False)
+    try:
+        stepper.run_button.click()
+        shown = text(stepper.last_step.value)
+        assert "5 messages handled" not in shown
+        assert "Run to end: 5 messages — 4 handled, 1 failed" in shown
+        assert "messages 5 · handled 4 · failed 1" in shown
+        assert "1 message failed: not acknowledged, delivered again by the next step" in shown
+        report = stepper.last_report
+        assert report is not None and report.counts() == {"handled": 4, "failed": 1}
+        assert repr(report) == f"<RunnerReport {subscription.name}: 4 handled, 1 failed>"
+        assert '<div class="dnb-warn">Run to end: 5 messages' in stepper.last_step.value
+        assert "Run to end stopped by an error" in text(stepper.error.value)
+    finally:
+        stepper.close()
+
+
+def test_stepper_says_when_messages_had_no_handler(engine: sa.Engine, unique_name: str) -> None:
+    store = _store(engine, unique_name)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ByNumber(1), stream_wildcards=["n-%"]
+    )
+    only_numbered: MessageHandlerRegister[Any] = MessageHandlerRegister()
+    seen: list[int] = []
+
+    def handle_numbered(message: Numbered) -> None:
+        seen.append(message.number)
+
+    only_numbered.register(handle_numbered)
+    subscription = stream.subscription(name=f"{unique_name}_sub", handlers=only_numbered)
+    store.write_all(
+        "n-0", [Numbered(number=1), *(Renamed(name=f"r{n}") for n in range(3)), Numbered(number=2)]
+    )
+    stream.projector.run()
+    stepper = SubscriptionStepper(subscription, live=False)
+    try:
+        stepper.step_button.click()
+        assert seen == [1, 2] and [s.lag for s in stepper.states] == [0]
+        page = stepper.last_step.value
+        shown = text(page)
+        assert "Step: 5 messages — 2 handled, 3 acknowledged without a handler (Renamed ×3)" in shown
+        assert '<div class="dnb-warn">Step: 5 messages' in page  # not the muted note style
+        warning = (
+            "3 messages acknowledged without a handler: Renamed ×3 — register a handler for them, "
+            "or they are skipped for good"
+        )
+        assert f'<div class="dnb-warn">{html.escape(warning)}</div>' in page
+        assert "messages 5 · handled 2 · no handler 3" in shown
+        assert warning in text(stepper.snapshot_html())
+        assert stepper.last_error is None
     finally:
         stepper.close()
 
@@ -690,6 +776,8 @@ def test_plots_return_figures(engine: sa.Engine, unique_name: str) -> None:
     assert len(handled) == len(waiting) == 3
     assert [b.get_height() for b in handled] + [b.get_height() for b in waiting] == [3, 0, 0, 1, 1, 2]
     assert "lag 4" in lag_ax.get_title()
+    # Acknowledged, not "handled": the position also moves past messages without a handler.
+    assert [t.get_text() for t in lag_ax.get_legend().get_texts()] == ["acknowledged", "waiting (lag)"]
 
     import matplotlib.pyplot as plt
 

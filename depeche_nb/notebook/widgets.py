@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ import ipywidgets as widgets
 
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.frames import PartitionState, subscription_overview
+from depeche_nb.engine.handlers import HANDLED
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -91,14 +93,16 @@ WIDGET_STYLE = (
     "background:rgba(128,128,128,.25);border-radius:2px;overflow:hidden}"
     ".dnb .dnb-bar-fill{height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
     ".dnb .dnb-bar-done .dnb-bar-fill{background:var(--jp-success-color1,#3a9a3a)}"
-    ".dnb pre.dnb-json{font-family:var(--jp-code-font-family,monospace);font-size:inherit;margin:2px 0;"
-    "padding:0;white-space:pre-wrap;word-break:break-all;background:transparent;color:inherit;"
-    "max-height:400px;overflow:auto}"
+    ".dnb details.dnb-traceback summary{cursor:pointer;opacity:.8}"
+    ".dnb pre.dnb-json,.dnb pre.dnb-pre{font-family:var(--jp-code-font-family,monospace);"
+    "font-size:inherit;margin:2px 0;padding:0;white-space:pre-wrap;word-break:break-all;"
+    "background:transparent;color:inherit;max-height:400px;overflow:auto}"
     "</style>"
 )
 
 # Characters of a payload shown by the browser (cut server-side beyond this).
 PAYLOAD_CHARS = 20_000
+TRACEBACK_CHARS = 20_000
 PREVIEW_CHARS = 120
 MAX_PAGE_SIZE = 200
 
@@ -129,10 +133,26 @@ def page(*parts: str) -> str:
 
 
 def error_html(error: BaseException, context: str = "") -> str:
+    """The error line, and the traceback behind a "show traceback" toggle.
+
+    The toggle is a plain `<details>` element: it opens in the browser without a
+    round trip to the kernel, and works in the static snapshot too. The
+    traceback includes the exception's notes (the runner's names the failed
+    message); when long, its end is kept, where the error and the notes are.
+    """
     text = f"{type(error).__name__}: {error}"
     if context:
         text = f"{context}: {text}"
-    return page(f'<div class="dnb-error">{h.esc(h.cut(text, 2000))}</div>')
+    parts = [f'<div class="dnb-error">{h.esc(h.cut(text, 2000))}</div>']
+    if error.__traceback__ is not None:
+        trace = "".join(traceback.format_exception(error))
+        if len(trace) > TRACEBACK_CHARS:
+            trace = f"… ({len(trace) - TRACEBACK_CHARS:,} characters cut)\n" + trace[-TRACEBACK_CHARS:]
+        parts.append(
+            '<details class="dnb-traceback"><summary>show traceback</summary>'
+            f'<pre class="dnb-pre">{h.esc(trace)}</pre></details>'
+        )
+    return "".join(parts)
 
 
 class _DnbWidget(widgets.VBox):  # type: ignore[misc]
@@ -145,6 +165,8 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
         self._refresh_failed = False
         self._live: LiveRefresher | None = None
         self.last_error: BaseException | None = None
+        # The error line's content, also part of the static snapshot.
+        self._error_body = ""
         self.error = widgets.HTML(value="")
         self.error.add_class("dnb-error-line")
         self.status = widgets.HTML(value="")
@@ -247,11 +269,13 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
 
     def _show_error(self, error: BaseException, context: str = "") -> None:
         self.last_error = error
-        self.error.value = error_html(error, context)
+        self._error_body = error_html(error, context)
+        self.error.value = page(self._error_body)
 
     def _clear_error(self) -> None:
         self.last_error = None
         self._refresh_failed = False
+        self._error_body = ""
         if self.error.value:
             self.error.value = ""
 
@@ -294,6 +318,16 @@ def _button(description: str, css: str, tooltip: str = "", icon: str = "") -> An
     button.add_class(css)
     button.layout.width = "auto"
     return button
+
+
+def _step_words(report: RunnerReport) -> str:
+    """'3 messages handled', or with the other outcomes: '5 messages — 4 handled, 1 failed'."""
+    if not report.handled:
+        return "nothing to do"
+    messages = h.count(len(report.handled), "message")
+    if set(report.counts()) == {HANDLED}:
+        return f"{messages} handled"
+    return f"{messages} — {report.describe()}"
 
 
 def _positive_int(name: str, value: object, maximum: int | None = None) -> int:
@@ -509,7 +543,7 @@ class StreamBrowser(_DnbWidget):
 
     def snapshot_html(self) -> str:
         payload = self._payload_html(self.selector.value) if self.rows else ""
-        return page(self._table_html(), payload)
+        return page(self._table_html(), payload, self._error_body)
 
     def __repr__(self) -> str:
         return (
@@ -670,6 +704,7 @@ class PartitionMap(_DnbWidget):
             self._header_html(),
             f'<div class="dnb-pm-layout"><div>{self._grid_html()}</div>'
             f"<div>{self._assignments_html()}</div></div>",
+            self._error_body,
         )
 
     def __repr__(self) -> str:
@@ -752,7 +787,7 @@ class SubscriptionStepper(_DnbWidget):
             self.bars,
             self.status,
         )
-        self.last_step.value = page(h.section("Last step"), h.note(self._last_note))
+        self.last_step.value = page(self._last_step_html())
         self.refresh()
         stream = subscription.stream
         self._start_live(live, stream.engine, [stream.notification_channel])
@@ -808,8 +843,7 @@ class SubscriptionStepper(_DnbWidget):
             failure = error
         # On failure the runner's report still lists what was handled, the failed message last.
         self.last_report = runner.last_report or RunnerReport(self.subscription.name)
-        handled = len(self.last_report.handled)
-        self._last_note = f"{what}: {h.count(handled, 'message')} handled"
+        self._last_note = f"{what}: {_step_words(self.last_report)}"
         self.last_step.value = page(self._last_step_html())
         self._refresh()
         if failure is not None:
@@ -824,13 +858,16 @@ class SubscriptionStepper(_DnbWidget):
             f"Reset: {h.count(len(targets), 'partition')} back to the beginning; "
             "every message will be delivered again"
         )
-        self.last_step.value = page(h.section("Last step"), h.note(self._last_note))
+        self.last_step.value = page(self._last_step_html())
         self._refresh()
 
     # -- drawing ------------------------------------------------------------------------------
 
     def _last_step_html(self) -> str:
-        parts = [h.section("Last step"), h.note(self._last_note)]
+        report = self.last_report
+        # Muted when all went well; a failure or a message without a handler must stand out.
+        plain = report is None or set(report.counts()) <= {HANDLED}
+        parts = [h.section("Last step"), h.note(self._last_note) if plain else h.warning(self._last_note)]
         if self.last_projection is not None:
             parts.append(reprs.render_projection_report(self.last_projection))
         if self.last_report is not None:
@@ -890,7 +927,7 @@ class SubscriptionStepper(_DnbWidget):
         return "".join(parts)
 
     def snapshot_html(self) -> str:
-        return page(self._header_html(), self._last_step_html(), self._bars_html())
+        return page(self._header_html(), self._error_body, self._last_step_html(), self._bars_html())
 
     def __repr__(self) -> str:
         return f"SubscriptionStepper(subscription={self.subscription.name!r}, lag={self._lag})"
