@@ -5,18 +5,22 @@ widgets' state and HTML are checked. No `from __future__ import annotations`:
 handler annotations must be real objects.
 """
 
+import datetime as dt
 import hashlib
 import html
 import io
 import itertools
+import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
 import matplotlib
+import pydantic
 import pytest
 import sqlalchemy as sa
 
@@ -191,6 +195,46 @@ def test_stream_browser_pages_through_a_wildcard(engine: sa.Engine, unique_name:
         assert browser.last_error is None
     finally:
         browser.close()
+
+
+class Tagged(pydantic.BaseModel):
+    """jsonb orders keys by length: its message id `id` would lead every preview."""
+
+    id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    customer_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    order_id: str
+    note: str
+    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    def get_message_id(self) -> uuid.UUID:
+        return self.id
+
+    def get_message_time(self) -> dt.datetime:
+        return self.occurred_at
+
+
+def test_payload_previews_put_ids_last(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Tagged))
+    message = Tagged(order_id="order-7", note="gift wrap " + "y" * 200, occurred_at=dt.datetime(2024, 5, 6))
+    store.write("t-1", message)
+    expected = (
+        f'{{"note": "{message.note}", "order_id": "order-7", "occurred_at": "2024-05-06T00:00:00", '
+        f'"id": "{message.id}", "customer_id": "{message.customer_id}"}}'
+    )
+    browser = StreamBrowser(store, live=False)
+    try:
+        # The table's preview is cut after 120 characters; the business fields come first.
+        (row,) = browser.rows
+        assert row[6] == expected[: len(row[6])] and row[6].startswith('{"note": "gift wrap')
+        pane = html.unescape(browser.payload.value)
+        assert pane.index('"order_id"') < pane.index('"id"') < pane.index('"customer_id"')
+        assert json.loads(pane.split('<pre class="dnb-json">', 1)[1].split("</pre>", 1)[0]) == json.loads(
+            expected
+        )
+    finally:
+        browser.close()
+    # The store's repr shows the same preview.
+    assert html.escape(expected[:60]) in store._repr_html_()
 
 
 def test_stream_browser_selector_shows_one_payload(engine: sa.Engine, unique_name: str) -> None:
