@@ -617,6 +617,17 @@ def test_widgets_degrade_to_static_html(engine: sa.Engine, unique_name: str) -> 
             assert "<table" in page and len(page) < 60_000
         assert "n-1" in made[0]._repr_html_() and ">0-2<" in made[1]._repr_html_()
         assert "lag 3" in text(made[2]._repr_html_())
+        # Read as plain text (what a sanitiser that strips the style leaves), each says what it
+        # shows: the facts stay apart, the partition map's keys stand for colours, a bar has
+        # its percentage.
+        browser, pmap, stepper = (text(widget.snapshot_html()) for widget in made)
+        assert f"StreamBrowser {store.name} · % messages 1-3 of 3 global position stream version" in browser
+        assert "partition positions 1 0-2 A A A A n-1 Latest assignments" in pmap
+        assert f"stream {stream.name} · 1 partition · lag 3 · parked 0 · initialised no" in stepper
+        assert "partition position head lag 1 0% -1 2 lag 3" in stepper
+        subscription.runner.step(1)
+        made[2].refresh()
+        assert "partition position head lag 1 33% 0 2 lag 2" in text(made[2].snapshot_html())
     finally:
         for widget in made:
             widget.close()

@@ -93,6 +93,7 @@ WIDGET_STYLE = (
     "background:rgba(128,128,128,.25);border-radius:2px;overflow:hidden}"
     ".dnb .dnb-bar-fill{height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
     ".dnb .dnb-bar-done .dnb-bar-fill{background:var(--jp-success-color1,#3a9a3a)}"
+    ".dnb .dnb-alt{display:none}"
     ".dnb details.dnb-traceback summary{cursor:pointer;opacity:.8}"
     ".dnb pre.dnb-json,.dnb pre.dnb-pre{font-family:var(--jp-code-font-family,monospace);"
     "font-size:inherit;margin:2px 0;padding:0;white-space:pre-wrap;word-break:break-all;"
@@ -909,8 +910,12 @@ class SubscriptionStepper(_DnbWidget):
             size = max(s.head + 1, 0)
             percent = 100 if size == 0 else round(100 * done / size)
             css = "dnb-bar dnb-bar-done" if s.lag <= 0 else "dnb-bar"
-            # The width is a number computed here, never user data.
-            bar = f'<div class="{css}"><div class="dnb-bar-fill" style="width:{percent}%"></div></div>'
+            # The width is a number computed here, never user data. The percentage is the bar's
+            # text where the style is stripped (an untrusted notebook, GitHub), hidden otherwise.
+            bar = (
+                f'<span class="dnb-alt">{percent}%</span>'
+                f'<div class="{css}"><div class="dnb-bar-fill" style="width:{percent}%"></div></div>'
+            )
             lag_css = "dnb-ok" if s.lag <= 0 else "dnb-warn"
             rows.append(
                 f"<tr>{h.cell(s.partition)}<td>{bar}</td>{h.cell(s.position)}{h.cell(s.head)}"
