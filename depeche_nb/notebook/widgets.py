@@ -86,12 +86,12 @@ WIDGET_STYLE = (
     ".dnb .dnb-pm-grid td.dnb-pm-more,.dnb .dnb-pm-grid td.dnb-pm-range{opacity:.7;background:transparent;"
     "color:inherit;text-align:right}"
     ".dnb .dnb-pm-legend{display:flex;flex-wrap:wrap;gap:2px 12px;margin:4px 0 0 0}"
-    ".dnb .dnb-pm-swatch{display:inline-block;min-width:16px;padding:0 3px;margin-right:4px;"
+    ".dnb .dnb-pm-swatch{display:inline-block;min-width:16px;padding:0 3px;"
     "text-align:center;color:#111;border-radius:2px;font-size:11px}"
     + "".join(f".dnb .dnb-c{i}{{background:{colour}}}" for i, colour in enumerate(PALETTE))
     + ".dnb .dnb-bar{display:inline-block;width:160px;height:10px;vertical-align:middle;"
     "background:rgba(128,128,128,.25);border-radius:2px;overflow:hidden}"
-    ".dnb .dnb-bar-fill{height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
+    ".dnb .dnb-bar-fill{display:block;height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
     ".dnb .dnb-bar-done .dnb-bar-fill{background:var(--jp-success-color1,#3a9a3a)}"
     ".dnb .dnb-alt{display:none}"
     ".dnb details.dnb-traceback summary{cursor:pointer;opacity:.8}"
@@ -100,6 +100,9 @@ WIDGET_STYLE = (
     "background:transparent;color:inherit;max-height:400px;overflow:auto}"
     "</style>"
 )
+
+# Text shown only where the style sheet is stripped, between items the style spaces itself.
+_ALT_SEPARATOR = '<span class="dnb-alt"> · </span>'
 
 # Characters of a payload shown by the browser (cut server-side beyond this).
 PAYLOAD_CHARS = 20_000
@@ -677,12 +680,14 @@ class PartitionMap(_DnbWidget):
     def _legend_html(self, limit: int = 40) -> str:
         items = []
         for stream, key in list(self.stream_keys.items())[:limit]:
+            # The space (not a margin) and the separator keep "A order-0 · B order-1" apart
+            # where the style is stripped.
             items.append(
-                f'<span><span class="dnb-pm-swatch dnb-c{stream_colour_index(stream)}">{h.esc(key)}</span>'
+                f'<span><span class="dnb-pm-swatch dnb-c{stream_colour_index(stream)}">{h.esc(key)}</span> '
                 f'<span class="dnb-name">{h.esc(h.cut(stream, 60))}</span></span>'
             )
         more = len(self.stream_keys) - limit
-        legend = f'<div class="dnb-pm-legend">{"".join(items)}</div>'
+        legend = f'<div class="dnb-pm-legend">{_ALT_SEPARATOR.join(items)}</div>'
         return legend + (h.note(f"… {more:,} more streams") if more > 0 else "")
 
     def _assignments_html(self) -> str:
@@ -763,6 +768,7 @@ class SubscriptionStepper(_DnbWidget):
         self.last_step.add_class("dnb-stepper-last-step")
         self.bars = widgets.HTML(value="")
         self.bars.add_class("dnb-stepper-bars")
+        self.error.add_class("dnb-stepper-error")
 
         busy = "busy: the previous action is still running"
         self.step_button.on_click(lambda _: self._run_locked(lambda: self._step(None), busy))
@@ -912,9 +918,10 @@ class SubscriptionStepper(_DnbWidget):
             css = "dnb-bar dnb-bar-done" if s.lag <= 0 else "dnb-bar"
             # The width is a number computed here, never user data. The percentage is the bar's
             # text where the style is stripped (an untrusted notebook, GitHub), hidden otherwise.
+            # Spans, not divs: without the style an empty block would still break the row's line.
             bar = (
                 f'<span class="dnb-alt">{percent}%</span>'
-                f'<div class="{css}"><div class="dnb-bar-fill" style="width:{percent}%"></div></div>'
+                f'<span class="{css}"><span class="dnb-bar-fill" style="width:{percent}%"></span></span>'
             )
             lag_css = "dnb-ok" if s.lag <= 0 else "dnb-warn"
             rows.append(
