@@ -281,7 +281,8 @@ def test_widgets_in_a_real_browser(engine: sa.Engine, tmp_path: Path, frontend: 
             error_line.get_by_text("show traceback").click()
             expect(trace).to_be_visible()
             expect(trace).to_contain_text("Traceback (most recent call last)")
-            expect(trace).to_contain_text(f"while subscription '{name}_sub' handled message")
+            if sys.version_info >= (3, 11):  # the runner's note names the message (exception notes)
+                expect(trace).to_contain_text(f"while subscription '{name}_sub' handled message")
             expect(bars).to_contain_text("lag 1")  # not acknowledged
 
             if frontend != "voila":

@@ -254,6 +254,21 @@ def test_payload_datetimes_the_model_types_become_utc_timestamps(engine: sa.Engi
     )
 
 
+class CamelCase(_Message):
+    """Dumped by alias (pydantic >= 2.11): the payload key is `dueAt`."""
+
+    model_config = pydantic.ConfigDict(serialize_by_alias=True)
+    due_at: dt.datetime = pydantic.Field(serialization_alias="dueAt")
+
+
+def test_payload_datetimes_under_their_serialization_alias(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(CamelCase))
+    store.write("plan-1", CamelCase(due_at=T0, occurred_at=T0))
+    frame = store.to_dataframe()
+    assert "due_at" not in frame.columns
+    assert str(frame.dtypes["dueAt"]) == TS and frame["dueAt"][0] == pd.Timestamp(T0)
+
+
 @dataclasses.dataclass
 class Raw:
     """A message whose payload is given verbatim (with a raw serializer below)."""

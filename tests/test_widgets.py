@@ -28,7 +28,13 @@ import depeche_nb
 from depeche_nb import ExitSubscriptionErrorHandler, MessageHandlerRegister, StoredMessage
 from depeche_nb.notebook import live as live_module
 from depeche_nb.notebook.live import LiveRefresher
-from depeche_nb.notebook.widgets import PALETTE, legend_key, stream_colour_index
+from depeche_nb.notebook.widgets import (
+    PALETTE,
+    TRACEBACK_CHARS,
+    error_html,
+    legend_key,
+    stream_colour_index,
+)
 from depeche_nb.postgres.listener import APPLICATION_NAME
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
@@ -447,6 +453,18 @@ def test_stepper_shows_handler_errors(engine: sa.Engine, unique_name: str) -> No
         assert recorder.seen == [0, 1, 2] and [s.lag for s in stepper.states] == [0]
     finally:
         stepper.close()
+
+
+def test_a_long_traceback_keeps_its_end() -> None:
+    try:
+        raise ValueError("x" * (2 * TRACEBACK_CHARS))
+    except ValueError as error:
+        error.add_note("while handling the message that failed")
+        page = error_html(error, "Step stopped by an error")
+    assert len(page) < TRACEBACK_CHARS + 5_000  # the error line and the traceback, both bounded
+    trace = html.unescape(page.split("<pre", 1)[1])
+    assert "characters cut)" in trace
+    assert trace.removesuffix("</pre></details>").endswith("while handling the message that failed\n")
 
 
 def test_stepper_counts_agree_with_the_report(engine: sa.Engine, unique_name: str) -> None:
