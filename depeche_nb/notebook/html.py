@@ -138,6 +138,11 @@ def note(text: str) -> str:
     return f'<div class="dnb-note">{esc(text)}</div>'
 
 
+def warning(text: str) -> str:
+    """A line that must not be overlooked (unlike the muted `note`)."""
+    return f'<div class="dnb-warn">{esc(text)}</div>'
+
+
 def section(title: str) -> str:
     return f'<div class="dnb-section">{esc(title)}</div>'
 
@@ -226,4 +231,5 @@ __all__ = [
     "section",
     "table",
     "title",
+    "warning",
 ]

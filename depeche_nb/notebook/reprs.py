@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.frames import aggregated_stream_overview, subscription_overview
-from depeche_nb.engine.handlers import HANDLED
-from depeche_nb.engine.health import BACKING_OFF, FAILED, ExecutorHealth
+from depeche_nb.engine.handlers import HANDLED, NO_HANDLER
+from depeche_nb.engine.health import BACKING_OFF, ExecutorHealth
+from depeche_nb.engine.health import FAILED as WORKER_FAILED
 from depeche_nb.engine.projector import ProjectionReport
-from depeche_nb.engine.runner import RunnerReport
+from depeche_nb.engine.runner import FAILED, RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import HANDLED as TRACE_HANDLED
 from depeche_nb.engine.trace import PENDING as TRACE_PENDING
@@ -264,18 +265,31 @@ def render_projection_report(report: ProjectionReport) -> str:
 
 @guarded
 def render_runner_report(report: RunnerReport) -> str:
-    outcomes: dict[str, int] = {}
-    for item in report.handled:
-        outcomes[item.outcome] = outcomes.get(item.outcome, 0) + 1
-    # Anything but a clean HANDLED deserves a second look (parked, ignored, failed).
-    failed = {name for name in outcomes if name != HANDLED}
+    counts = report.counts()
     parts = [
         h.title("RunnerReport", report.subscription_name),
         h.facts(
-            [("messages", len(report.handled)), *outcomes.items()] if report.handled else ["nothing to do"],
-            css={name: "dnb-warn" for name in failed} | {HANDLED: "dnb-ok"},
+            [("messages", len(report.handled)), *counts.items()] if report.handled else ["nothing to do"],
+            # Anything but a clean HANDLED deserves a second look (no handler, parked, failed).
+            css={name: "dnb-warn" for name in counts if name != HANDLED} | {HANDLED: "dnb-ok"},
         ),
     ]
+    if counts.get(NO_HANDLER):
+        # Not a muted note: a forgotten handler silently loses these messages for this subscription.
+        parts.append(
+            h.warning(
+                f"{h.count(counts[NO_HANDLER], 'message')} acknowledged without a handler: "
+                f"{report.without_handler_words()} — "
+                "register a handler for them, or they are skipped for good"
+            )
+        )
+    if counts.get(FAILED):
+        parts.append(
+            h.warning(
+                f"{h.count(counts[FAILED], 'message')} failed: not acknowledged, "
+                "delivered again by the next step"
+            )
+        )
     if report.handled:
         parts.append(
             h.table(
@@ -316,7 +330,9 @@ def render_executor_health(health: ExecutorHealth) -> str:
                     (
                         w.handler,
                         w.channel,
-                        w.state if w.alive or w.state in (BACKING_OFF, FAILED) else f"{w.state} (ended)",
+                        w.state
+                        if w.alive or w.state in (BACKING_OFF, WORKER_FAILED)
+                        else f"{w.state} (ended)",
                         w.runs,
                         w.errors,
                         w.recoveries,

@@ -239,6 +239,20 @@ def epoch_us_sql(column: str) -> str:
     return f"(extract(epoch FROM {column}) * 1000000)::int8"
 
 
+# A payload as the views show it (parameter: the type key): jsonb's own text without the type
+# key, except that fields holding a UUID string (the message's id, other ids) come last, so a
+# preview cut after a hundred characters shows the fields that tell messages apart instead of
+# an id. Payloads are objects (the store refuses anything else); other JSON is shown as is.
+PAYLOAD_TEXT_SQL = (
+    "CASE WHEN jsonb_typeof(message) = 'object' THEN coalesce(("
+    "SELECT '{' || string_agg(to_jsonb(f.key)::text || ': ' || f.value::text, ', ' ORDER BY "
+    "jsonb_typeof(f.value) = 'string' AND length(f.value #>> '{}') = 36 AND (f.value #>> '{}') ~* "
+    "'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$', f.ord) || '}' "
+    "FROM jsonb_each(message - %s) WITH ORDINALITY AS f(key, value, ord)), '{}') "
+    "ELSE message::text END"
+)
+
+
 class MessagesViews:
     """The read-only statements of the notebook views on one store's messages table.
 
@@ -265,7 +279,7 @@ class MessagesViews:
             SELECT stream, n, first_gp, last_gp, last_at, count(*) OVER (), sum(n) OVER ()
             FROM s ORDER BY last_gp DESC LIMIT %s
         """
-        preview = "message->>%s, left((message - %s)::text, %s)"
+        preview = f"message->>%s, left({PAYLOAD_TEXT_SQL}, %s)"
         self.overview_messages_sql = (
             f"SELECT global_position, stream, version, message_id::text, added_at, {preview} "
             f"FROM {table} ORDER BY global_position DESC LIMIT %s"

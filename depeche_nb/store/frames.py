@@ -192,7 +192,10 @@ def messages_dataframe(
     (`flatten=False`). Payload columns are typed from their JSON values:
     integers -> int64 (`Int64` when some rows lack the key or hold null),
     numbers -> float64, booleans -> bool/`boolean`, strings -> string dtype,
-    anything else -> object. ISO date strings in payloads stay strings.
+    anything else -> object. A key that the serializer's model of every message
+    type holding it types as a datetime (`PydanticMessageSerializer`: `datetime`,
+    `datetime | None`, `AwareDatetime`, ...) becomes `datetime64[us, UTC]`
+    (naive values taken as UTC, missing ones NaT); other date strings stay strings.
 
     `limit`: at most this many rows (default `DEFAULT_LIMIT` = 10,000, so a
     large store cannot flood memory by accident; `None` = all), the first ones
@@ -219,7 +222,13 @@ def messages_dataframe(
     # One row beyond the limit tells whether there is more, without a count(*).
     fetch = None if row_limit is None else row_limit + 1
     chunks = stream_chunks(store.engine, sql, (*where_params, *params, fetch))
-    return messages_frame_from_chunks(chunks, row_limit, flatten=flatten)
+    datetime_fields = getattr(store.serializer, "datetime_fields", None)
+    return messages_frame_from_chunks(
+        chunks,
+        row_limit,
+        flatten=flatten,
+        datetime_fields=datetime_fields() if callable(datetime_fields) else None,
+    )
 
 
 class _Cut:
@@ -241,10 +250,15 @@ class _Cut:
 
 
 def messages_frame_from_chunks(
-    chunks: Generator[list[tuple[Any, ...]], None, None], row_limit: int | None, *, flatten: bool
+    chunks: Generator[list[tuple[Any, ...]], None, None],
+    row_limit: int | None,
+    *,
+    flatten: bool,
+    datetime_fields: dict[str, frozenset[str]] | None = None,
 ) -> pd.DataFrame:
     """A messages DataFrame (see `messages_dataframe`) from chunks of message rows, at most
-    `row_limit` rows; `attrs["more_available"]` says whether rows were cut off."""
+    `row_limit` rows; `attrs["more_available"]` says whether rows were cut off.
+    `datetime_fields`: message type -> payload keys its model types as a datetime."""
     import pandas as pd
 
     cut = _Cut(row_limit)
@@ -263,7 +277,7 @@ def messages_frame_from_chunks(
                 payload_chunks.append(pd.DataFrame(payloads, dtype=object))
             else:
                 raw_payloads.extend(payloads)
-    frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads)
+    frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads, datetime_fields or {})
     frame.attrs = {"more_available": cut.more}
     return frame
 
@@ -311,6 +325,7 @@ def _assemble(
     meta_chunks: list[pd.DataFrame],
     payload_chunks: list[pd.DataFrame],
     raw_payloads: list[dict[str, Any]] | None,
+    datetime_fields: dict[str, frozenset[str]],
 ) -> pd.DataFrame:
     """Join the chunks: payload columns from `payload_chunks`, or, when `raw_payloads` is
     given (not flattened), one `message` column of dicts."""
@@ -331,9 +346,33 @@ def _assemble(
             name = str(key)
             while name in columns:
                 name = PAYLOAD_PREFIX + name
-            columns[name] = infer_column_dtype(payload[key])
+            column = payload[key]
+            if _typed_as_datetime(str(key), column, meta["message_type"], datetime_fields):
+                columns[name] = _datetime_column(column)
+            else:
+                columns[name] = infer_column_dtype(column)
     frame: pd.DataFrame = pd.DataFrame(columns)
     return frame
+
+
+def _typed_as_datetime(
+    key: str, column: pd.Series[Any], types: pd.Series[Any], datetime_fields: dict[str, frozenset[str]]
+) -> bool:
+    """Whether the model of every message type with a value under `key` types it as a datetime
+    (a key shared by types that disagree stays as it is)."""
+    present = types[column.notna()].unique()
+    return len(present) > 0 and all(key in datetime_fields.get(str(name), ()) for name in present)
+
+
+def _datetime_column(column: pd.Series[Any]) -> pd.Series[Any]:
+    """ISO 8601 strings (as pydantic writes datetimes) -> `datetime64[us, UTC]`."""
+    import pandas as pd
+
+    try:
+        converted: pd.Series[Any] = pd.to_datetime(column, utc=True, format="ISO8601")
+    except (TypeError, ValueError, OverflowError):
+        return infer_column_dtype(column)  # not what the model promised (an edited row): keep it
+    return converted.astype("datetime64[us, UTC]")
 
 
 def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
