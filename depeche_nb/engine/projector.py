@@ -66,8 +66,10 @@ continue from the `heads` table, read after the lock, so they stay gapless.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses as _dc
 import datetime as _dt
+import json
 import logging
 import numbers
 import uuid
@@ -132,6 +134,8 @@ class ProjectionReport(RichRepr):
     # The step finished a stored continuation (see `_step`): commits after its
     # snapshot may be waiting, so "nothing more" is only known after another step.
     continued: bool = False
+    # The new head of every partition the step projected into.
+    heads: dict[int, int] = _dc.field(default_factory=dict)
 
     @property
     def caught_up(self) -> bool:
@@ -206,6 +210,33 @@ def _as_utc(moment: _dt.datetime) -> _dt.datetime:
     return moment.replace(tzinfo=_dt.timezone.utc) if moment.tzinfo is None else moment
 
 
+def _columns(placed: Sequence[_Placement[Any]]) -> dict[str, list[Any]]:
+    """The insert's parameters: one array per column (the projector's functions unnest them)."""
+    columns: dict[str, list[Any]] = {
+        key: [] for key in ("partitions", "gps", "ids", "streams", "versions", "occurred", "added_utc")
+    }
+    for p in placed:
+        stored = p.stored
+        columns["partitions"].append(p.partition)
+        columns["gps"].append(stored.global_position)
+        columns["ids"].append(p.raw_id)  # the id column as the database sent it
+        columns["streams"].append(stored.stream)
+        columns["versions"].append(stored.version)
+        columns["occurred"].append(p.occurred)
+        columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
+    return columns
+
+
+def _parse_heads(text: str | None) -> dict[int, int]:
+    """'partition:head,...' (the projector's commit function) as {partition: head}."""
+    heads = {}
+    for item in (text or "").split(","):
+        if item:
+            partition, head = item.split(":")
+            heads[int(partition)] = int(head)
+    return heads
+
+
 class StreamProjector(NotificationDriven, Generic[E]):
     """Projects the store's matching messages into the aggregated stream's partitions."""
 
@@ -228,12 +259,20 @@ class StreamProjector(NotificationDriven, Generic[E]):
         self._sql = StreamStatements(stream.names)
         self._reads = stream.store._storage.statements
         self._keep_running = True
+        self._step_listeners: list[Callable[[dict[int, int]], None]] = []
 
     # -- RunOnNotification --------------------------------------------------------------------
 
     @property
     def notification_channel(self) -> str:
         return self.stream.store_channel
+
+    @property
+    def handoff_channel(self) -> str:
+        """The channel this projector's steps notify (the aggregated stream's): an Executor
+        that also runs handlers of that channel hands them each step's partitions directly
+        (see `add_step_listener`, `SubscriptionRunner.take_handoff`)."""
+        return self.stream.notification_channel
 
     def run(
         self, budget: TimeBudget | None = None, *, progress: bool | None = None
@@ -287,18 +326,23 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 if not cursor.connection.closed:
                     cursor.execute("ROLLBACK")
                 raise
+        if report.heads:  # committed
+            for listener in list(self._step_listeners):
+                listener(report.heads)
         return report
 
     def _step(self, cursor: Any, limit: int, report: ProjectionReport) -> None:
-        cursor.execute(self._sql.projector_lock_sql)
-        if not cursor.fetchone()[0]:
+        # Two round trips (see `postgres.stream_tables.projector_functions_ddl`): lock,
+        # checkpoint and rows in one; insert, heads, notifications, checkpoint and commit
+        # in the other.
+        cursor.execute(self._sql.project_begin_sql, {"wildcards": self.stream_wildcards, "limit": limit + 1})
+        rows = cursor.fetchall()
+        if rows[0][1] == "locked":
             cursor.execute("ROLLBACK")
             report.locked = True
             return
-        cursor.execute(self._sql.checkpoint_sql)
-        seen, pending, after, seen_xmax, seen_xip, cluster, current_cluster, anchored, blocked, made_under = (
-            cursor.fetchone()
-        )
+        seen, pending, after, cluster, current_cluster, _, blocked, made_under = json.loads(rows[0][3])
+        rows = rows[1:]
         # A stored continuation is the only way `after` is not 0 (global positions start at 1).
         report.continued = after > 0
         if cluster is not None and cluster != current_cluster:
@@ -320,34 +364,26 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 "aggregated stream again with its current definition (restart workers that run "
                 "the old code)"
             )
-        params = {
-            "after": after,
-            "pending": pending,
-            "wildcards": self.stream_wildcards,
-            "limit": limit + 1,
-            "seen_xmax": seen_xmax,
-            "seen_xip": seen_xip,
-        }
-        reads = self._reads
-        if seen is not None:
-            sql = reads.projection_delta_sql
-        elif anchored:  # re-anchored: part of what is visible is projected already
-            sql = self._sql.projection_unprojected_sql
-        else:
-            sql = reads.projection_first_sql
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
         report.more_available = len(rows) > limit
         rows = rows[:limit]
-        if rows:
-            self._project(cursor, rows, report, set(blocked))
+        placed = self._project(cursor, rows, report, set(blocked)) if rows else []
         if report.more_available:
             advance = {"seen": seen, "pending": pending, "after": rows[-1][4]}
         else:
             advance = {"seen": pending, "pending": None, "after": None}
+        columns = _columns(placed)
         cursor.execute(
-            self._sql.advance_sql, {**advance, "cluster": current_cluster, "definition": self.definition}
+            self._sql.project_commit_sql,
+            {
+                **columns,
+                **advance,
+                "channel": self.stream.names.channel,
+                "cluster": current_cluster,
+                "definition": self.definition,
+            },
         )
+        report.heads = _parse_heads(cursor.fetchone()[0])
+        self._report_positions(placed, report.heads, report)
 
     def reanchor(self) -> None:
         """Rebuild the checkpoint on this cluster after the database moved to another one
@@ -366,10 +402,13 @@ class StreamProjector(NotificationDriven, Generic[E]):
                     cursor.execute("ROLLBACK")
                 raise
 
-    def _project(self, cursor: Any, rows: Sequence[Any], report: ProjectionReport, blocked: set[str]) -> None:
-        """Project `rows`, except those that cannot be read or partitioned: each of these
-        becomes a parked dead letter and holds back the later rows of its origin stream
-        (`blocked`, updated), so no stream is projected out of order."""
+    def _project(
+        self, cursor: Any, rows: Sequence[Any], report: ProjectionReport, blocked: set[str]
+    ) -> list[_Placement[E]]:
+        """Read and partition `rows` for the insert, except those that cannot be read or
+        partitioned: each of these becomes a parked dead letter (inserted here) and holds
+        back the later rows of its origin stream (`blocked`, updated), so no stream is
+        projected out of order."""
         placed: list[_Placement[E]] = []
         letters: dict[str, list[Any]] = collections.defaultdict(list)
         for row in rows:
@@ -396,8 +435,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         if letters:
             cursor.execute(self._sql.dead_letters.insert_sql, letters)
             report.dead_lettered += len(letters["gps"])
-        if placed:
-            self._insert(cursor, placed, report)
+        return placed
 
     def _place(self, row: Sequence[Any]) -> _Placement[E]:
         """Deserialise and partition one row (raises what went wrong)."""
@@ -414,31 +452,45 @@ class StreamProjector(NotificationDriven, Generic[E]):
         return _Placement(row[0], stored, _validate_partition(partition, stored), occurred)
 
     def _insert(self, cursor: Any, placed: Sequence[_Placement[E]], report: ProjectionReport) -> None:
-        columns: dict[str, list[Any]] = collections.defaultdict(list)
+        """Insert `placed` in the caller's transaction, without moving the checkpoint."""
+        cursor.execute(
+            self._sql.project_insert_sql, {**_columns(placed), "channel": self.stream.names.channel}
+        )
+        heads = _parse_heads(cursor.fetchone()[0])
+        self._report_positions(placed, heads, report)
+
+    @staticmethod
+    def _report_positions(
+        placed: Sequence[_Placement[E]], heads: dict[int, int], report: ProjectionReport
+    ) -> None:
+        """Each placed message's position, from its partition's new head: the insert numbers
+        a partition's new rows consecutively in global-position order (`placed`'s order)
+        after the old head, so the last of them is at the new head."""
+        counts = collections.Counter(p.partition for p in placed)
+        following = {partition: heads[partition] - n + 1 for partition, n in counts.items()}
         for p in placed:
             stored = p.stored
-            columns["partitions"].append(p.partition)
-            columns["gps"].append(stored.global_position)
-            columns["ids"].append(p.raw_id)  # the id column as the database sent it
-            columns["streams"].append(stored.stream)
-            columns["versions"].append(stored.version)
-            columns["occurred"].append(p.occurred)
-            columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
-        cursor.execute(self._sql.project_sql, {**columns, "channel": self.stream.names.channel})
-        positions = {gp: (partition, position) for gp, partition, position in cursor.fetchall()}
-        for p in placed:
-            stored = p.stored
-            partition, position = positions[stored.global_position]
+            position = following[p.partition]
+            following[p.partition] = position + 1
             report.projected.append(
                 ProjectedMessage(
                     stored.message_id,
                     stored.stream,
                     stored.version,
                     stored.global_position,
-                    partition,
+                    p.partition,
                     position,
                 )
             )
+
+    def add_step_listener(self, listener: Callable[[dict[int, int]], None]) -> None:
+        """Call `listener({partition: new head})` after every step that projected something,
+        once its transaction committed (an Executor hands the partitions to its runners)."""
+        self._step_listeners.append(listener)
+
+    def remove_step_listener(self, listener: Callable[[dict[int, int]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._step_listeners.remove(listener)
 
     # -- dead letters -------------------------------------------------------------------------
 

@@ -188,6 +188,8 @@ def _switch(
             cursor.execute(sql)
         for sql in statements.rename_sql(cursor):
             cursor.execute(sql)
+        for sql in statements.drop_beside_functions_sql:
+            cursor.execute(sql)
         definition = stream_definition(stream.stream_wildcards, stream.projector.partitioner)
         definitions_table.replace_in(cursor, AGGREGATED_STREAM, stream.name, stream.store.name, definition)
         cursor.execute(statements.notify_heads_sql, (stream.names.channel,))

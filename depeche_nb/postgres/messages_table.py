@@ -27,7 +27,7 @@ message in Python, a plain string is quoted once in C by both drivers.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -124,30 +124,8 @@ class MessagesStatements:
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream LIKE %s ORDER BY global_position"
         )
         self.global_position_sql = f"SELECT max(global_position) FROM {table}"
-        # The projector's reads (see `engine.projector` for why they are exact): rows of
-        # `pending` matching the wildcards after a global position.
-        visible = (
-            "pg_visible_in_snapshot(m.txid, %(pending)s::pg_snapshot) AND m.stream LIKE ANY(%(wildcards)s)"
-        )
-        order = "ORDER BY global_position LIMIT %(limit)s"
         columns = text_row_columns("m")
         self._table = table
-        # First round: walk the primary key in order (everything is new).
-        self.projection_first_sql = (
-            f"SELECT {columns} FROM {table} m WHERE m.global_position > %(after)s AND {visible} {order}"
-        )
-        # Later rounds: the two halves of "not visible in seen" as separate index
-        # scans on txid; an OR would let the planner fall back to a scan of the
-        # whole table in global-position order.
-        self.projection_delta_sql = (
-            f"SELECT * FROM (SELECT {columns} FROM {table} m "
-            f"WHERE m.txid >= %(seen_xmax)s::xid8 AND {visible} "
-            f"UNION ALL SELECT {columns} FROM {table} m "
-            f"WHERE m.txid = ANY(%(seen_xip)s::xid8[]) AND {visible}) d "
-            f"WHERE d.global_position > %(after)s {order}"
-        )
-        self._first_columns = columns
-        self._visible, self._order = visible, order
         # Re-anchoring after a move to another cluster (see `StreamProjector.reanchor`): ids of
         # the old cluster's transactions mean nothing in this one's snapshots. Every row this
         # statement sees is committed (here or on the old cluster); those whose id is not visible in its own
@@ -167,14 +145,51 @@ class MessagesStatements:
             f"SELECT version, global_position FROM {table} WHERE stream = %s ORDER BY version DESC LIMIT 1"
         )
 
-    def projection_unprojected_sql(self, projected_table: str) -> str:
-        """The first round's read without the rows already in `projected_table` (a quoted
-        stream table keyed by global position): the first round after a re-anchoring."""
-        return (
-            f"SELECT {self._first_columns} FROM {self._table} m WHERE m.global_position > %(after)s "
-            f"AND {self._visible} AND NOT EXISTS (SELECT 1 FROM {projected_table} p "
-            f"WHERE p.global_position = m.global_position) {self._order}"
+    def projection_reads(
+        self,
+        projected_table: str,
+        *,
+        pending: str,
+        after: str,
+        wildcards: str,
+        limit: str,
+        seen_xmax: str,
+        seen_xip: str,
+    ) -> ProjectionReads:
+        """The projector's reads (see `engine.projector` for why they are exact): rows of
+        snapshot `pending` matching the `wildcards` after global position `after`, at most
+        `limit`, in `TEXT_ROW_COLUMNS` order. Each argument is an SQL expression (the
+        projector's plpgsql function passes its variables, see `postgres.stream_tables`);
+        `projected_table` is the quoted stream table of the re-anchored first round."""
+        table, columns = self._table, text_row_columns("m")
+        visible = f"pg_visible_in_snapshot(m.txid, {pending}) AND m.stream LIKE ANY({wildcards})"
+        order = f"ORDER BY global_position LIMIT {limit}"
+        return ProjectionReads(
+            # First round: walk the primary key in order (everything is new).
+            first=f"SELECT {columns} FROM {table} m WHERE m.global_position > {after} AND {visible} {order}",
+            # Later rounds: the two halves of "not visible in seen" as separate index
+            # scans on txid; an OR would let the planner fall back to a scan of the
+            # whole table in global-position order.
+            delta=(
+                f"SELECT * FROM (SELECT {columns} FROM {table} m "
+                f"WHERE m.txid >= {seen_xmax} AND {visible} "
+                f"UNION ALL SELECT {columns} FROM {table} m "
+                f"WHERE m.txid = ANY({seen_xip}) AND {visible}) d "
+                f"WHERE d.global_position > {after} {order}"
+            ),
+            # The first round after a re-anchoring: without the rows already projected.
+            unprojected=(
+                f"SELECT {columns} FROM {table} m WHERE m.global_position > {after} "
+                f"AND {visible} AND NOT EXISTS (SELECT 1 FROM {projected_table} p "
+                f"WHERE p.global_position = m.global_position) {order}"
+            ),
         )
+
+
+class ProjectionReads(NamedTuple):
+    first: str
+    delta: str
+    unprojected: str
 
 
 def store_ddl(names: StoreNames) -> list[str]:

@@ -17,6 +17,7 @@ Tables of aggregated stream `A` over store `S`:
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,21 @@ class StreamNames:
     def projector_lock(self) -> tuple[int, int]:
         return lock_namespace("projector", self.stream), 0
 
+    # The projector's two functions (see `StreamStatements`). They read the store's messages
+    # table, so their names carry the store's: a stream recreated over another store gets
+    # functions of its own, and a projector of the old definition keeps its old ones.
+    @property
+    def project_begin_function(self) -> str:
+        return f"{self.stream}_pb{self._store_tag}"
+
+    @property
+    def project_commit_function(self) -> str:
+        return f"{self.stream}_pc{self._store_tag}"
+
+    @property
+    def _store_tag(self) -> str:
+        return f"{zlib.crc32(self.store.store.encode()):08x}"
+
 
 def stream_ddl(names: StreamNames) -> list[str]:
     table = quote_ident(names.table)
@@ -112,11 +128,145 @@ def stream_ddl(names: StreamNames) -> list[str]:
         f"ALTER TABLE {checkpoint} ADD COLUMN IF NOT EXISTS definition text",
         f"INSERT INTO {checkpoint} (singleton) VALUES (true) ON CONFLICT DO NOTHING",
         *DeadLetterTable(names.stream).ddl,
+        *projector_functions_ddl(names),
     ]
 
 
+def projector_functions_ddl(names: StreamNames) -> list[str]:
+    """The projector's step as two plpgsql functions, one round trip each (see
+    `engine.projector`): PostgreSQL keeps their statements' plans for the session, where
+    separate statements bound on the client would be parsed and planned on every step.
+
+    `begin(wildcards, limit)`, inside the step's transaction: takes the projector's
+    transaction lock without waiting and, if it got it, reads the checkpoint and the
+    rows to project. It returns a first row whose stream column is 'locked' (nothing
+    else follows) or 'checkpoint', whose message column is a JSON array: seen, pending,
+    continue after (global position), recorded cluster, this cluster, whether a first
+    round must skip projected rows, the origin streams held back, the recorded
+    definition. The message rows follow, in `TEXT_ROW_COLUMNS` order; every statement
+    reads a fresh snapshot, so all of them see what committed before the lock was granted.
+
+    `commit(columns..., channel, seen, pending, after, cluster, definition, advance)`:
+    inserts the placed rows with gapless positions continuing from the heads, moves the
+    heads, notifies one message per touched partition, advances the checkpoint (if
+    `advance`) and returns the new heads as 'partition:head,...', also left in the session
+    setting `depeche_nb.projected`."""
+    table = quote_ident(names.table)
+    heads = quote_ident(names.heads_table)
+    checkpoint = quote_ident(names.checkpoint_table)
+    lock_a, lock_b = names.projector_lock
+    blocked = DeadLetterTable(names.stream).blocked_streams_sql
+    reads = MessagesStatements(names.store).projection_reads(
+        table,
+        pending="v_pending",
+        after="v_after",
+        wildcards="p_wildcards",
+        limit="p_limit",
+        seen_xmax="pg_snapshot_xmax(c.seen)",
+        seen_xip="v_xip",
+    )
+    begin = quote_ident(names.project_begin_function)
+    commit = quote_ident(names.project_commit_function)
+    return [
+        f"""
+        CREATE OR REPLACE FUNCTION {begin}(p_wildcards text[], p_limit integer)
+        RETURNS TABLE (r_id uuid, r_stream text, r_version integer, r_message text,
+                       r_global_position bigint, r_added_at timestamp)
+        LANGUAGE plpgsql VOLATILE AS $fn$
+        DECLARE
+            c record;
+            v_pending pg_snapshot;
+            v_after bigint;
+            v_anchored boolean;
+            v_xip xid8[];
+        BEGIN
+            IF NOT pg_try_advisory_xact_lock({lock_a}, {lock_b}) THEN
+                RETURN QUERY SELECT NULL::uuid, 'locked'::text, NULL::integer, NULL::text,
+                    NULL::bigint, NULL::timestamp;
+                RETURN;
+            END IF;
+            SELECT cp.seen, cp.pending, cp.pending_after, cp.cluster, cp.definition INTO c
+                FROM {checkpoint} cp;
+            v_pending := coalesce(c.pending, pg_current_snapshot());
+            v_after := coalesce(c.pending_after, 0);
+            IF c.seen IS NULL THEN
+                v_anchored := EXISTS (SELECT 1 FROM {heads});
+            END IF;
+            RETURN QUERY SELECT NULL::uuid, 'checkpoint'::text, NULL::integer,
+                json_build_array(c.seen::text, v_pending::text, v_after, c.cluster,
+                    {CLUSTER_IDENTITY_SQL}, v_anchored, {blocked}, c.definition)::text,
+                NULL::bigint, NULL::timestamp;
+            IF c.seen IS NOT NULL THEN
+                v_xip := array(SELECT pg_snapshot_xip(c.seen));
+                RETURN QUERY {reads.delta};
+            ELSIF v_anchored THEN
+                RETURN QUERY {reads.unprojected};
+            ELSE
+                RETURN QUERY {reads.first};
+            END IF;
+        END
+        $fn$
+        """,
+        f"""
+        CREATE OR REPLACE FUNCTION {commit}(
+            p_gps bigint[], p_ids uuid[], p_streams text[], p_versions integer[],
+            p_partitions integer[], p_occurred timestamptz[], p_added_utc timestamp[],
+            p_channel text, p_seen pg_snapshot, p_pending pg_snapshot, p_after bigint,
+            p_cluster text, p_definition text, p_advance boolean
+        ) RETURNS text
+        LANGUAGE plpgsql VOLATILE AS $fn$
+        DECLARE
+            v_heads text := '';
+            v_notified bigint;
+        BEGIN
+            IF cardinality(p_gps) > 0 THEN
+                WITH new AS (
+                    SELECT * FROM unnest(p_gps, p_ids, p_streams, p_versions, p_partitions,
+                                         p_occurred, p_added_utc)
+                        AS n(gp, id, origin, origin_version, part, occurred, added_utc)
+                ), numbered AS (
+                    SELECT n.*, coalesce(h.max_position, -1)
+                           + row_number() OVER (PARTITION BY n.part ORDER BY n.gp) AS pos
+                    FROM new n LEFT JOIN {heads} h ON h.partition = n.part
+                ), ins AS (
+                    INSERT INTO {table} (global_position, message_id, origin_stream,
+                        origin_stream_version, partition, position, message_occurred_at,
+                        origin_added_at)
+                    SELECT gp, id, origin, origin_version, part, pos::int, occurred,
+                           added_utc AT TIME ZONE 'UTC'
+                    FROM numbered
+                    RETURNING partition AS part, position AS pos
+                ), up AS (
+                    INSERT INTO {heads} AS h (partition, max_position)
+                    SELECT part, max(pos) FROM ins GROUP BY part
+                    ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position
+                    RETURNING h.partition AS part, h.max_position AS head
+                )
+                SELECT string_agg(part || ':' || head, ','),
+                       count(pg_notify(p_channel, json_build_object(
+                           'partition', part, 'position', head)::text))
+                INTO v_heads, v_notified FROM up;
+            END IF;
+            IF p_advance THEN
+                UPDATE {checkpoint} SET seen = p_seen, pending = p_pending,
+                    pending_after = p_after, cluster = p_cluster,
+                    definition = coalesce(definition, p_definition), updated_at = now();
+            END IF;
+            PERFORM set_config('depeche_nb.projected', coalesce(v_heads, ''), false);
+            RETURN v_heads;
+        END
+        $fn$
+        """,
+    ]
+
+
+def projector_function_names(names: StreamNames) -> list[str]:
+    return [names.project_begin_function, names.project_commit_function]
+
+
 def ensure_stream_schema(engine: sa.Engine, names: StreamNames) -> None:
-    run_ddl_once(engine, f"stream:{names.stream}", stream_ddl(names))
+    # Per store too: the projector's functions read its messages table.
+    run_ddl_once(engine, f"stream:{names.stream}:{names.store.store}", stream_ddl(names))
 
 
 class StreamStatements:
@@ -129,65 +279,32 @@ class StreamStatements:
         checkpoint = quote_ident(names.checkpoint_table)
         messages = quote_ident(names.store.messages_table)
         lock_a, lock_b = names.projector_lock
+        # The projector's step in two round trips (see `projector_functions_ddl`).
         # Asynchronous commit: see "Durability" in `engine.projector`. READ COMMITTED
         # whatever the server's default: the heads and the new snapshot must be read
         # after the lock is granted, not from a snapshot taken when the step began.
-        self.projector_lock_sql = (
+        self.project_begin_sql = (
             "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; "
-            f"SELECT pg_try_advisory_xact_lock({lock_a}, {lock_b})"
+            f"SELECT * FROM {quote_ident(names.project_begin_function)}(%(wildcards)s::text[], %(limit)s)"
         )
         self.dead_letters = DeadLetterTable(names.stream)
-        # Then the stored and the current cluster, (only while `seen` is empty, in a first
-        # round) whether anything is projected already: after a re-anchoring, or by this
-        # round's earlier steps, the round then skips what is; and the origin streams held
-        # back behind a dead letter.
-        self.checkpoint_sql = (
-            "SELECT seen::text, coalesce(pending, pg_current_snapshot())::text, "
-            "coalesce(pending_after, 0), pg_snapshot_xmax(seen)::text, "
-            f"array(SELECT pg_snapshot_xip(seen))::text[], cluster, {CLUSTER_IDENTITY_SQL}, "
-            f"CASE WHEN seen IS NULL THEN EXISTS (SELECT 1 FROM {heads}) END, "
-            f"{self.dead_letters.blocked_streams_sql}, definition FROM {checkpoint}"
+        # psycopg2 keeps only the last statement's result: the new heads come back in a
+        # session setting read after the commit.
+        self.project_commit_sql = (
+            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::bigint[], %(ids)s::uuid[], "
+            "%(streams)s::text[], %(versions)s::int[], %(partitions)s::int[], "
+            "%(occurred)s::timestamptz[], %(added_utc)s::timestamp[], %(channel)s, "
+            "%(seen)s::pg_snapshot, %(pending)s::pg_snapshot, %(after)s::bigint, %(cluster)s, "
+            "%(definition)s, true); COMMIT; SELECT current_setting('depeche_nb.projected')"
         )
-        self.project_sql = f"""
-            WITH new AS (
-                SELECT * FROM unnest(%(gps)s::bigint[], %(ids)s::uuid[], %(streams)s::text[],
-                                     %(versions)s::int[], %(partitions)s::int[],
-                                     %(occurred)s::timestamptz[], %(added_utc)s::timestamp[])
-                    AS n(global_position, message_id, origin_stream, origin_stream_version,
-                         partition, message_occurred_at, origin_added_utc)
-            ), numbered AS (
-                SELECT n.*, coalesce(h.max_position, -1)
-                       + row_number() OVER (PARTITION BY n.partition ORDER BY n.global_position)
-                       AS position
-                FROM new n LEFT JOIN {heads} h ON h.partition = n.partition
-            ), ins AS (
-                INSERT INTO {table} (global_position, message_id, origin_stream,
-                    origin_stream_version, partition, position, message_occurred_at,
-                    origin_added_at)
-                SELECT global_position, message_id, origin_stream, origin_stream_version,
-                       partition, position::int, message_occurred_at,
-                       origin_added_utc AT TIME ZONE 'UTC'
-                FROM numbered
-                RETURNING global_position, partition, position
-            ), up AS (
-                INSERT INTO {heads} (partition, max_position)
-                SELECT partition, max(position) FROM ins GROUP BY partition
-                ON CONFLICT (partition) DO UPDATE SET max_position = EXCLUDED.max_position
-                RETURNING partition, max_position
-            ), notified AS (
-                SELECT count(pg_notify(%(channel)s, json_build_object(
-                    'partition', partition, 'position', max_position)::text)) AS n
-                FROM up
-            )
-            SELECT ins.global_position, ins.partition, ins.position
-            FROM ins CROSS JOIN notified
-        """
-        self.advance_sql = (
-            f"UPDATE {checkpoint} SET seen = %(seen)s::pg_snapshot, "
-            "pending = %(pending)s::pg_snapshot, pending_after = %(after)s, cluster = %(cluster)s, "
-            "definition = coalesce(definition, %(definition)s), updated_at = now(); COMMIT"
+        # The insert alone, in a caller's transaction under the projector's lock (replayed
+        # dead letters): the checkpoint stays.
+        self.project_insert_sql = (
+            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::bigint[], %(ids)s::uuid[], "
+            "%(streams)s::text[], %(versions)s::int[], %(partitions)s::int[], "
+            "%(occurred)s::timestamptz[], %(added_utc)s::timestamp[], %(channel)s, "
+            "NULL, NULL, NULL, NULL, NULL, false)"
         )
-        self.projection_unprojected_sql = MessagesStatements(names.store).projection_unprojected_sql(table)
         self.projector_wait_lock_sql = f"SELECT pg_advisory_xact_lock({lock_a}, {lock_b})"
         # Re-anchoring (see `StreamProjector.reanchor`): forget the foreign snapshots; the
         # next rounds project what is visible and not yet in the stream table.
@@ -328,7 +445,15 @@ class RebuildStatements:
         self._old = quote_ident(names.table)
         self._new = quote_ident(beside.table)
         self._new_heads = quote_ident(beside.heads_table)
-        self.drop_beside_sql = [f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in _tables(beside)]
+        # The new projection's functions read its own tables, gone after the switch (the
+        # stream's functions read the tables by the names the new ones take).
+        self.drop_beside_functions_sql = [
+            f"DROP FUNCTION IF EXISTS {quote_ident(f)}" for f in projector_function_names(beside)
+        ]
+        self.drop_beside_sql = [
+            *(f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in _tables(beside)),
+            *self.drop_beside_functions_sql,
+        ]
         self.drop_old_sql = [f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in _tables(names)]
         self.partitions_sql = (
             f"SELECT partition FROM {quote_ident(names.heads_table)} "
