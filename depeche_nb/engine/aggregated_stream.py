@@ -202,6 +202,10 @@ class AggregatedStream(RichRepr, Generic[E]):
         with autocommit_cursor(self.engine) as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
+        return self.slice_from_rows(rows)
+
+    def slice_from_rows(self, rows: list[Any]) -> list[tuple[int, int, StoredMessage[E]]]:
+        """Rows (partition, position, message row...) as (partition, position, stored message)."""
         serializer = self.store.serializer
         # A payload that cannot be deserialised travels as an `UnreadableMessage`, so the
         # runner's retry and parking decide on it instead of every read failing.

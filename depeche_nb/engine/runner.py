@@ -228,14 +228,14 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def _handle_partition(self, partition: int, count: int, report: RunnerReport) -> int:
         subscription = self.subscription
-        claim = subscription.claim(partition)
-        if claim is None:
+        # The state is read under the claim: another runner may have moved on meanwhile.
+        claimed = subscription.claim_batch(partition, count)
+        if claimed is None:
             report.contended_partitions.append(partition)
             return 0
+        claim, batch = claimed
         handled_before = len(report.handled)
         try:
-            # Read the state under the claim: another runner may have moved on meanwhile.
-            batch = subscription.next_batch(partition, count)
             return self._handle_batch(claim, batch, report)
         except PartitionLostError:
             # Whoever holds the partition now delivers the rest (and the refused ack's message).

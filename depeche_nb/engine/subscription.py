@@ -43,6 +43,7 @@ from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage,
 from depeche_nb.engine.state import DbSubscriptionStateProvider
 from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import Prepared
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 E = TypeVar("E")
 
 DEFAULT_BATCH_SIZE = 100
+_UNKNOWN = object()
 _INIT_WAIT_S = 30.0
 
 
@@ -146,6 +148,7 @@ class Subscription(RichRepr, Generic[E]):
         self._lock_provider: LockProvider = lock_provider or DbLockProvider(name, engine)
         self._start_point = start_point or StartAtBeginning()
         self.parked_messages = ParkedMessages(engine, name)
+        self._claim_sql: Prepared | object | None = _UNKNOWN  # see _claim_statement
         runner_class = (
             BatchedAckSubscriptionRunner if ack_strategy is AckStrategy.BATCHED else SubscriptionRunner
         )
@@ -214,6 +217,52 @@ class Subscription(RichRepr, Generic[E]):
             self._lock_provider.unlock(lock_name)
             raise
         return PartitionClaim(partition, lock_name, token)
+
+    def claim_batch(
+        self, partition: int, count: int
+    ) -> tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None:
+        """`claim(partition)` and then `next_batch(partition, count)` under it; None if
+        another runner holds the partition. With the database's lock and state providers
+        on the stream's database, both are one statement on the lock session
+        (`StreamStatements.claim_slice_sql`): one round trip instead of three."""
+        statement = self._claim_statement()
+        if statement is None:
+            claim = self.claim(partition)
+            if claim is None:
+                return None
+            try:
+                return claim, self.next_batch(partition, count)
+            except BaseException:
+                self.release(claim)
+                raise
+        lock_name = self.partition_lock_name(partition)
+        provider = self._lock_provider
+        assert isinstance(provider, DbLockProvider)
+        rows = provider.lock_with(
+            lock_name, statement, {"subscription": self.name, "partition": partition, "count": count}
+        )
+        if rows is None:
+            return None
+        claim = PartitionClaim(partition, lock_name, int(rows[0][1]))
+        try:
+            batch = self._stream.slice_from_rows([row[3:] for row in rows if row[3] is not None])
+        except BaseException:
+            self.release(claim)
+            raise
+        return claim, batch
+
+    def _claim_statement(self) -> Prepared | None:
+        if self._claim_sql is _UNKNOWN:
+            lock, state, engine = self._lock_provider, self._state_provider, self._stream.engine
+            self._claim_sql = None
+            if (
+                type(lock) is DbLockProvider
+                and type(state) is DbSubscriptionStateProvider
+                and lock.engine.url == engine.url
+                and state.engine.url == engine.url
+            ):
+                self._claim_sql = Prepared(self._stream.statements.claim_slice_sql(state.sql))
+        return self._claim_sql  # type: ignore[return-value]
 
     def release(self, claim: PartitionClaim) -> None:
         self._lock_provider.unlock(claim.lock_name)

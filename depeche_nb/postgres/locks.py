@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, server_has_spoken
-from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
+from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor, execute_prepared, open_dbapi_connection
 
 _MASK32 = 0xFFFFFFFF
 _HELD_SQL = """
@@ -58,12 +58,22 @@ class DbLockProvider:
         self._lost: set[str] = set()
         self._mutex = threading.Lock()
 
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
     def _cursor(self) -> Any:
         if self._connection is None or is_closed(self._connection):
             self._forget_session()
             self._connection = open_dbapi_connection(self._engine)
+            # Asynchronous commit: what commits on this session (a claim's fencing token, see
+            # `lock_with`) needs no flush of its own; the acknowledgement that depends on it
+            # commits synchronously elsewhere, which flushes it too.
             with self._connection.cursor() as cursor:
-                cursor.execute("SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0")
+                cursor.execute(
+                    "SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0; "
+                    "SET synchronous_commit = off"
+                )
         return self._connection.cursor()
 
     def _forget_session(self) -> None:
@@ -124,6 +134,47 @@ class DbLockProvider:
             if acquired:
                 self._held.add(name)
             return acquired
+
+    def lock_with(self, name: str, statement: Prepared, params: dict[str, Any]) -> list[Any] | None:
+        """`lock(name)` and a statement that needs the lock, in one round trip on the lock
+        session: `statement` takes the lock itself with `pg_try_advisory_lock(%(lock_key)s)`
+        and says in the first column of its first row whether it got it. Returns its rows
+        if it did (the lock is then held as after `lock`), else None."""
+        with self._mutex:
+            if name in self._held:
+                return None
+            if self._connection is not None and not self._session_alive():
+                self._forget_session()
+            self._lost.discard(name)
+            key = advisory_key(self.name, name)
+            with self._cursor() as cursor:
+                try:
+                    execute_prepared(cursor, statement, {**params, "lock_key": key})
+                    rows = cursor.fetchall()
+                except Exception as exc:
+                    if is_driver_error(exc):
+                        # It may have failed after taking the lock, which outlives the statement.
+                        self._release_quietly(key)
+                    raise
+            if not rows or not rows[0][0]:
+                return None
+            self._held.add(name)
+            return list(rows)
+
+    def _release_quietly(self, key: int) -> None:
+        try:
+            with self._connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_advisory_unlock(%s) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND pid = pg_backend_pid() AND objsubid = 1 AND granted "
+                    "AND classid = ((%s::bigint >> 32) & 4294967295)::oid "
+                    "AND objid = (%s::bigint & 4294967295)::oid",
+                    (key, key, key),
+                )
+        except Exception as exc:
+            if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError, AttributeError))):
+                raise
+            self._forget_session()  # gone: its locks went with it
 
     def unlock(self, name: str) -> None:
         with self._mutex:

@@ -90,6 +90,16 @@ class StateTable:
             "VALUES (%s, %s, NULL, 1) ON CONFLICT (subscription_name, partition) "
             "DO UPDATE SET token = st.token + 1 RETURNING st.token"
         )
+        # The same as a statement's CTE, taken only when the one-row relation `got` (column
+        # `ok`) says so; parameters %(subscription)s and %(partition)s. Returns the token and
+        # the acknowledged position (-1 before the first), as they are after the bump: it
+        # waits for an acknowledgement in flight and then sees it.
+        self.take_if_got_sql = (
+            f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
+            "SELECT %(subscription)s::text, %(partition)s::int, NULL, 1 FROM got WHERE got.ok "
+            "ON CONFLICT (subscription_name, partition) DO UPDATE SET token = st.token + 1 "
+            "RETURNING st.token, coalesce(st.position, -1) AS position"
+        )
         # (position, subscription, partition, token, position)
         self.fenced_store_sql = (
             f"UPDATE {table} SET position = %s, updated_at = now() "

@@ -359,6 +359,27 @@ class StreamStatements:
         parameters: partition, subscription name, partition, count."""
         return self.slice_messages_sql(state.position_subquery("%s", "%s") + " + 1")
 
+    def claim_slice_sql(self, state: StateTable) -> str:
+        """A runner's claim of a partition and its next messages in one statement, run on the
+        lock session (see `postgres.locks.DbLockProvider.lock_with`): the session lock
+        (`%(lock_key)s`, taken without waiting), then, only if granted, the fencing token's
+        bump (`StateTable.take_if_got_sql`) and the `%(count)s` messages after the
+        acknowledged position that bump returns. Rows: (got the lock, token, acknowledged
+        position, partition, position, message row...), one row without a message when
+        there is none (or no lock). The messages come from the statement's snapshot, taken
+        before the lock: all of them committed, possibly fewer than committed by now."""
+        return (
+            "WITH got AS MATERIALIZED (SELECT pg_try_advisory_lock(%(lock_key)s::bigint) AS ok), "
+            f"taken AS ({state.take_if_got_sql}) "
+            f"SELECT got.ok, t.token, t.position, s.partition, s.position, {text_row_columns('m')} "
+            "FROM got LEFT JOIN taken t ON true "
+            f"LEFT JOIN LATERAL (SELECT partition, position, global_position FROM {self._table} "
+            "WHERE partition = %(partition)s AND position > t.position ORDER BY position "
+            "LIMIT %(count)s::int) s ON true "
+            f"LEFT JOIN LATERAL (SELECT * FROM {self._messages} m0 "
+            "WHERE m0.global_position = s.global_position) m ON true ORDER BY s.position"
+        )
+
     def per_partition_sql(self, aggregate: str, condition: str, default: str) -> str:
         """For every partition: `aggregate` over its rows meeting `condition` (one
         parameter), else `default`; all three are fixed SQL of the caller's."""
