@@ -29,6 +29,7 @@ DRIVER_SENSITIVE = {
     "test_executor_failover",
     "test_fencing",
     "test_frames",
+    "test_handoff",
     "test_notifications",
     "test_parallel_consumers",
     "test_projector_exactness",

@@ -12,6 +12,13 @@ Threads, all daemons so a forgotten executor never keeps a kernel alive:
   A worker runs its handler with a 1 s budget, again at once while it
   reports `WORK_REMAINING`, then waits for its event.
 
+A projector and the runners of its aggregated stream registered with the same executor
+are linked in process: after each step that committed, the projector hands the partitions
+it advanced ({partition: head}) to those runners and wakes them, so a write reaches its
+handler without waiting for the projector's NOTIFY and a second wake-up. The hand-off is
+a hint only: a runner still claims the partition (lock and fencing token) and reads under
+the claim what is committed. The projector still notifies, for runners elsewhere.
+
 The worker's wait has a timeout, `stimulation_interval` (10 s by default).
 That timer is a safety net, not the way progress is made: the store sends its
 NOTIFY after the commit, so a process that dies in between loses the wake-up
@@ -42,6 +49,7 @@ its time, and per worker its state, runs and errors.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import signal
 import threading
@@ -163,6 +171,43 @@ class _Worker:
         )
 
 
+def _hand_off(targets: list[_Worker], heads: dict[int, int]) -> None:
+    for target in targets:
+        target.handler.take_handoff(heads)  # type: ignore[attr-defined]
+        target.wake()
+
+
+def _link_handoffs(
+    workers: list[_Worker],
+) -> list[tuple[RunOnNotification, Callable[[dict[int, int]], None]]]:
+    """Let each projector hand the partitions it just advanced straight to this executor's
+    runners of its aggregated stream, and wake them: the in-process path from a write to
+    its handler skips the projector's NOTIFY round trip and a second wake-up. The projector
+    still notifies, for runners in other processes; a runner treats the handoff as a hint
+    and reads under its claim what the projector committed (see
+    `SubscriptionRunner.take_handoff`), so this moves nothing but the wake-up earlier."""
+    links: list[tuple[RunOnNotification, Callable[[dict[int, int]], None]]] = []
+    for worker in workers:
+        projector = worker.handler
+        channel = getattr(projector, "handoff_channel", None)
+        if channel is None or not callable(getattr(projector, "add_step_listener", None)):
+            continue
+        targets = [
+            w
+            for w in workers
+            if w.handler.notification_channel == channel
+            and callable(getattr(w.handler, "take_handoff", None))
+        ]
+        if not targets:
+            continue
+
+        hand_off = functools.partial(_hand_off, targets)
+
+        projector.add_step_listener(hand_off)  # type: ignore[attr-defined]
+        links.append((projector, hand_off))
+    return links
+
+
 class Executor(StartStopContext):
     """Runs registered handlers on notifications of their channels.
 
@@ -195,6 +240,8 @@ class Executor(StartStopContext):
         self._listener: PgNotificationListener | None = None
         self._dispatcher: threading.Thread | None = None
         self._workers: list[_Worker] = []
+        # (projector, its step listener) of the current start, see `_link_handoffs`.
+        self._handoffs: list[tuple[RunOnNotification, Callable[[dict[int, int]], None]]] = []
 
     # -- public -------------------------------------------------------------------------------
 
@@ -257,6 +304,7 @@ class Executor(StartStopContext):
                 _Worker(handler, self.stimulation_interval, stopping, self._handler_failed)
                 for handler in self.handlers
             ]
+            self._handoffs = _link_handoffs(self._workers)
             # reconnect_delays=None: the listener never gives up while the executor runs.
             self._listener = PgNotificationListener(
                 self.engine, list(self.channel_register), reconnect_delays=None
@@ -358,6 +406,8 @@ class Executor(StartStopContext):
     ) -> None:
         stopping.set()
         listener.stop()
+        for projector, step_listener in self._handoffs:
+            projector.remove_step_listener(step_listener)  # type: ignore[attr-defined]
         for handler in (worker.handler for worker in workers):
             try:
                 handler.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses as _dc
 import logging
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -136,6 +137,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         self.message_handler = message_handler
         self.batch_size = batch_size or subscription.batch_size
         self._keep_running = True
+        # Partitions a projector in this process just advanced (see `take_handoff`).
+        self._hinted: dict[int, int] = {}
+        self._hint_lock = threading.Lock()
         self.last_report: RunnerReport | None = None
         # Message types already logged as acknowledged without a handler (once each).
         self._logged_without_handler: set[str] = set()
@@ -164,10 +168,13 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         total = RunnerReport(self.subscription.name)
         try:
             while self._keep_running:
-                report = self.step(None)
+                hinted = self._take_hints()
+                report = self._step(None, hinted)
                 total.handled.extend(report.handled)
                 if bar is not None:
                     bar.update(len(report.handled))
+                if not report.handled and hinted is not None:
+                    continue  # nothing in the partitions handed over: look at every partition
                 if not report.handled:
                     if report.contended_partitions:
                         # Work is left in partitions another runner holds. If that
@@ -191,6 +198,23 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             if bar is not None:
                 bar.close()
 
+    def take_handoff(self, heads: dict[int, int]) -> None:
+        """A projector in this process committed new messages to these partitions
+        ({partition: head}): the next run starts with them, without first asking the
+        database which partitions have work. Only a hint: the messages are read under the
+        partition's claim, as always, and the other partitions are looked at right after."""
+        with self._hint_lock:
+            for partition, head in heads.items():
+                if head > self._hinted.get(partition, -1):
+                    self._hinted[partition] = head
+
+    def _take_hints(self) -> list[int] | None:
+        with self._hint_lock:
+            if not self._hinted:
+                return None
+            hinted, self._hinted = self._hinted, {}
+        return sorted(hinted)
+
     def handle(self, message: SubscriptionMessage[E]) -> None:
         """Depeche DB's per-message entry point: call the handler, apply the error handler
         (EXIT re-raises); no retries, parking or acknowledgement."""
@@ -210,18 +234,26 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         """
         if max_messages is not None:
             check_positive_int("max_messages", max_messages)
+        return self._step(max_messages, None)
+
+    def _step(self, max_messages: int | None, hinted: list[int] | None) -> RunnerReport:
+        """`step`, over the `hinted` partitions only when given (see `take_handoff`)."""
         subscription = self.subscription
         report = RunnerReport(subscription.name)
         self.last_report = report
         subscription.ensure_initialized()
         remaining = max_messages
-        for candidate in subscription.partitions_with_work():
+        if hinted is None:
+            partitions = [candidate.partition for candidate in subscription.partitions_with_work()]
+        else:
+            partitions = hinted
+        for partition in partitions:
             if remaining is not None and remaining <= 0:
                 break
             if not self._keep_running:
                 break
             count = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            handled = self._handle_partition(candidate.partition, count, report)
+            handled = self._handle_partition(partition, count, report)
             if remaining is not None:
                 remaining -= handled
         return report
