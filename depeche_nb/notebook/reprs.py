@@ -60,9 +60,12 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             ]
         ),
     ]
-    if not ov.messages:
+    if not ov.messages.value:
         parts.append(h.note("empty: nothing written yet"))
         return h.box(*parts)
+    # The stream count is exact up to the view's default limit and "more than" it beyond,
+    # so this names the call that really lists every stream.
+    every_stream = "store.streams_dataframe()" if ov.streams.exact else "store.streams_dataframe(limit=None)"
     parts.append(h.section("Streams (most recently written first)"))
     parts.append(
         h.table(
@@ -74,7 +77,7 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             total=ov.streams,
             keep="first",
             noun="stream",
-            hint="store.streams_dataframe() lists them all",
+            hint=f"{every_stream} lists them all",
         )
     )
     parts.append(h.section("Latest messages"))
