@@ -123,7 +123,7 @@ def render_stored_message(message: StoredMessage[Any]) -> str:
 @guarded
 def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
     ov = aggregated_stream_overview(stream)
-    lag_class = "dnb-warn" if ov.unprojected else "dnb-ok"
+    lag_class = "dnb-warn" if ov.unprojected.value else "dnb-ok"
     parts = [
         h.title("AggregatedStream", ov.name),
         h.facts(
@@ -132,13 +132,13 @@ def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
                 ("wildcards", ", ".join(ov.wildcards)),
                 h.count(len(ov.partitions), "partition"),
                 ("projected", f"{ov.projected:,}"),
-                ("unprojected", f"{ov.unprojected:,}"),
+                ("unprojected", ov.unprojected),
                 ("last projected", ov.last_projected_at),
             ],
             css={"unprojected": lag_class},
         ),
     ]
-    if ov.unprojected:
+    if ov.unprojected.value:
         parts.append(
             h.note(
                 f"{h.count(ov.unprojected, 'stored message')} matching the wildcards not projected "
