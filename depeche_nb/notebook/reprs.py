@@ -64,9 +64,12 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             ]
         ),
     ]
-    if not ov.messages:
+    if not ov.messages.value:
         parts.append(h.note("empty: nothing written yet"))
         return h.box(*parts)
+    # The stream count is exact up to the view's default limit and "more than" it beyond,
+    # so this names the call that really lists every stream.
+    every_stream = "store.streams_dataframe()" if ov.streams.exact else "store.streams_dataframe(limit=None)"
     parts.append(h.section("Streams (most recently written first)"))
     parts.append(
         h.table(
@@ -78,7 +81,7 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             total=ov.streams,
             keep="first",
             noun="stream",
-            hint="store.streams_dataframe() lists them all",
+            hint=f"{every_stream} lists them all",
         )
     )
     parts.append(h.section("Latest messages"))
@@ -124,7 +127,7 @@ def render_stored_message(message: StoredMessage[Any]) -> str:
 @guarded
 def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
     ov = aggregated_stream_overview(stream)
-    lag_class = "dnb-warn" if ov.unprojected else "dnb-ok"
+    lag_class = "dnb-warn" if ov.unprojected.value else "dnb-ok"
     parts = [
         h.title("AggregatedStream", ov.name),
         h.facts(
@@ -133,13 +136,13 @@ def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
                 ("wildcards", ", ".join(ov.wildcards)),
                 h.count(len(ov.partitions), "partition"),
                 ("projected", f"{ov.projected:,}"),
-                ("unprojected", f"{ov.unprojected:,}"),
+                ("unprojected", ov.unprojected),
                 ("last projected", ov.last_projected_at),
             ],
             css={"unprojected": lag_class},
         ),
     ]
-    if ov.unprojected:
+    if ov.unprojected.value:
         parts.append(
             h.note(
                 f"{h.count(ov.unprojected, 'stored message')} matching the wildcards not projected "
