@@ -84,7 +84,7 @@ from depeche_nb.engine.trace import MessageTrace
 # Importing the notebook package also registers the HTML reprs of the objects
 # above; it loads pandas/ipywidgets/IPython only when a view is used.
 from depeche_nb.notebook.depeche_db_explorer import DepecheDbExplorer, open_depeche_db
-from depeche_nb.notebook.frames import (
+from depeche_nb.notebook.views import (
     assignments_dataframe,
     messages_dataframe,
     partitions_dataframe,

@@ -37,3 +37,34 @@ class RichRepr:
         if renderer is None:
             return f"<pre>{html.escape(repr(self))}</pre>"
         return renderer(self)
+
+
+# -- DataFrame views ---------------------------------------------------------------------------
+# The same plug-in for views: `store.to_dataframe()`, `report.to_dataframe()` and the like
+# are thin methods of the lower layers that call the view the notebook layer registered
+# under their name (`depeche_nb.notebook.views`, imported by `import depeche_nb`).
+
+# Rows a view returns unless the caller passes `limit=None`: enough to explore, small
+# enough that `store.to_dataframe()` on a million-message store is quick.
+DEFAULT_LIMIT = 10_000
+# Streams `streams_dataframe()` returns unless the caller passes `limit=None`: reading a
+# stream's summary costs two index lookups, so this keeps the view quick in any store.
+STREAMS_LIMIT = 1000
+
+View = Callable[..., Any]
+_views: dict[str, View] = {}
+
+
+def register_view(name: str, view: View) -> None:
+    _views[name] = view
+
+
+def run_view(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Build the DataFrame view registered as `name` from `args`."""
+    view = _views.get(name)
+    if view is None:
+        raise RuntimeError(
+            f"no DataFrame view {name!r} is registered: import depeche_nb (its notebook layer "
+            "registers the views) before asking for one"
+        )
+    return view(*args, **kwargs)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import DEFAULT_LIMIT, RichRepr, run_view
 from depeche_nb.core.identifiers import check_positive_int, validate_name, validate_wildcard
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
@@ -26,7 +26,6 @@ from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
-from depeche_nb.store.frames import DEFAULT_LIMIT
 from depeche_nb.store.message_store import MessageStoreBase, to_stored_or_unreadable
 
 if TYPE_CHECKING:
@@ -274,23 +273,19 @@ class AggregatedStream(RichRepr, Generic[E]):
     def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
         return callers_or_own(self.engine, conn)
 
-    # -- notebook views (built in `engine.frames`; pandas loads on first use) -----------------
+    # -- DataFrame views (built by `notebook.views`; pandas loads on first use) ----------------
 
     def assignments_dataframe(
         self, partition: int | None = None, limit: int | None = DEFAULT_LIMIT
     ) -> pd.DataFrame:
         """Which message is at which partition/position (all partitions by global position, or
         one `partition` by position); at most `limit` rows (None = all)."""
-        from depeche_nb.engine.frames import assignments_dataframe
-
-        return assignments_dataframe(self, partition=partition, limit=limit)
+        return run_view("assignments", self, partition=partition, limit=limit)  # type: ignore[no-any-return]
 
     def partitions_dataframe(self) -> pd.DataFrame:
         """One row per partition (messages, head position, last projected time);
         `attrs["unprojected_messages"]` is the stream's projection lag."""
-        from depeche_nb.engine.frames import partitions_dataframe
-
-        return partitions_dataframe(self)
+        return run_view("partitions", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return (

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import DepecheError, InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres import depeche_db_tables as ddb
@@ -129,12 +129,7 @@ class AdoptionReport(RichRepr):
         return any(item.action == ADOPTED for item in self.items)
 
     def to_dataframe(self) -> pd.DataFrame:
-        import pandas as pd
-
-        columns = [f.name for f in _dc.fields(AdoptionItem)]
-        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(i) for i in self.items], columns=columns)
-        frame["rows"] = frame["rows"].astype("int64")
-        return frame
+        return run_view("adoption_report", self)  # type: ignore[no-any-return]
 
     def summary(self) -> str:
         if not self.items:

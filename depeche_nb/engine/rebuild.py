@@ -46,6 +46,7 @@ from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import RebuildInProgressError
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION, stream_definition
 from depeche_nb.engine.progress import open_progress
+from depeche_nb.engine.projector import unprojected_count
 from depeche_nb.postgres import definitions_table
 from depeche_nb.postgres.ddl import run_ddl
 from depeche_nb.postgres.locks import advisory_key
@@ -125,8 +126,6 @@ def _project_beside(stream: AggregatedStream[Any], beside: StreamNames, progress
     projector = new.projector
 
     def backlog() -> int:
-        from depeche_nb.engine.frames import unprojected_count
-
         return unprojected_count(new)
 
     bar = open_progress(progress, backlog, f"rebuilding {stream.name}")

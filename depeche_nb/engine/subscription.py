@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import AckRolledback
 from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
@@ -413,14 +413,12 @@ class Subscription(RichRepr, Generic[E]):
         """Mark a parked message as dealt with, without handling it."""
         self.parked_messages.resolve(parked_id, DISCARDED)
 
-    # -- notebook view (built in `engine.frames`; pandas loads on first use) ------------------
+    # -- DataFrame view (built by `notebook.views`; pandas loads on first use) -----------------
 
     def state_dataframe(self) -> pd.DataFrame:
         """One row per partition: acknowledged position, head, lag, whether a runner holds
         it right now, last ack time. Read-only (does not initialise the subscription)."""
-        from depeche_nb.engine.frames import subscription_state_dataframe
-
-        return subscription_state_dataframe(self)
+        return run_view("subscription_state", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"Subscription(name={self.name!r}, stream={self._stream.name!r})"

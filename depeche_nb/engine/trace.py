@@ -28,7 +28,7 @@ import datetime as _dt
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import MessageNotFound
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION
@@ -131,40 +131,7 @@ class MessageTrace(RichRepr):
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (aggregated stream, subscription); a stream without subscriptions has
         one row without one, a message no stream matches a single row of its own place."""
-        from depeche_nb.store.frames import INT64, NULLABLE_INT, STRING, UTC, frame_from_rows
-
-        message = (str(self.message_id), self.stream, self.version, self.global_position, self.added_at)
-        rows: list[tuple[Any, ...]] = []
-        for s in self.streams:
-            place = (s.aggregated_stream, s.status, s.partition, s.position, s.head)
-            rows += [
-                (*message, *place, t.subscription, t.status, t.acknowledged_position, t.behind, t.error)
-                for t in s.subscriptions
-            ]
-            if not s.subscriptions:
-                rows.append((*message, *place, *(None,) * 5))
-        if not rows:
-            rows.append((*message, *(None,) * 10))
-        return frame_from_rows(
-            rows,
-            (
-                ("message_id", STRING),
-                ("stream", STRING),
-                ("version", INT64),
-                ("global_position", INT64),
-                ("added_at", UTC),
-                ("aggregated_stream", STRING),
-                ("stream_status", STRING),
-                ("partition", NULLABLE_INT),
-                ("position", NULLABLE_INT),
-                ("head", NULLABLE_INT),
-                ("subscription", STRING),
-                ("status", STRING),
-                ("acknowledged_position", NULLABLE_INT),
-                ("behind", NULLABLE_INT),
-                ("error", STRING),
-            ),
-        )
+        return run_view("trace", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<MessageTrace {self.summary()}>"

@@ -18,8 +18,8 @@ from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import MessageTrace
-from depeche_nb.notebook import depeche_db_explorer, frames, reprs
-from depeche_nb.notebook.frames import *  # noqa: F403 - the views, re-exported
+from depeche_nb.notebook import depeche_db_explorer, reprs, views
+from depeche_nb.notebook.views import *  # noqa: F403 - the views, re-exported
 from depeche_nb.store.message_store import MessageStoreBase
 
 register_html_renderer(MessageStoreBase, reprs.render_store)
@@ -32,4 +32,4 @@ register_html_renderer(ExecutorHealth, reprs.render_executor_health)
 register_html_renderer(MessageTrace, reprs.render_message_trace)
 register_html_renderer(AdoptionReport, depeche_db_explorer.render_adoption_report)
 
-__all__ = list(frames.__all__)
+__all__ = list(views.__all__)

@@ -43,7 +43,6 @@ from typing import Any
 import ipywidgets as widgets
 
 from depeche_nb.engine.aggregated_stream import AggregatedStream
-from depeche_nb.engine.frames import PartitionState, subscription_overview
 from depeche_nb.engine.handlers import HANDLED
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
@@ -54,6 +53,7 @@ from depeche_nb.notebook import html as h
 from depeche_nb.notebook import live as _live
 from depeche_nb.notebook import reprs
 from depeche_nb.notebook.live import MIN_INTERVAL, LiveRefresher
+from depeche_nb.notebook.views.subscriptions import PartitionState, subscription_overview
 from depeche_nb.store.message_store import MessageStoreBase
 
 # Colours for origin streams: light enough for the dark cell text on light and dark

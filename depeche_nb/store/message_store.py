@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import DEFAULT_LIMIT, STREAMS_LIMIT, RichRepr, run_view
 from depeche_nb.core.errors import (
     DepecheError,
     MessageIdMismatchError,
@@ -39,7 +39,6 @@ from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage, UnreadableMessage
 from depeche_nb.postgres.driver import is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
-from depeche_nb.store.frames import DEFAULT_LIMIT, STREAMS_LIMIT
 from depeche_nb.store.storage import (
     Storage,
     check_expected_version,
@@ -320,7 +319,7 @@ class MessageStoreBase(RichRepr, Generic[E]):
     def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
         return callers_or_own(self.engine, conn)
 
-    # -- notebook views (built in `store.frames`; pandas loads on first use) ------------------
+    # -- DataFrame views (built by `notebook.views`; pandas loads on first use) ----------------
 
     def to_dataframe(
         self,
@@ -331,17 +330,13 @@ class MessageStoreBase(RichRepr, Generic[E]):
     ) -> pd.DataFrame:
         """Messages as a DataFrame: one `stream`, a `wildcard` or the whole store; at most
         `limit` rows (default 10,000; None = all), from global position / time `since`.
-        Payload keys become columns; see `store.frames.messages_dataframe`."""
-        from depeche_nb.store.frames import messages_dataframe
-
-        return messages_dataframe(self, stream=stream, wildcard=wildcard, limit=limit, since=since)
+        Payload keys become columns; see `notebook.views.store.messages_dataframe`."""
+        return run_view("messages", self, stream=stream, wildcard=wildcard, limit=limit, since=since)  # type: ignore[no-any-return]
 
     def streams_dataframe(self, limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
         """One row per stream, by name: message count, first/last global position, last write;
-        at most `limit` streams (default 1,000; None = all), see `store.frames.streams_dataframe`."""
-        from depeche_nb.store.frames import streams_dataframe
-
-        return streams_dataframe(self, limit=limit)
+        at most `limit` streams (default 1,000; None = all), see `notebook.views.store`."""
+        return run_view("streams", self, limit=limit)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
