@@ -94,7 +94,7 @@ from depeche_nb.store.message_store import to_stored_message
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.protocols import StreamSource
 
 E = TypeVar("E")
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
 
     def __init__(
         self,
-        stream: AggregatedStream[E],
+        stream: StreamSource[E],
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         batch_size: int | None = None,
@@ -507,7 +507,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"
 
 
-def unprojected_count(stream: AggregatedStream[Any], limit: int | None = None) -> int:
+def unprojected_count(stream: StreamSource[Any], limit: int | None = None) -> int:
     """Stored messages matching the stream's wildcards that the projector has neither
     projected nor dead-lettered yet: exactly its backlog. Reads only the backlog (see
     `StreamViews.unprojected_count`), and counts at most `limit` of it (None: all)."""

@@ -35,7 +35,7 @@ from depeche_nb.engine.progress import open_progress
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.subscription import PartitionClaim, Subscription
+    from depeche_nb.engine.protocols import ClaimSource, PartitionClaim
 
 E = TypeVar("E")
 
@@ -127,7 +127,7 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def __init__(
         self,
-        subscription: Subscription[E],
+        subscription: ClaimSource[E],
         message_handler: SubscriptionMessageHandler[E],
         batch_size: int | None = None,
     ) -> None:

@@ -38,6 +38,7 @@ from depeche_nb.engine.definitions import check_subscription
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
+from depeche_nb.engine.protocols import PartitionClaim
 from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
 from depeche_nb.engine.state import DbSubscriptionStateProvider
@@ -47,7 +48,7 @@ from depeche_nb.postgres.names import quote_ident
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.protocols import StreamSource
 
 E = TypeVar("E")
 
@@ -76,16 +77,6 @@ class AckStrategy(enum.Enum):
 
 
 @_dc.dataclass(frozen=True)
-class PartitionClaim:
-    """One runner's hold on a partition: its lock and, where the state provider fences
-    (`DbSubscriptionStateProvider`), the token every acknowledgement presents."""
-
-    partition: int
-    lock_name: str
-    token: int | None
-
-
-@_dc.dataclass(frozen=True)
 class PartitionProgress:
     """A partition as a subscription sees it."""
 
@@ -104,7 +95,7 @@ class Subscription(RichRepr, Generic[E]):
     def __init__(
         self,
         name: str,
-        stream: AggregatedStream[E],
+        stream: StreamSource[E],
         message_handler: SubscriptionMessageHandler[E],
         batch_size: int | None = None,
         state_provider: SubscriptionStateProvider | None = None,
@@ -441,7 +432,7 @@ class _ReplayAck:
 class SubscriptionFactory(Generic[E]):
     """`aggregated_stream.subscription(...)`."""
 
-    def __init__(self, stream: AggregatedStream[E]) -> None:
+    def __init__(self, stream: StreamSource[E]) -> None:
         self.stream = stream
 
     def __call__(

@@ -20,21 +20,35 @@ import datetime as _dt
 import decimal
 import enum
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from depeche_nb.core.display import run_view
-from depeche_nb.core.messages import StoredMessage
+from depeche_nb.core.errors import NotFound
+from depeche_nb.core.messages import StoredMessage, stored_at
 from depeche_nb.event_sourcing.aggregate import EventSourcedAggregateRoot
-from depeche_nb.event_sourcing.repository import NotFound, stored_at
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.event_sourcing.repository import EventStoreRepo
+    from depeche_nb.store.protocols import MessageStoreProtocol
 
 ID = TypeVar("ID")
 AGG = TypeVar("AGG", bound=EventSourcedAggregateRoot[Any, Any])
+
+
+class HistorySource(Protocol):
+    """What a history reads of its repository (`EventStoreRepo`), so that the repository,
+    which makes histories, is not imported back."""
+
+    @property
+    def event_store(self) -> MessageStoreProtocol[Any]: ...
+
+    @property
+    def constructor(self) -> Callable[[], Any]: ...
+
+    def stream_name(self, id: Any) -> str: ...
+
 
 # The prefix of the state columns of `to_dataframe()`.
 STATE_PREFIX = "state."
@@ -93,7 +107,7 @@ class AggregateHistory(Generic[AGG, ID]):
     is cached or written.
     """
 
-    def __init__(self, repo: EventStoreRepo[Any, AGG, ID], id: ID) -> None:
+    def __init__(self, repo: HistorySource, id: ID) -> None:
         self.repo = repo
         self.id = id
         self.stream = repo.stream_name(id)
