@@ -157,6 +157,14 @@ class UnsupportedServerError(DepecheError, RuntimeError):
     anything is written; the message says what is missing and how to fix it."""
 
 
+class PartitionerError(DepecheError, ValueError):
+    """The partitioner raised or returned something that is not an int >= 0."""
+
+
+class AdoptionError(DepecheError):
+    """The database cannot be adopted as it is; nothing was changed. The message says why."""
+
+
 # -- event sourcing -------------------------------------------------------------------------
 
 

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from depeche_nb.core.display import RichRepr, run_view
-from depeche_nb.core.errors import DepecheError, InvalidIdentifierError
+from depeche_nb.core.errors import AdoptionError, InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres import depeche_db_tables as ddb
 from depeche_nb.postgres.driver import sqlstate
@@ -95,10 +95,6 @@ KEPT = (
 
 _ADOPT_LOCK = lock_namespace("adopt", "depeche_db")
 _LOCK_NOT_AVAILABLE = "55P03"
-
-
-class AdoptionError(DepecheError):
-    """The database cannot be adopted as it is; nothing was changed. The message says why."""
 
 
 @_dc.dataclass(frozen=True)

@@ -75,7 +75,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from depeche_nb.core.display import RichRepr, run_view
-from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedError, DepecheError
+from depeche_nb.core.errors import (
+    CheckpointClusterError,
+    DefinitionChangedError,
+    PartitionerError,
+)
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -101,10 +105,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
-
-
-class PartitionerError(DepecheError, ValueError):
-    """The partitioner raised or returned something that is not an int >= 0."""
 
 
 @_dc.dataclass(frozen=True)
