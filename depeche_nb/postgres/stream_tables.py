@@ -294,6 +294,20 @@ class StreamViews:
             f"LEFT JOIN {DeadLetterTable(names.stream).table} d ON d.global_position = m.global_position "
             "AND d.message_id = m.message_id"
         )
+        # The operations console's line of the stream: partitions and projected messages from
+        # the heads (rows in proportion to the partitions), when the projector last finished
+        # a step, and the unresolved dead letters.
+        letters = DeadLetterTable(names.stream)
+        self.status_sql = (
+            f"SELECT (SELECT count(*) FROM {heads}), "
+            f"(SELECT coalesce(sum(max_position + 1), 0) FROM {heads}), "
+            f"(SELECT updated_at FROM {quote_ident(names.checkpoint_table)}), ({letters.count_sql})"
+        )
+        # (partition, position): the message there, by the (partition, position) key.
+        self.at_position_sql = (
+            "SELECT global_position, message_id::text, origin_stream, origin_stream_version, "
+            f"origin_added_at, projected_at FROM {table} WHERE partition = %s AND position = %s"
+        )
 
     def assignments_sql(self, where: str, order: str) -> str:
         """Rows for an assignments DataFrame; `where` and `order` are fixed SQL fragments of
