@@ -122,6 +122,8 @@ class _ParkedRow(widgets.HBox):  # type: ignore[misc]
         )
         self.replay.on_click(lambda _: console.request_replay(subscription, parked_id))
         self.discard.on_click(lambda _: console.request_discard(subscription, parked_id))
+        for button in (self.replay, self.discard):
+            button.layout.flex = "0 0 auto"
         super().__init__([self.replay, self.discard, self.text])
         self.add_class("dnb-console-parked-row")
 
@@ -191,7 +193,9 @@ class OperationsConsole(_DnbWidget):
         self.cancel_button = _button("Cancel", "dnb-console-cancel", "do nothing", "times")
         self.confirm_button.on_click(lambda _: self.confirm())
         self.cancel_button.on_click(lambda _: self.cancel())
-        self.confirm_row = widgets.HBox([self.confirm_button, self.cancel_button, self.confirm_text])
+        for button in (self.confirm_button, self.cancel_button):
+            button.layout.flex = "0 0 auto"  # never squeezed by a long question
+        self.confirm_row = widgets.HBox([self.confirm_text, self.confirm_button, self.cancel_button])
         self.confirm_row.add_class("dnb-console-confirm-row")
         self.confirm_row.layout.display = "none"
         self.outcome = widgets.HTML(value="")
