@@ -245,7 +245,11 @@ class PartitionDiagnosis(RichRepr):
             )
         if self.parked:
             latest = self.parked[0]
-            shown = f"{len(self.parked)}{'+' if len(self.parked) >= DIAGNOSIS_PARKED else ''}"
+            shown = (
+                str(len(self.parked))
+                if len(self.parked) < DIAGNOSIS_PARKED
+                else f"{DIAGNOSIS_PARKED} or more"
+            )
             found.append(
                 f"parked in this partition: {shown} (latest at position {latest.position}: "
                 f"{latest.error}); parked messages do not hold the partition back, they wait for "

@@ -176,7 +176,7 @@ class OperationsConsole(_DnbWidget):
         self.diagnosis: PartitionDiagnosis | None = None
         self.pending: PendingAction | None = None
         self._drill: tuple[str, int] | None = None  # None: the partition furthest behind
-        self._outcome_text = ""
+        self.last_outcome = ""  # what the last Confirm or Cancel did, as the console shows it
         self._refresh_every = idle
         self.parked_rows: dict[tuple[str, int], _ParkedRow] = {}
 
@@ -328,7 +328,7 @@ class OperationsConsole(_DnbWidget):
             self._draw_confirm()
             raise ValueError(NO_HANDLER)
         self.pending = PendingAction(kind, subscription, parked_id, message)
-        self._outcome_text = ""
+        self.last_outcome = ""
         self._draw_confirm()
         self._draw_outcome()
 
@@ -351,26 +351,26 @@ class OperationsConsole(_DnbWidget):
         pending, self.pending = self.pending, None
         self._draw_confirm()
         if pending is None:
-            self._outcome_text = "nothing to confirm: press Replay or Discard first"
+            self.last_outcome = "nothing to confirm: press Replay or Discard first"
             self._draw_outcome()
             return
         what = f"parked message #{pending.parked_id} of {pending.subscription}"
         try:
             if pending.kind == REPLAY:
                 outcome = self.known_subscriptions()[pending.subscription].replay_parked(pending.parked_id)
-                self._outcome_text = f"Replayed {what}: the handler returned ({outcome})"
+                self.last_outcome = f"Replayed {what}: the handler returned ({outcome})"
             else:
                 ParkedMessages(self.engine, pending.subscription).resolve(pending.parked_id, DISCARDED)
-                self._outcome_text = f"Discarded {what}"
+                self.last_outcome = f"Discarded {what}"
         except Exception as error:
-            self._outcome_text = ""
+            self.last_outcome = ""
             self._show_error(error, f"{pending.kind.capitalize()} of {what} failed; it stays as it was")
         self._draw_outcome()
         self._refresh()
 
     def _cancel(self) -> None:
         if self.pending is not None:
-            self._outcome_text = f"Cancelled: {self.pending.kind} of parked message #{self.pending.parked_id}"
+            self.last_outcome = f"Cancelled: {self.pending.kind} of parked message #{self.pending.parked_id}"
         self.pending = None
         self._draw_confirm()
         self._draw_outcome()
@@ -444,7 +444,7 @@ class OperationsConsole(_DnbWidget):
         self.confirm_row.layout.display = "flex"
 
     def _draw_outcome(self) -> None:
-        self.outcome.value = page(h.note(self._outcome_text)) if self._outcome_text else ""
+        self.outcome.value = page(h.note(self.last_outcome)) if self.last_outcome else ""
 
     def _header_html(self) -> str:
         snapshot = self.snapshot
