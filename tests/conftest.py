@@ -24,6 +24,7 @@ DRIVER_SENSITIVE = {
     "test_adopt_depeche_db",
     "test_concurrency_store",
     "test_console",
+    "test_display_exact",
     "test_event_sourcing",
     "test_executor",
     "test_executor_end_to_end",

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pandas as pd
+import pydantic
 import pytest
 import sqlalchemy as sa
 
@@ -115,7 +116,9 @@ def test_whole_store_columns_dtypes_and_flattened_payload(bank: Bank) -> None:
     assert frame.loc[3, "note"] == "hi"
     assert frame["note"].isna().tolist() == [True, True, True, False, True]
     assert frame["account"].tolist() == ["1", "2", "1", "2", "1"]
-    assert frame["occurred_at"].iloc[0] == "2024-05-01T12:01:00Z"
+    # Both models type it as a datetime: a timestamp column, not ISO strings.
+    assert str(frame.dtypes["occurred_at"]) == TS
+    assert frame["occurred_at"].iloc[0] == pd.Timestamp(T0 + dt.timedelta(minutes=1))
     assert frame["added_at"].is_monotonic_increasing
     assert frame.attrs["more_available"] is False
 
@@ -204,6 +207,66 @@ def test_empty_store_has_typed_columns(engine: sa.Engine, unique_name: str) -> N
         "last_added_at",
     ]
     assert streams.empty and streams.dtypes["messages"] == "int64"
+
+
+class Scheduled(_Message):
+    due: dt.datetime | None = None
+    confirmed: pydantic.AwareDatetime
+    label: str  # holds ISO text, but the model says str
+    when: str = ""
+
+
+class Rescheduled(_Message):
+    due: dt.datetime
+    when: dt.datetime  # a datetime here, a str in Scheduled: the column stays as it is
+
+
+def test_payload_datetimes_the_model_types_become_utc_timestamps(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Scheduled | Rescheduled))
+    berlin = dt.timezone(dt.timedelta(hours=2))
+    store.write_all(
+        "plan-1",
+        [
+            Scheduled(
+                due=dt.datetime(2024, 6, 1, 9, 30, tzinfo=berlin),
+                confirmed=T0,
+                label="2024-01-01T00:00:00Z",
+                when="soon",
+                occurred_at=T0,
+            ),
+            Scheduled(confirmed=T0, label="x", occurred_at=T0),
+            Rescheduled(due=dt.datetime(2024, 6, 2, 8, 0), when=T0, occurred_at=T0),  # naive: taken as UTC
+        ],
+    )
+    frame = store.to_dataframe()
+    for column in ("due", "confirmed", "occurred_at"):
+        assert str(frame.dtypes[column]) == TS, column
+    assert frame["due"].tolist()[0] == pd.Timestamp("2024-06-01 07:30", tz="UTC")
+    assert pd.isna(frame["due"].tolist()[1])  # None -> NaT
+    assert frame["due"].tolist()[2] == pd.Timestamp("2024-06-02 08:00", tz="UTC")
+    assert frame["confirmed"].tolist()[:2] == [pd.Timestamp(T0)] * 2 and pd.isna(frame["confirmed"][2])
+    assert frame.dtypes["label"] == STR and frame["label"][0] == "2024-01-01T00:00:00Z"
+    assert frame["when"].dtype != TS and frame["when"].tolist()[:2] == ["soon", ""]
+    # Without flattening the payload dicts stay as stored.
+    assert (
+        depeche_nb.messages_dataframe(store, flatten=False)["message"][0]["due"]
+        == "2024-06-01T09:30:00+02:00"
+    )
+
+
+class CamelCase(_Message):
+    """Dumped by alias (pydantic >= 2.11): the payload key is `dueAt`."""
+
+    model_config = pydantic.ConfigDict(serialize_by_alias=True)
+    due_at: dt.datetime = pydantic.Field(serialization_alias="dueAt")
+
+
+def test_payload_datetimes_under_their_serialization_alias(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(CamelCase))
+    store.write("plan-1", CamelCase(due_at=T0, occurred_at=T0))
+    frame = store.to_dataframe()
+    assert "due_at" not in frame.columns
+    assert str(frame.dtypes["dueAt"]) == TS and frame["dueAt"][0] == pd.Timestamp(T0)
 
 
 @dataclasses.dataclass

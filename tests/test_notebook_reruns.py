@@ -25,7 +25,8 @@ class Kernel:
         self.client.wait_for_ready(timeout=60)
 
     def run(self, code: str) -> str:
-        """Execute one cell; its printed output, or AssertionError with the traceback."""
+        """Execute one cell; its printed output, or AssertionError with the traceback.
+        What it wrote to stderr alone is kept in `stderr`."""
         status, printed, errors = self._execute(code)
         if status != "ok":
             raise AssertionError("cell failed:\n" + errors)
@@ -40,12 +41,15 @@ class Kernel:
     def _execute(self, code: str) -> tuple[str, str, str]:
         printed: list[str] = []
         errors: list[str] = []
+        self.stderr = ""
 
         def hook(message: dict[str, object]) -> None:
             content = message["content"]
             assert isinstance(content, dict)
             if message["msg_type"] == "stream":
                 printed.append(str(content["text"]))
+                if content["name"] == "stderr":
+                    self.stderr += str(content["text"])
             elif message["msg_type"] == "error":
                 errors.append("\n".join(str(line) for line in content["traceback"]))
 
@@ -186,4 +190,44 @@ def test_a_re_run_aggregated_stream_cell_with_an_edit_is_refused_until_rebuilt(k
     # Running the rebuilt cell once more (the usual re-run) is quiet: no second rebuild.
     kernel.run(edited)
     assert kernel.run("print(carts.last_rebuild)").strip() == "None"
+
+
+def test_a_subscription_without_a_handler_for_a_type_says_so_in_the_cell(kernel: Kernel) -> None:
+    """No logging configured, as in a fresh notebook: the warning shows on the cell's stderr,
+    once per message type, next to the report that names the skipped types."""
+    schema = f"nohandler_{uuid.uuid4().hex[:8]}"
+    kernel.run(
+        "import datetime as dt, uuid, pydantic, depeche_nb\n"
+        "from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner\n"
+        f"engine = depeche_nb.connect(schema={schema!r}, fresh=True)"
+    )
+    kernel.run(CLASS_CELL.format(extra=""))
+    kernel.run(
+        CLASS_CELL.replace("ItemAdded", "ItemRemoved").format(extra="")
+        + "store = depeche_nb.MessageStore(name='cart', engine=engine, "
+        "serializer=PydanticMessageSerializer(ItemAdded | ItemRemoved))\n"
+        "stream = store.aggregated_stream(name='carts', partitioner=StreamNamePartitioner(1), "
+        "stream_wildcards=['cart-%'])\n"
+        "register = depeche_nb.MessageHandlerRegister()\n"
+        "def added(event: ItemAdded) -> None:\n"
+        "    pass\n"
+        "register.register(added)\n"
+        "sub = stream.subscription(name='cart_view', handlers=register)\n"
+        "store.write_all('cart-1', [ItemAdded(sku='a'), ItemRemoved(sku='a'), ItemRemoved(sku='b')])\n"
+        "stream.projector.run()"
+    )
+    out = kernel.run("print(sub.runner.step())")
+    assert out.startswith(
+        "subscription 'cart_view' has no handler for ItemRemoved: its messages are acknowledged "
+        "unhandled, skipped for good (the first at partition 0, position 1)"
+    )
+    assert kernel.stderr == out.split("\n", 1)[0] + "\n"  # one line, on stderr
+    assert out.endswith(
+        "<RunnerReport cart_view: 1 handled, 2 acknowledged without a handler (ItemRemoved ×2)>\n"
+    )
+    out = kernel.run(
+        "store.write('cart-1', ItemRemoved(sku='c')); stream.projector.run()\nprint(sub.runner.step())"
+    )
+    assert kernel.stderr == ""  # said once per type
+    assert out == "<RunnerReport cart_view: 1 acknowledged without a handler (ItemRemoved ×1)>\n"
     kernel.run(f"engine.dispose(); depeche_nb.connect(schema={schema!r}, fresh=True).dispose()")

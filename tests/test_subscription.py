@@ -385,6 +385,39 @@ def test_message_without_handler_is_acked_and_reported(env: Env) -> None:
     assert len(subscription.runner.step()) == 0
 
 
+def test_messages_without_a_handler_are_said_once_per_type(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Acknowledged without a handler means skipped for good: the report words it, and the
+    log says it once per message type (a worker's log; a notebook cell's stderr)."""
+
+    def only_numbered(message: Numbered) -> None:
+        return None
+
+    env.write(1, Numbered(number=1), Renamed(name="a"), Renamed(name="b"), Numbered(number=2))
+    env.project()
+    subscription = env.subscription(register(only_numbered))
+    caplog.set_level(logging.WARNING, logger=f"depeche_nb.subscription.{subscription.name}")
+    report = subscription.runner.step(max_messages=3)
+    assert report.counts() == {"handled": 1, "no handler": 2}
+    assert report.without_handler() == {"Renamed": 2}
+    assert repr(report) == (
+        f"<RunnerReport {subscription.name}: 1 handled, 2 acknowledged without a handler (Renamed ×2)>"
+    )
+    warnings = [r for r in caplog.records if r.name == f"depeche_nb.subscription.{subscription.name}"]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
+    assert warnings[0].getMessage() == (
+        f"subscription {subscription.name!r} has no handler for Renamed: its messages are "
+        "acknowledged unhandled, skipped for good (the first at partition 1, position 1); register "
+        "a handler for Renamed if this subscription should see them (logged once per message type)"
+    )
+
+    env.write(1, Renamed(name="c"))
+    env.project()
+    assert subscription.runner.step().counts() == {"handled": 1, "no handler": 1}
+    assert len([r for r in caplog.records if r.name == warnings[0].name]) == 1  # once per type
+
+
 def test_class_handler_that_forgets_super_init_still_dispatches(env: Env) -> None:
     class NoSuper(MessageHandler[Numbered]):
         def __init__(self) -> None:

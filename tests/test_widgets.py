@@ -11,6 +11,7 @@ import hashlib
 import html
 import io
 import itertools
+import json
 import re
 import threading
 import time
@@ -29,7 +30,13 @@ from depeche_nb import ExitSubscriptionErrorHandler, MessageHandlerRegister, Sto
 from depeche_nb.event_sourcing import EventSourcedAggregateRoot, EventStoreRepo, NotFound
 from depeche_nb.notebook import live as live_module
 from depeche_nb.notebook.live import LiveRefresher
-from depeche_nb.notebook.widgets import PALETTE, legend_key, stream_colour_index
+from depeche_nb.notebook.widgets import (
+    PALETTE,
+    TRACEBACK_CHARS,
+    error_html,
+    legend_key,
+    stream_colour_index,
+)
 from depeche_nb.postgres.listener import APPLICATION_NAME
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
@@ -197,6 +204,46 @@ def test_stream_browser_pages_through_a_wildcard(engine: sa.Engine, unique_name:
         assert browser.last_error is None
     finally:
         browser.close()
+
+
+class Tagged(pydantic.BaseModel):
+    """jsonb orders keys by length: its message id `id` would lead every preview."""
+
+    id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    customer_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    order_id: str
+    note: str
+    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    def get_message_id(self) -> uuid.UUID:
+        return self.id
+
+    def get_message_time(self) -> dt.datetime:
+        return self.occurred_at
+
+
+def test_payload_previews_put_ids_last(engine: sa.Engine, unique_name: str) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Tagged))
+    message = Tagged(order_id="order-7", note="gift wrap " + "y" * 200, occurred_at=dt.datetime(2024, 5, 6))
+    store.write("t-1", message)
+    expected = (
+        f'{{"note": "{message.note}", "order_id": "order-7", "occurred_at": "2024-05-06T00:00:00", '
+        f'"id": "{message.id}", "customer_id": "{message.customer_id}"}}'
+    )
+    browser = StreamBrowser(store, live=False)
+    try:
+        # The table's preview is cut after 120 characters; the business fields come first.
+        (row,) = browser.rows
+        assert row[6] == expected[: len(row[6])] and row[6].startswith('{"note": "gift wrap')
+        pane = html.unescape(browser.payload.value)
+        assert pane.index('"order_id"') < pane.index('"id"') < pane.index('"customer_id"')
+        assert json.loads(pane.split('<pre class="dnb-json">', 1)[1].split("</pre>", 1)[0]) == json.loads(
+            expected
+        )
+    finally:
+        browser.close()
+    # The store's repr shows the same preview.
+    assert html.escape(expected[:60]) in store._repr_html_()
 
 
 def test_stream_browser_selector_shows_one_payload(engine: sa.Engine, unique_name: str) -> None:
@@ -379,10 +426,108 @@ def test_stepper_shows_handler_errors(engine: sa.Engine, unique_name: str) -> No
         assert data_rows(stepper.last_step.value) == 2
         assert [s.lag for s in stepper.states] == [2]  # the failed message was not acknowledged
 
+        # The traceback, on demand: a closed toggle under the error line, the runner's note
+        # naming the failed message at its end; escaped like the rest.
+        failed = stepper.last_report.handled[-1]
+        toggle = stepper.error.value.split('<details class="dnb-traceback">', 1)[1]
+        assert toggle.startswith("<summary>show traceback</summary><pre")
+        shown = html.unescape(toggle)
+        assert "Traceback (most recent call last)" in shown and "raise RuntimeError(HOSTILE)" in shown
+        assert (
+            shown.rstrip()
+            .removesuffix("</pre></details></div>")
+            .rstrip()
+            .endswith(
+                f"while subscription {subscription.name!r} handled message {failed.message_id} (Numbered, "
+                f"stream 'n-0' version 2, partition 0 position 1, global position "
+                f"{list(store.read('n-0'))[1].global_position}; 1 attempt(s))"
+            )
+        )
+        assert HOSTILE not in toggle
+        # A display of the widget after the failure (the static snapshot) shows it too.
+        snapshot = stepper.snapshot_html()
+        assert "RuntimeError" in text(snapshot) and "<summary>show traceback</summary>" in snapshot
+        assert f"handled message {failed.message_id}" in html.unescape(snapshot)
+
         recorder.fail_on = set()
         stepper.step_button.click()
         assert stepper.last_error is None and stepper.error.value == ""
+        assert "show traceback" not in stepper.snapshot_html()
         assert recorder.seen == [0, 1, 2] and [s.lag for s in stepper.states] == [0]
+    finally:
+        stepper.close()
+
+
+def test_a_long_traceback_keeps_its_end() -> None:
+    try:
+        raise ValueError("x" * (2 * TRACEBACK_CHARS))
+    except ValueError as error:
+        error.add_note("while handling the message that failed")
+        page = error_html(error, "Step stopped by an error")
+    assert len(page) < TRACEBACK_CHARS + 5_000  # the error line and the traceback, both bounded
+    trace = html.unescape(page.split("<pre", 1)[1])
+    assert "characters cut)" in trace
+    assert trace.removesuffix("</pre></details>").endswith("while handling the message that failed\n")
+
+
+def test_stepper_counts_agree_with_the_report(engine: sa.Engine, unique_name: str) -> None:
+    """Run to end over four good messages and a failing one: everything says 4 handled,
+    1 failed (it used to say "5 messages handled" beside "handled 4, failed 1")."""
+    recorder = Recorder()
+    recorder.fail_on = {4}
+    store, stream, subscription = _subscription(engine, unique_name, recorder, partitions=1)
+    store.write_all("n-0", [Numbered(number=n) for n in range(6)])
+    stream.projector.run()
+    stepper = SubscriptionStepper(subscription, live=False)
+    try:
+        stepper.run_button.click()
+        shown = text(stepper.last_step.value)
+        assert "5 messages handled" not in shown
+        assert "Run to end: 5 messages — 4 handled, 1 failed" in shown
+        assert "messages 5 · handled 4 · failed 1" in shown
+        assert "1 message failed: not acknowledged, delivered again by the next step" in shown
+        report = stepper.last_report
+        assert report is not None and report.counts() == {"handled": 4, "failed": 1}
+        assert repr(report) == f"<RunnerReport {subscription.name}: 4 handled, 1 failed>"
+        assert '<div class="dnb-warn">Run to end: 5 messages' in stepper.last_step.value
+        assert "Run to end stopped by an error" in text(stepper.error.value)
+    finally:
+        stepper.close()
+
+
+def test_stepper_says_when_messages_had_no_handler(engine: sa.Engine, unique_name: str) -> None:
+    store = _store(engine, unique_name)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=ByNumber(1), stream_wildcards=["n-%"]
+    )
+    only_numbered: MessageHandlerRegister[Any] = MessageHandlerRegister()
+    seen: list[int] = []
+
+    def handle_numbered(message: Numbered) -> None:
+        seen.append(message.number)
+
+    only_numbered.register(handle_numbered)
+    subscription = stream.subscription(name=f"{unique_name}_sub", handlers=only_numbered)
+    store.write_all(
+        "n-0", [Numbered(number=1), *(Renamed(name=f"r{n}") for n in range(3)), Numbered(number=2)]
+    )
+    stream.projector.run()
+    stepper = SubscriptionStepper(subscription, live=False)
+    try:
+        stepper.step_button.click()
+        assert seen == [1, 2] and [s.lag for s in stepper.states] == [0]
+        page = stepper.last_step.value
+        shown = text(page)
+        assert "Step: 5 messages — 2 handled, 3 acknowledged without a handler (Renamed ×3)" in shown
+        assert '<div class="dnb-warn">Step: 5 messages' in page  # not the muted note style
+        warning = (
+            "3 messages acknowledged without a handler: Renamed ×3 — register a handler for them, "
+            "or they are skipped for good"
+        )
+        assert f'<div class="dnb-warn">{html.escape(warning)}</div>' in page
+        assert "messages 5 · handled 2 · no handler 3" in shown
+        assert warning in text(stepper.snapshot_html())
+        assert stepper.last_error is None
     finally:
         stepper.close()
 
@@ -493,6 +638,17 @@ def test_widgets_degrade_to_static_html(engine: sa.Engine, unique_name: str) -> 
             assert "<table" in page and len(page) < 60_000
         assert "n-1" in made[0]._repr_html_() and ">0-2<" in made[1]._repr_html_()
         assert "lag 3" in text(made[2]._repr_html_())
+        # Read as plain text (what a sanitiser that strips the style leaves), each says what it
+        # shows: the facts stay apart, the partition map's keys stand for colours, a bar has
+        # its percentage.
+        browser, pmap, stepper = (text(widget.snapshot_html()) for widget in made)
+        assert f"StreamBrowser {store.name} · % messages 1-3 of 3 global position stream version" in browser
+        assert "partition positions 1 0-2 A A A A n-1 Latest assignments" in pmap
+        assert f"stream {stream.name} · 1 partition · lag 3 · parked 0 · initialised no" in stepper
+        assert "partition position head lag 1 0% -1 2 lag 3" in stepper
+        subscription.runner.step(1)
+        made[2].refresh()
+        assert "partition position head lag 1 33% 0 2 lag 2" in text(made[2].snapshot_html())
     finally:
         for widget in made:
             widget.close()
@@ -696,6 +852,8 @@ def test_plots_return_figures(engine: sa.Engine, unique_name: str) -> None:
     assert len(handled) == len(waiting) == 3
     assert [b.get_height() for b in handled] + [b.get_height() for b in waiting] == [3, 0, 0, 1, 1, 2]
     assert "lag 4" in lag_ax.get_title()
+    # Acknowledged, not "handled": the position also moves past messages without a handler.
+    assert [t.get_text() for t in lag_ax.get_legend().get_texts()] == ["acknowledged", "waiting (lag)"]
 
     import matplotlib.pyplot as plt
 

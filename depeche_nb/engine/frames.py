@@ -9,8 +9,13 @@ dataclasses, which the HTML reprs use without loading pandas.
 Projection lag: which partition a waiting message will land in is only known
 once the projector has run the partitioner on it, so lag cannot be given per
 partition. What can be known exactly is how many stored messages match the
-stream's wildcards but are not projected yet (`unprojected_count`), reported
-per aggregated stream.
+stream's wildcards but the projector has not taken yet (`unprojected_count`:
+neither projected nor dead-lettered), reported per aggregated stream.
+
+Cost: the overviews, `partitions_dataframe` and `subscription_state_dataframe`
+read rows in proportion to the partitions, and the projection lag in proportion
+to itself (see `StreamViews`), never in proportion to the messages stored or
+projected. A repr counts the lag up to `UNPROJECTED_CAP` and then says "more than".
 
 "Locked right now": `DbLockProvider` holds a partition as a session advisory
 lock on the 64-bit key `advisory_key(provider.name, lock_name)`. PostgreSQL
@@ -38,6 +43,7 @@ from depeche_nb.store.frames import (
     NULLABLE_BOOL,
     STRING,
     UTC,
+    Count,
     check_limit,
     frame_from_rows,
     stream_chunks,
@@ -51,6 +57,8 @@ if TYPE_CHECKING:
     from depeche_nb.engine.subscription import Subscription
 
 _MASK32 = 0xFFFFFFFF
+# A repr counts the projection lag up to this many messages.
+UNPROJECTED_CAP = 10_000
 
 
 # -- aggregated streams -------------------------------------------------------------------------
@@ -94,8 +102,10 @@ def assignments_dataframe(
 
 @_dc.dataclass(frozen=True)
 class PartitionSummary:
-    """One partition of an aggregated stream. Positions are gapless from 0, so
-    `messages == head_position + 1`."""
+    """One partition of an aggregated stream. Positions are gapless from 0 (except where
+    adopted from Depeche DB), so `messages == head_position + 1`. The global positions
+    and the time are those of the messages at the partition's first position and at its
+    head: a late commit can be projected after messages with higher global positions."""
 
     partition: int
     messages: int
@@ -112,7 +122,7 @@ class AggregatedStreamOverview:
     wildcards: list[str]
     partitions: list[PartitionSummary]  # by partition number
     projected: int  # messages in all partitions
-    unprojected: int  # stored messages matching the wildcards, not projected yet
+    unprojected: Count  # stored messages matching the wildcards not taken yet, up to a cap
     last_projected_at: _dt.datetime | None
     checkpoint_updated_at: _dt.datetime | None  # when a projector step last finished
     dead_letters: int = 0  # unresolved messages the projector parked or holds back
@@ -124,12 +134,11 @@ def partition_summaries(stream: AggregatedStream[Any]) -> list[PartitionSummary]
         return [PartitionSummary(*row) for row in cursor.fetchall()]
 
 
-def unprojected_count(stream: AggregatedStream[Any]) -> int:
-    """Stored messages matching the stream's wildcards that no partition holds yet: exactly
-    the projector's backlog (it selects with the same `LIKE ANY`)."""
-    with autocommit_cursor(stream.engine) as cursor:
-        cursor.execute(stream.views.unprojected_count_sql, (list(stream.stream_wildcards),))
-        return int(cursor.fetchone()[0])
+def unprojected_count(stream: AggregatedStream[Any], limit: int | None = None) -> int:
+    """Stored messages matching the stream's wildcards that the projector has neither
+    projected nor dead-lettered yet: exactly its backlog. Reads only the backlog (see
+    `StreamViews.unprojected_count`), and counts at most `limit` of it (None: all)."""
+    return stream.views.unprojected_count(stream.engine, list(stream.stream_wildcards), limit)
 
 
 _PARTITION_KINDS = (
@@ -163,11 +172,14 @@ def dead_letters_dataframe(stream: AggregatedStream[Any], include_resolved: bool
 
 def partitions_dataframe(stream: AggregatedStream[Any]) -> pd.DataFrame:
     """One row per partition: `partition`, `messages`, `head_position`,
-    `first_global_position`, `last_global_position`, `last_projected_at`.
+    `first_global_position`, `last_global_position`, `last_projected_at` (the last three of
+    the messages at its first position and at its head, see `PartitionSummary`).
 
-    `frame.attrs["unprojected_messages"]`: stored messages matching the
-    wildcards that are not projected yet (the stream's projection lag; it has
-    no per-partition split before the partitioner ran, see the module notes).
+    `frame.attrs["unprojected_messages"]`: stored messages matching the wildcards that
+    the projector has neither projected nor dead-lettered yet (the stream's projection
+    lag, exact; it has no per-partition split before the partitioner ran, see the module
+    notes). Reading it costs in proportion to the lag, the rest in proportion to the
+    partitions.
     """
     summaries = partition_summaries(stream)
     frame = frame_from_rows([_dc.astuple(s) for s in summaries], _PARTITION_KINDS)
@@ -176,9 +188,10 @@ def partitions_dataframe(stream: AggregatedStream[Any]) -> pd.DataFrame:
 
 
 def aggregated_stream_overview(stream: AggregatedStream[Any]) -> AggregatedStreamOverview:
-    """Everything an aggregated stream's repr shows (a few grouped statements)."""
+    """Everything an aggregated stream's repr shows (a few statements, each bounded by the
+    partitions or by `UNPROJECTED_CAP`)."""
     summaries = partition_summaries(stream)
-    unprojected = unprojected_count(stream)
+    unprojected = Count.capped(unprojected_count(stream, UNPROJECTED_CAP + 1), UNPROJECTED_CAP)
     with autocommit_cursor(stream.engine) as cursor:
         cursor.execute(stream.views.checkpoint_updated_sql)
         row = cursor.fetchone()
@@ -304,6 +317,7 @@ def subscription_overview(subscription: Subscription[Any]) -> SubscriptionOvervi
 
 
 __all__ = [
+    "UNPROJECTED_CAP",
     "AggregatedStreamOverview",
     "PartitionState",
     "PartitionSummary",

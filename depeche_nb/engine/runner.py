@@ -10,6 +10,7 @@ implement `RunOnNotification` for the executor.
 from __future__ import annotations
 
 import dataclasses as _dc
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -25,7 +26,7 @@ from depeche_nb.core.interfaces import (
 )
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.acks import AckOp, BatchAck
-from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED, SubscriptionMessageHandler
+from depeche_nb.engine.handlers import HANDLED, IGNORED, NO_HANDLER, PARKED, SubscriptionMessageHandler
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
 from depeche_nb.engine.parking import PARKED as STATUS_PARKED
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 E = TypeVar("E")
 
 FAILED = "failed"
+# The handler called `message.ack.rollback()`: not acknowledged, delivered again.
+ROLLED_BACK = "rolled back"
+# Every outcome, in the order reports list their counts; all but the last two store the
+# message's position, so the message is not delivered again.
+OUTCOMES = (HANDLED, NO_HANDLER, PARKED, IGNORED, ROLLED_BACK, FAILED)
 CONTENTION_RETRY_S = 0.5
 
 
@@ -58,7 +64,13 @@ class HandledMessage:
 
 @_dc.dataclass
 class RunnerReport(RichRepr):
-    """What one runner step (or run) handled."""
+    """What one runner step (or run) did: one record per delivery, whatever its outcome.
+
+    `handled` keeps Depeche DB-era naming but lists every outcome (handled, no
+    handler, parked, ..., failed); `counts()` tells them apart, and every
+    display of a report (its repr, its HTML, the stepper) words them through
+    `describe()`, so a failed attempt is never counted as handled.
+    """
 
     subscription_name: str
     handled: list[HandledMessage] = _dc.field(default_factory=list)
@@ -73,12 +85,39 @@ class RunnerReport(RichRepr):
     def to_dataframe(self) -> pd.DataFrame:
         return records_dataframe(self.handled, HandledMessage, ("partition", "position", "attempts"))
 
-    def summary(self) -> str:
-        counts: dict[str, int] = {}
+    def counts(self) -> dict[str, int]:
+        """Deliveries per outcome (only outcomes that occurred), in the order of `OUTCOMES`."""
+        counts = {outcome: 0 for outcome in OUTCOMES}
         for item in self.handled:
             counts[item.outcome] = counts.get(item.outcome, 0) + 1
-        detail = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "nothing to do"
-        return f"{self.subscription_name}: {detail}"
+        return {outcome: n for outcome, n in counts.items() if n}
+
+    def without_handler(self) -> dict[str, int]:
+        """Message type -> how many of its messages were acknowledged without a handler
+        (skipped for good: the position moved past them)."""
+        types: dict[str, int] = {}
+        for item in self.handled:
+            if item.outcome == NO_HANDLER:
+                types[item.message_type] = types.get(item.message_type, 0) + 1
+        return types
+
+    def without_handler_words(self) -> str:
+        """'ItemRemoved ×3, ItemRenamed ×1': `without_handler()` in words."""
+        return ", ".join(f"{name} ×{n}" for name, n in self.without_handler().items())
+
+    def describe(self) -> str:
+        """The counts in words: '4 handled, 1 failed', 'nothing to do', or with
+        '3 acknowledged without a handler (ItemRemoved ×3)'."""
+        parts = []
+        for outcome, n in self.counts().items():
+            if outcome == NO_HANDLER:
+                parts.append(f"{n} acknowledged without a handler ({self.without_handler_words()})")
+            else:
+                parts.append(f"{n} {outcome}")
+        return ", ".join(parts) or "nothing to do"
+
+    def summary(self) -> str:
+        return f"{self.subscription_name}: {self.describe()}"
 
     def __repr__(self) -> str:
         return f"<RunnerReport {self.summary()}>"
@@ -98,6 +137,8 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         self.batch_size = batch_size or subscription.batch_size
         self._keep_running = True
         self.last_report: RunnerReport | None = None
+        # Message types already logged as acknowledged without a handler (once each).
+        self._logged_without_handler: set[str] = set()
 
     # -- RunOnNotification --------------------------------------------------------------------
 
@@ -245,7 +286,7 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
                 outcome = self.message_handler.call(message)
                 if isinstance(ack, AckOp):
                     if ack.rolled_back:
-                        report.handled.append(self._record(message, outcome, attempt, None))
+                        report.handled.append(self._record(message, ROLLED_BACK, attempt, None))
                         return False
                     if ack.in_caller_transaction:
                         ack.verify()
@@ -265,8 +306,30 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
                 outcome = PARKED if action is ErrorAction.PARK else IGNORED
                 report.handled.append(self._record(message, outcome, attempt, error))
                 return True
+            if outcome == NO_HANDLER:
+                self._log_without_handler(message)
             report.handled.append(self._record(message, outcome, attempt, None))
             return True
+
+    def _log_without_handler(self, message: SubscriptionMessage[E]) -> None:
+        """A forgotten handler loses messages silently (the position moves past them), so say
+        it once per message type: the report shows it in a notebook, this line in a
+        worker's log (and, with logging unconfigured, on a notebook cell's stderr)."""
+        type_name = type(message.stored_message.message).__name__
+        if type_name in self._logged_without_handler:
+            return
+        self._logged_without_handler.add(type_name)
+        name = self.subscription.name
+        logging.getLogger(f"depeche_nb.subscription.{name}").warning(
+            "subscription %r has no handler for %s: its messages are acknowledged unhandled, skipped "
+            "for good (the first at partition %d, position %d); register a handler for %s if this "
+            "subscription should see them (logged once per message type)",
+            name,
+            type_name,
+            message.partition,
+            message.position,
+            type_name,
+        )
 
     def _park(
         self, message: SubscriptionMessage[E], status: str, attempts: int, error: Exception, ack: Any
@@ -340,6 +403,8 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
 __all__ = [
     "FAILED",
     "HANDLED",
+    "OUTCOMES",
+    "ROLLED_BACK",
     "BatchedAckSubscriptionRunner",
     "HandledMessage",
     "RunnerReport",

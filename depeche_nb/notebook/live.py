@@ -11,7 +11,8 @@ Why this shape:
   is never lost: it leaves the state "dirty", which the next refresh clears.
 * Widgets are touched on the kernel's main thread only. ipywidgets' trait
   updates and comm messages are not meant to come from arbitrary threads
-  (a `with out:` from another thread races, see NOTEBOOK_FACTS.md), so in a
+  (a `with out:` from another thread races with the cell's own output
+  capture, and inside IPython `Output.__exit__` swallows exceptions), so in a
   kernel the thread only schedules the refresh with
   `get_ipython().kernel.io_loop.add_callback(...)` (a tornado IOLoop on the
   main thread in ipykernel 6 and 7; `add_callback` is its one thread-safe

@@ -55,14 +55,18 @@ def plot_partition_sizes(aggregated_stream: AggregatedStream[Any], ax: Axes | No
 
 
 def plot_subscription_lag(subscription: Subscription[Any], ax: Axes | None = None) -> Figure:
-    """Per partition, stacked: messages handled (acknowledged) and messages waiting (lag)."""
+    """Per partition, stacked: messages acknowledged and messages waiting (lag).
+
+    "Acknowledged", not "handled": the position also moves past messages that
+    had no handler or were parked.
+    """
     states = partition_states(subscription)
     figure, axes = _axes(ax, _width(len(states)))
     labels = [str(s.partition) for s in states]
-    handled = [max(s.position + 1, 0) for s in states]
+    acknowledged = [max(s.position + 1, 0) for s in states]
     waiting = [max(s.lag, 0) for s in states]
-    axes.bar(labels, handled, color="#54a24b", label="handled")
-    axes.bar(labels, waiting, bottom=handled, color="#f58518", label="waiting (lag)")
+    axes.bar(labels, acknowledged, color="#54a24b", label="acknowledged")
+    axes.bar(labels, waiting, bottom=acknowledged, color="#f58518", label="waiting (lag)")
     axes.set_xlabel("partition")
     axes.set_ylabel("messages")
     axes.set_title(f"{subscription.name}: lag {sum(waiting):,}")

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.frames import aggregated_stream_overview, subscription_overview
-from depeche_nb.engine.handlers import HANDLED
-from depeche_nb.engine.health import BACKING_OFF, FAILED, ExecutorHealth
+from depeche_nb.engine.handlers import HANDLED, NO_HANDLER
+from depeche_nb.engine.health import BACKING_OFF, ExecutorHealth
+from depeche_nb.engine.health import FAILED as WORKER_FAILED
 from depeche_nb.engine.projector import ProjectionReport
-from depeche_nb.engine.runner import RunnerReport
+from depeche_nb.engine.runner import FAILED, RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import HANDLED as TRACE_HANDLED
 from depeche_nb.engine.trace import PENDING as TRACE_PENDING
@@ -63,9 +64,12 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             ]
         ),
     ]
-    if not ov.messages:
+    if not ov.messages.value:
         parts.append(h.note("empty: nothing written yet"))
         return h.box(*parts)
+    # The stream count is exact up to the view's default limit and "more than" it beyond,
+    # so this names the call that really lists every stream.
+    every_stream = "store.streams_dataframe()" if ov.streams.exact else "store.streams_dataframe(limit=None)"
     parts.append(h.section("Streams (most recently written first)"))
     parts.append(
         h.table(
@@ -77,7 +81,7 @@ def render_store(store: MessageStoreBase[Any]) -> str:
             total=ov.streams,
             keep="first",
             noun="stream",
-            hint="store.streams_dataframe() lists them all",
+            hint=f"{every_stream} lists them all",
         )
     )
     parts.append(h.section("Latest messages"))
@@ -123,7 +127,7 @@ def render_stored_message(message: StoredMessage[Any]) -> str:
 @guarded
 def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
     ov = aggregated_stream_overview(stream)
-    lag_class = "dnb-warn" if ov.unprojected else "dnb-ok"
+    lag_class = "dnb-warn" if ov.unprojected.value else "dnb-ok"
     parts = [
         h.title("AggregatedStream", ov.name),
         h.facts(
@@ -132,13 +136,13 @@ def render_aggregated_stream(stream: AggregatedStream[Any]) -> str:
                 ("wildcards", ", ".join(ov.wildcards)),
                 h.count(len(ov.partitions), "partition"),
                 ("projected", f"{ov.projected:,}"),
-                ("unprojected", f"{ov.unprojected:,}"),
+                ("unprojected", ov.unprojected),
                 ("last projected", ov.last_projected_at),
             ],
             css={"unprojected": lag_class},
         ),
     ]
-    if ov.unprojected:
+    if ov.unprojected.value:
         parts.append(
             h.note(
                 f"{h.count(ov.unprojected, 'stored message')} matching the wildcards not projected "
@@ -264,18 +268,31 @@ def render_projection_report(report: ProjectionReport) -> str:
 
 @guarded
 def render_runner_report(report: RunnerReport) -> str:
-    outcomes: dict[str, int] = {}
-    for item in report.handled:
-        outcomes[item.outcome] = outcomes.get(item.outcome, 0) + 1
-    # Anything but a clean HANDLED deserves a second look (parked, ignored, failed).
-    failed = {name for name in outcomes if name != HANDLED}
+    counts = report.counts()
     parts = [
         h.title("RunnerReport", report.subscription_name),
         h.facts(
-            [("messages", len(report.handled)), *outcomes.items()] if report.handled else ["nothing to do"],
-            css={name: "dnb-warn" for name in failed} | {HANDLED: "dnb-ok"},
+            [("messages", len(report.handled)), *counts.items()] if report.handled else ["nothing to do"],
+            # Anything but a clean HANDLED deserves a second look (no handler, parked, failed).
+            css={name: "dnb-warn" for name in counts if name != HANDLED} | {HANDLED: "dnb-ok"},
         ),
     ]
+    if counts.get(NO_HANDLER):
+        # Not a muted note: a forgotten handler silently loses these messages for this subscription.
+        parts.append(
+            h.warning(
+                f"{h.count(counts[NO_HANDLER], 'message')} acknowledged without a handler: "
+                f"{report.without_handler_words()} — "
+                "register a handler for them, or they are skipped for good"
+            )
+        )
+    if counts.get(FAILED):
+        parts.append(
+            h.warning(
+                f"{h.count(counts[FAILED], 'message')} failed: not acknowledged, "
+                "delivered again by the next step"
+            )
+        )
     if report.handled:
         parts.append(
             h.table(
@@ -316,7 +333,9 @@ def render_executor_health(health: ExecutorHealth) -> str:
                     (
                         w.handler,
                         w.channel,
-                        w.state if w.alive or w.state in (BACKING_OFF, FAILED) else f"{w.state} (ended)",
+                        w.state
+                        if w.alive or w.state in (BACKING_OFF, WORKER_FAILED)
+                        else f"{w.state} (ended)",
                         w.runs,
                         w.errors,
                         w.recoveries,

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ import ipywidgets as widgets
 
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.frames import PartitionState, subscription_overview
+from depeche_nb.engine.handlers import HANDLED
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -89,16 +91,18 @@ WIDGET_STYLE = (
     ".dnb .dnb-pm-grid td.dnb-pm-more,.dnb .dnb-pm-grid td.dnb-pm-range{opacity:.7;background:transparent;"
     "color:inherit;text-align:right}"
     ".dnb .dnb-pm-legend{display:flex;flex-wrap:wrap;gap:2px 12px;margin:4px 0 0 0}"
-    ".dnb .dnb-pm-swatch{display:inline-block;min-width:16px;padding:0 3px;margin-right:4px;"
+    ".dnb .dnb-pm-swatch{display:inline-block;min-width:16px;padding:0 3px;"
     "text-align:center;color:#111;border-radius:2px;font-size:11px}"
     + "".join(f".dnb .dnb-c{i}{{background:{colour}}}" for i, colour in enumerate(PALETTE))
     + ".dnb .dnb-bar{display:inline-block;width:160px;height:10px;vertical-align:middle;"
     "background:rgba(128,128,128,.25);border-radius:2px;overflow:hidden}"
-    ".dnb .dnb-bar-fill{height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
+    ".dnb .dnb-bar-fill{display:block;height:100%;background:var(--jp-brand-color1,#2f7ed8)}"
     ".dnb .dnb-bar-done .dnb-bar-fill{background:var(--jp-success-color1,#3a9a3a)}"
-    ".dnb pre.dnb-json{font-family:var(--jp-code-font-family,monospace);font-size:inherit;margin:2px 0;"
-    "padding:0;white-space:pre-wrap;word-break:break-all;background:transparent;color:inherit;"
-    "max-height:400px;overflow:auto}"
+    ".dnb .dnb-alt{display:none}"
+    ".dnb details.dnb-traceback summary{cursor:pointer;opacity:.8}"
+    ".dnb pre.dnb-json,.dnb pre.dnb-pre{font-family:var(--jp-code-font-family,monospace);"
+    "font-size:inherit;margin:2px 0;padding:0;white-space:pre-wrap;word-break:break-all;"
+    "background:transparent;color:inherit;max-height:400px;overflow:auto}"
     "</style>"
 )
 
@@ -108,8 +112,12 @@ TIMELINE_STYLE = (
     ".dnb .dnb-changed-mark{font-weight:600}</style>"
 )
 
+# Text shown only where the style sheet is stripped, between items the style spaces itself.
+_ALT_SEPARATOR = '<span class="dnb-alt"> · </span>'
+
 # Characters of a payload shown by the browser (cut server-side beyond this).
 PAYLOAD_CHARS = 20_000
+TRACEBACK_CHARS = 20_000
 PREVIEW_CHARS = 120
 MAX_PAGE_SIZE = 200
 
@@ -140,10 +148,26 @@ def page(*parts: str) -> str:
 
 
 def error_html(error: BaseException, context: str = "") -> str:
+    """The error line, and the traceback behind a "show traceback" toggle.
+
+    The toggle is a plain `<details>` element: it opens in the browser without a
+    round trip to the kernel, and works in the static snapshot too. The
+    traceback includes the exception's notes (the runner's names the failed
+    message); when long, its end is kept, where the error and the notes are.
+    """
     text = f"{type(error).__name__}: {error}"
     if context:
         text = f"{context}: {text}"
-    return page(f'<div class="dnb-error">{h.esc(h.cut(text, 2000))}</div>')
+    parts = [f'<div class="dnb-error">{h.esc(h.cut(text, 2000))}</div>']
+    if error.__traceback__ is not None:
+        trace = "".join(traceback.format_exception(error))
+        if len(trace) > TRACEBACK_CHARS:
+            trace = f"… ({len(trace) - TRACEBACK_CHARS:,} characters cut)\n" + trace[-TRACEBACK_CHARS:]
+        parts.append(
+            '<details class="dnb-traceback"><summary>show traceback</summary>'
+            f'<pre class="dnb-pre">{h.esc(trace)}</pre></details>'
+        )
+    return "".join(parts)
 
 
 class _DnbWidget(widgets.VBox):  # type: ignore[misc]
@@ -156,6 +180,8 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
         self._refresh_failed = False
         self._live: LiveRefresher | None = None
         self.last_error: BaseException | None = None
+        # The error line's content, also part of the static snapshot.
+        self._error_body = ""
         self.error = widgets.HTML(value="")
         self.error.add_class("dnb-error-line")
         self.status = widgets.HTML(value="")
@@ -261,11 +287,13 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
 
     def _show_error(self, error: BaseException, context: str = "") -> None:
         self.last_error = error
-        self.error.value = error_html(error, context)
+        self._error_body = error_html(error, context)
+        self.error.value = page(self._error_body)
 
     def _clear_error(self) -> None:
         self.last_error = None
         self._refresh_failed = False
+        self._error_body = ""
         if self.error.value:
             self.error.value = ""
 
@@ -308,6 +336,16 @@ def _button(description: str, css: str, tooltip: str = "", icon: str = "") -> An
     button.add_class(css)
     button.layout.width = "auto"
     return button
+
+
+def _step_words(report: RunnerReport) -> str:
+    """'3 messages handled', or with the other outcomes: '5 messages — 4 handled, 1 failed'."""
+    if not report.handled:
+        return "nothing to do"
+    messages = h.count(len(report.handled), "message")
+    if set(report.counts()) == {HANDLED}:
+        return f"{messages} handled"
+    return f"{messages} — {report.describe()}"
 
 
 def _positive_int(name: str, value: object, maximum: int | None = None) -> int:
@@ -523,7 +561,7 @@ class StreamBrowser(_DnbWidget):
 
     def snapshot_html(self) -> str:
         payload = self._payload_html(self.selector.value) if self.rows else ""
-        return page(self._table_html(), payload)
+        return page(self._table_html(), payload, self._error_body)
 
     def __repr__(self) -> str:
         return (
@@ -656,12 +694,14 @@ class PartitionMap(_DnbWidget):
     def _legend_html(self, limit: int = 40) -> str:
         items = []
         for stream, key in list(self.stream_keys.items())[:limit]:
+            # The space (not a margin) and the separator keep "A order-0 · B order-1" apart
+            # where the style is stripped.
             items.append(
-                f'<span><span class="dnb-pm-swatch dnb-c{stream_colour_index(stream)}">{h.esc(key)}</span>'
+                f'<span><span class="dnb-pm-swatch dnb-c{stream_colour_index(stream)}">{h.esc(key)}</span> '
                 f'<span class="dnb-name">{h.esc(h.cut(stream, 60))}</span></span>'
             )
         more = len(self.stream_keys) - limit
-        legend = f'<div class="dnb-pm-legend">{"".join(items)}</div>'
+        legend = f'<div class="dnb-pm-legend">{_ALT_SEPARATOR.join(items)}</div>'
         return legend + (h.note(f"… {more:,} more streams") if more > 0 else "")
 
     def _assignments_html(self) -> str:
@@ -684,6 +724,7 @@ class PartitionMap(_DnbWidget):
             self._header_html(),
             f'<div class="dnb-pm-layout"><div>{self._grid_html()}</div>'
             f"<div>{self._assignments_html()}</div></div>",
+            self._error_body,
         )
 
     def __repr__(self) -> str:
@@ -741,6 +782,7 @@ class SubscriptionStepper(_DnbWidget):
         self.last_step.add_class("dnb-stepper-last-step")
         self.bars = widgets.HTML(value="")
         self.bars.add_class("dnb-stepper-bars")
+        self.error.add_class("dnb-stepper-error")
 
         busy = "busy: the previous action is still running"
         self.step_button.on_click(lambda _: self._run_locked(lambda: self._step(None), busy))
@@ -766,7 +808,7 @@ class SubscriptionStepper(_DnbWidget):
             self.bars,
             self.status,
         )
-        self.last_step.value = page(h.section("Last step"), h.note(self._last_note))
+        self.last_step.value = page(self._last_step_html())
         self.refresh()
         stream = subscription.stream
         self._start_live(live, stream.engine, [stream.notification_channel])
@@ -822,8 +864,7 @@ class SubscriptionStepper(_DnbWidget):
             failure = error
         # On failure the runner's report still lists what was handled, the failed message last.
         self.last_report = runner.last_report or RunnerReport(self.subscription.name)
-        handled = len(self.last_report.handled)
-        self._last_note = f"{what}: {h.count(handled, 'message')} handled"
+        self._last_note = f"{what}: {_step_words(self.last_report)}"
         self.last_step.value = page(self._last_step_html())
         self._refresh()
         if failure is not None:
@@ -838,13 +879,16 @@ class SubscriptionStepper(_DnbWidget):
             f"Reset: {h.count(len(targets), 'partition')} back to the beginning; "
             "every message will be delivered again"
         )
-        self.last_step.value = page(h.section("Last step"), h.note(self._last_note))
+        self.last_step.value = page(self._last_step_html())
         self._refresh()
 
     # -- drawing ------------------------------------------------------------------------------
 
     def _last_step_html(self) -> str:
-        parts = [h.section("Last step"), h.note(self._last_note)]
+        report = self.last_report
+        # Muted when all went well; a failure or a message without a handler must stand out.
+        plain = report is None or set(report.counts()) <= {HANDLED}
+        parts = [h.section("Last step"), h.note(self._last_note) if plain else h.warning(self._last_note)]
         if self.last_projection is not None:
             parts.append(reprs.render_projection_report(self.last_projection))
         if self.last_report is not None:
@@ -886,8 +930,13 @@ class SubscriptionStepper(_DnbWidget):
             size = max(s.head + 1, 0)
             percent = 100 if size == 0 else round(100 * done / size)
             css = "dnb-bar dnb-bar-done" if s.lag <= 0 else "dnb-bar"
-            # The width is a number computed here, never user data.
-            bar = f'<div class="{css}"><div class="dnb-bar-fill" style="width:{percent}%"></div></div>'
+            # The width is a number computed here, never user data. The percentage is the bar's
+            # text where the style is stripped (an untrusted notebook, GitHub), hidden otherwise.
+            # Spans, not divs: without the style an empty block would still break the row's line.
+            bar = (
+                f'<span class="dnb-alt">{percent}%</span>'
+                f'<span class="{css}"><span class="dnb-bar-fill" style="width:{percent}%"></span></span>'
+            )
             lag_css = "dnb-ok" if s.lag <= 0 else "dnb-warn"
             rows.append(
                 f"<tr>{h.cell(s.partition)}<td>{bar}</td>{h.cell(s.position)}{h.cell(s.head)}"
@@ -904,7 +953,7 @@ class SubscriptionStepper(_DnbWidget):
         return "".join(parts)
 
     def snapshot_html(self) -> str:
-        return page(self._header_html(), self._last_step_html(), self._bars_html())
+        return page(self._header_html(), self._error_body, self._last_step_html(), self._bars_html())
 
     def __repr__(self) -> str:
         return f"SubscriptionStepper(subscription={self.subscription.name!r}, lag={self._lag})"

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 # Rows a view returns unless the caller passes `limit=None`: enough to explore,
 # small enough that `store.to_dataframe()` on a million-message store is quick.
 DEFAULT_LIMIT = 10_000
+# Streams `streams_dataframe()` returns unless the caller passes `limit=None`: reading a
+# stream's summary costs two index lookups, so this keeps the view quick in any store.
+STREAMS_LIMIT = 1000
 # Rows per round trip of the server-side cursor.
 CHUNK_ROWS = 5000
 # The fixed columns of the message views, in order; payload keys follow.
@@ -192,7 +195,10 @@ def messages_dataframe(
     (`flatten=False`). Payload columns are typed from their JSON values:
     integers -> int64 (`Int64` when some rows lack the key or hold null),
     numbers -> float64, booleans -> bool/`boolean`, strings -> string dtype,
-    anything else -> object. ISO date strings in payloads stay strings.
+    anything else -> object. A key that the serializer's model of every message
+    type holding it types as a datetime (`PydanticMessageSerializer`: `datetime`,
+    `datetime | None`, `AwareDatetime`, ...) becomes `datetime64[us, UTC]`
+    (naive values taken as UTC, missing ones NaT); other date strings stay strings.
 
     `limit`: at most this many rows (default `DEFAULT_LIMIT` = 10,000, so a
     large store cannot flood memory by accident; `None` = all), the first ones
@@ -219,7 +225,13 @@ def messages_dataframe(
     # One row beyond the limit tells whether there is more, without a count(*).
     fetch = None if row_limit is None else row_limit + 1
     chunks = stream_chunks(store.engine, sql, (*where_params, *params, fetch))
-    return messages_frame_from_chunks(chunks, row_limit, flatten=flatten)
+    datetime_fields = getattr(store.serializer, "datetime_fields", None)
+    return messages_frame_from_chunks(
+        chunks,
+        row_limit,
+        flatten=flatten,
+        datetime_fields=datetime_fields() if callable(datetime_fields) else None,
+    )
 
 
 class _Cut:
@@ -241,10 +253,15 @@ class _Cut:
 
 
 def messages_frame_from_chunks(
-    chunks: Generator[list[tuple[Any, ...]], None, None], row_limit: int | None, *, flatten: bool
+    chunks: Generator[list[tuple[Any, ...]], None, None],
+    row_limit: int | None,
+    *,
+    flatten: bool,
+    datetime_fields: dict[str, frozenset[str]] | None = None,
 ) -> pd.DataFrame:
     """A messages DataFrame (see `messages_dataframe`) from chunks of message rows, at most
-    `row_limit` rows; `attrs["more_available"]` says whether rows were cut off."""
+    `row_limit` rows; `attrs["more_available"]` says whether rows were cut off.
+    `datetime_fields`: message type -> payload keys its model types as a datetime."""
     import pandas as pd
 
     cut = _Cut(row_limit)
@@ -263,7 +280,7 @@ def messages_frame_from_chunks(
                 payload_chunks.append(pd.DataFrame(payloads, dtype=object))
             else:
                 raw_payloads.extend(payloads)
-    frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads)
+    frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads, datetime_fields or {})
     frame.attrs = {"more_available": cut.more}
     return frame
 
@@ -311,6 +328,7 @@ def _assemble(
     meta_chunks: list[pd.DataFrame],
     payload_chunks: list[pd.DataFrame],
     raw_payloads: list[dict[str, Any]] | None,
+    datetime_fields: dict[str, frozenset[str]],
 ) -> pd.DataFrame:
     """Join the chunks: payload columns from `payload_chunks`, or, when `raw_payloads` is
     given (not flattened), one `message` column of dicts."""
@@ -331,9 +349,33 @@ def _assemble(
             name = str(key)
             while name in columns:
                 name = PAYLOAD_PREFIX + name
-            columns[name] = infer_column_dtype(payload[key])
+            column = payload[key]
+            if _typed_as_datetime(str(key), column, meta["message_type"], datetime_fields):
+                columns[name] = _datetime_column(column)
+            else:
+                columns[name] = infer_column_dtype(column)
     frame: pd.DataFrame = pd.DataFrame(columns)
     return frame
+
+
+def _typed_as_datetime(
+    key: str, column: pd.Series[Any], types: pd.Series[Any], datetime_fields: dict[str, frozenset[str]]
+) -> bool:
+    """Whether the model of every message type with a value under `key` types it as a datetime
+    (a key shared by types that disagree stays as it is)."""
+    present = types[column.notna()].unique()
+    return len(present) > 0 and all(key in datetime_fields.get(str(name), ()) for name in present)
+
+
+def _datetime_column(column: pd.Series[Any]) -> pd.Series[Any]:
+    """ISO 8601 strings (as pydantic writes datetimes) -> `datetime64[us, UTC]`."""
+    import pandas as pd
+
+    try:
+        converted: pd.Series[Any] = pd.to_datetime(column, utc=True, format="ISO8601")
+    except (TypeError, ValueError, OverflowError):
+        return infer_column_dtype(column)  # not what the model promised (an edited row): keep it
+    return converted.astype("datetime64[us, UTC]")
 
 
 def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
@@ -361,13 +403,24 @@ def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
     return column
 
 
-def streams_dataframe(store: MessageStoreBase[Any]) -> pd.DataFrame:
+def streams_dataframe(store: MessageStoreBase[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
     """One row per stream, by name: `stream`, `messages`, `first_global_position`,
-    `last_global_position`, `last_added_at`."""
+    `last_global_position`, `last_added_at` (when the stream's latest message was added).
+
+    `limit`: at most this many streams (default `STREAMS_LIMIT` = 1,000; None = all), the
+    first ones by name; `frame.attrs["more_available"]` tells whether `limit` cut streams
+    off. Each stream costs two index lookups, whatever its length, so the default costs
+    the same in a store of any size.
+    """
+    row_limit = check_limit(limit)
+    fetch = None if row_limit is None else row_limit + 1
     with autocommit_cursor(store.engine) as cursor:
-        cursor.execute(store._storage.views.streams_sql)
+        cursor.execute(store._storage.views.streams_sql, (fetch,))
         rows = cursor.fetchall()
-    return frame_from_rows(rows, _STREAM_KINDS)
+    more = row_limit is not None and len(rows) > row_limit
+    frame = frame_from_rows(rows[:row_limit] if more else rows, _STREAM_KINDS)
+    frame.attrs = {"more_available": more}
+    return frame
 
 
 _STREAM_KINDS = (
@@ -405,12 +458,39 @@ class MessagePreview:
 
 
 @_dc.dataclass(frozen=True)
+class Count:
+    """A number as a display may claim it: exact, an estimate ("about"), or a lower bound
+    ("more than": a count that stopped at a cap)."""
+
+    value: int
+    qualifier: str = ""  # "", ABOUT or MORE_THAN
+
+    @property
+    def exact(self) -> bool:
+        return not self.qualifier
+
+    @classmethod
+    def capped(cls, counted: int, cap: int) -> Count:
+        """The result of counting at most `cap` + 1 rows."""
+        return cls(cap, MORE_THAN) if counted > cap else cls(counted)
+
+    def __str__(self) -> str:
+        return f"{self.qualifier} {self.value:,}" if self.qualifier else f"{self.value:,}"
+
+
+ABOUT = "about"
+MORE_THAN = "more than"
+
+
+@_dc.dataclass(frozen=True)
 class StoreOverview:
     """Totals of a store, its most recently active streams and its latest messages."""
 
     name: str
-    messages: int
-    streams: int
+    # Exact up to `EXACT_MESSAGES`; beyond, the span of global positions, which a rolled
+    # back write (it consumed a position) can only make larger than the true number.
+    messages: Count
+    streams: Count  # exact up to `STREAMS_LIMIT`, else "more than"
     last_global_position: int | None
     last_added_at: _dt.datetime | None
     recent_streams: list[StreamSummary]  # most recently written first
@@ -418,24 +498,40 @@ class StoreOverview:
 
 
 PREVIEW_CHARS = 200
+# A store's messages are counted exactly up to this many (reading at most this many rows
+# or index entries), and estimated beyond.
+EXACT_MESSAGES = 10_000
+# The recent streams of a store's repr are those of its latest this many messages.
+RECENT_WINDOW = 1000
 
 
 def store_overview(
     store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5
 ) -> StoreOverview:
-    """Everything a store's repr shows, in two statements whose results are bounded."""
+    """Everything a store's repr shows, in two statements that each read a bounded number of
+    rows, whatever the size of the store: up to `max_streams` of the streams written in the
+    latest `RECENT_WINDOW` messages (see `MessagesViews.overview_streams_sql`), the latest
+    `max_messages` messages, and the totals."""
     stream_rows, message_rows = store._storage.views.overview(
-        store.engine, max_streams, max_messages, PREVIEW_CHARS + 1
+        store.engine,
+        window=RECENT_WINDOW,
+        max_streams=max_streams,
+        max_messages=max_messages,
+        preview_chars=PREVIEW_CHARS + 1,
+        messages_cap=EXACT_MESSAGES + 1,
+        streams_cap=STREAMS_LIMIT + 1,
     )
     summaries = [StreamSummary(*row[:5]) for row in stream_rows]
     previews = [MessagePreview(*row) for row in reversed(message_rows)]
     if not stream_rows:
-        return StoreOverview(store.name, 0, 0, None, None, [], [])
+        return StoreOverview(store.name, Count(0), Count(0), None, None, [], [])
+    last_gp, first_gp, counted, streams = stream_rows[0][5:]
+    messages = Count(counted) if counted <= EXACT_MESSAGES else Count(last_gp - first_gp + 1, ABOUT)
     return StoreOverview(
         name=store.name,
-        messages=int(stream_rows[0][6]),
-        streams=int(stream_rows[0][5]),
-        last_global_position=summaries[0].last_global_position,
+        messages=messages,
+        streams=Count.capped(streams, STREAMS_LIMIT),
+        last_global_position=last_gp,
         last_added_at=max(s.last_added_at for s in summaries),
         recent_streams=summaries,
         recent_messages=previews,
@@ -443,11 +539,17 @@ def store_overview(
 
 
 __all__ = [
+    "ABOUT",
     "CHUNK_ROWS",
     "DEFAULT_LIMIT",
+    "EXACT_MESSAGES",
     "MESSAGE_COLUMNS",
+    "MORE_THAN",
     "PAYLOAD_PREFIX",
     "PREVIEW_CHARS",
+    "RECENT_WINDOW",
+    "STREAMS_LIMIT",
+    "Count",
     "MessagePreview",
     "StoreOverview",
     "StreamSummary",

@@ -39,7 +39,7 @@ from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage, UnreadableMessage
 from depeche_nb.postgres.driver import is_driver_error
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
-from depeche_nb.store.frames import DEFAULT_LIMIT
+from depeche_nb.store.frames import DEFAULT_LIMIT, STREAMS_LIMIT
 from depeche_nb.store.storage import (
     Storage,
     check_expected_version,
@@ -336,11 +336,12 @@ class MessageStoreBase(RichRepr, Generic[E]):
 
         return messages_dataframe(self, stream=stream, wildcard=wildcard, limit=limit, since=since)
 
-    def streams_dataframe(self) -> pd.DataFrame:
-        """One row per stream: message count, first/last global position, last write."""
+    def streams_dataframe(self, limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
+        """One row per stream, by name: message count, first/last global position, last write;
+        at most `limit` streams (default 1,000; None = all), see `store.frames.streams_dataframe`."""
         from depeche_nb.store.frames import streams_dataframe
 
-        return streams_dataframe(self)
+        return streams_dataframe(self, limit=limit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import re
@@ -38,6 +39,27 @@ def _union_members(message_type: Any) -> tuple[type[pydantic.BaseModel], ...]:
         return (message_type,)
     raise TypeError(
         f"PydanticMessageSerializer needs a pydantic model or a Union of models, got {message_type!r}"
+    )
+
+
+# pydantic's datetime types that are not `datetime` subclasses (they validate into one).
+_PYDANTIC_DATETIMES = (
+    pydantic.AwareDatetime,
+    pydantic.NaiveDatetime,
+    pydantic.PastDatetime,
+    pydantic.FutureDatetime,
+)
+
+
+def _is_datetime(annotation: Any) -> bool:
+    """A field annotation that holds a datetime (or None): `datetime`, `datetime | None`,
+    pydantic's AwareDatetime and friends."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return bool(members) and all(_is_datetime(member) for member in members)
+    return isinstance(annotation, type) and (
+        issubclass(annotation, _dt.datetime) or issubclass(annotation, _PYDANTIC_DATETIMES)
     )
 
 
@@ -97,6 +119,20 @@ class PydanticMessageSerializer(Generic[E]):
     @property
     def type_names(self) -> list[str]:
         return sorted(self._by_name)
+
+    def datetime_fields(self) -> dict[str, frozenset[str]]:
+        """Stored type name (aliases too) -> the payload keys its model types as a datetime,
+        so DataFrame views can give those columns a datetime dtype instead of ISO strings."""
+        found: dict[str, frozenset[str]] = {}
+        for name, model in (*self._by_name.items(), *self._aliases.items()):
+            # serialize() dumps by field name unless the model asks for its aliases.
+            by_alias = bool(model.model_config.get("serialize_by_alias"))
+            found[name] = frozenset(
+                (field.serialization_alias or field.alias or key) if by_alias else key
+                for key, field in model.model_fields.items()
+                if _is_datetime(field.annotation)
+            )
+        return found
 
     def _adopt_redefinition(self, cls: type) -> bool:
         """A re-run notebook cell defined `cls` again: from now on it is the class this
