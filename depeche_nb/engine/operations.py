@@ -22,8 +22,8 @@ an ignore or an exit.
 Safe on a production database while workers run: nothing here takes a lock (advisory or
 row; reading `pg_locks` takes none), creates a table or writes; the transaction is READ
 ONLY. Statements are lookups by primary or unique keys, or read rows in proportion to the
-partitions, the recorded names or the LIMIT, with one exception: the projection lag
-(`_projection_lag`, see there).
+partitions, the recorded names or the LIMIT; the projection lag reads the projector's
+backlog only (the messages after its checkpoint), up to a cap.
 
 What cannot be read from PostgreSQL: a subscription whose `Subscription` object uses a
 lock provider other than `DbLockProvider` (its holders are unknown), or keeps its state
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from depeche_nb.core.display import RichRepr
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION
+from depeche_nb.engine.frames import UNPROJECTED_CAP
 from depeche_nb.engine.health import BACKING_OFF, FAILED, WorkerHealth
 from depeche_nb.engine.parking import ParkedMessage, parked_from_row
 from depeche_nb.engine.state import DbSubscriptionStateProvider
@@ -56,6 +57,7 @@ from depeche_nb.postgres.parked_table import ParkedTable
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.state_table import StateTable, StateTableCatalog
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews
+from depeche_nb.store.frames import Count
 from depeche_nb.store.serializers import TYPE_KEY
 
 if TYPE_CHECKING:
@@ -79,7 +81,9 @@ class StreamStatus:
     wildcards: list[str]
     partitions: int
     projected: int  # messages in all partitions
-    unprojected: int  # stored messages matching the wildcards, not projected yet
+    # Stored messages matching the wildcards that the projector has neither projected nor
+    # dead-lettered, counted up to `UNPROJECTED_CAP` ("more than" beyond).
+    unprojected: Count
     checkpoint_updated_at: _dt.datetime | None  # when a projector step last finished
     checkpoint_age: _dt.timedelta | None  # how long ago, by the database's clock
     dead_letters: int  # unresolved messages the projector parked or holds back
@@ -196,7 +200,7 @@ class PartitionDiagnosis(RichRepr):
     locks_known: bool
     holder: LockHolder | None
     parked: list[ParkedMessage]  # the partition's latest unresolved ones
-    unprojected: int  # the stream's projection lag
+    unprojected: Count  # the stream's projection lag
     read_at: _dt.datetime
     # What the Executors of this process know about runners of this subscription.
     workers: list[WorkerHealth] = _dc.field(default_factory=list)
@@ -255,7 +259,7 @@ class PartitionDiagnosis(RichRepr):
                 f"{latest.error}); parked messages do not hold the partition back, they wait for "
                 "Replay or Discard"
             )
-        if self.unprojected:
+        if self.unprojected.value:
             found.append(f"the projector of {self.stream!r} has {self.unprojected} messages to project")
         return found
 
@@ -404,7 +408,7 @@ def diagnose_partition(
         locks_known=found.lock_provider is not None,
         holder=holder,
         parked=latest,
-        unprojected=0 if status is None else status.unprojected,
+        unprojected=Count(0) if status is None else status.unprojected,
         read_at=read_at,
         workers=workers,
         executor_errors=errors,
@@ -444,13 +448,10 @@ def _recorded_stream(cursor: Any, subscription: str) -> str:
     return names[subscription]
 
 
-def _projection_lag(cursor: Any, views: StreamViews, wildcards: list[str]) -> int:
-    """The stream's projection lag. The one place it is counted: today's statement reads every
-    stored message that matches the wildcards (a scan of the store's messages); a bounded count
-    (reading only the projector's backlog) is on its way into `StreamViews`, and replaces this
-    statement here when it lands."""
-    cursor.execute(views.unprojected_count_sql, (wildcards,))
-    return int(cursor.fetchone()[0])
+def _projection_lag(cursor: Any, views: StreamViews, wildcards: list[str]) -> Count:
+    """The stream's projection lag: its projector's backlog, read in proportion to itself and
+    counted up to `UNPROJECTED_CAP` (as the stream's repr counts it)."""
+    return Count.capped(views.unprojected_count_in(cursor, wildcards, UNPROJECTED_CAP + 1), UNPROJECTED_CAP)
 
 
 def _stream_status(
@@ -460,7 +461,7 @@ def _stream_status(
     names = StreamNames(name, StoreNames(store))
     tables = (names.table, names.heads_table, names.checkpoint_table, DeadLetterTable(name).name)
     if not tables_exist(cursor, *(quote_ident(t) for t in (*tables, names.store.messages_table))):
-        return StreamStatus(name, store, wildcards, 0, 0, 0, None, None, 0, tables_missing=True)
+        return StreamStatus(name, store, wildcards, 0, 0, Count(0), None, None, 0, tables_missing=True)
     views = StreamViews(names)
     cursor.execute(views.status_sql)
     partitions, projected, updated_at, dead_letters = cursor.fetchone()

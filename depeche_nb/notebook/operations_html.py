@@ -36,7 +36,7 @@ def streams_html(snapshot: OperationsSnapshot) -> str:
             s.store,
             s.partitions,
             s.projected,
-            s.unprojected,
+            str(s.unprojected),
             "never" if s.checkpoint_age is None else f"{format_age(s.checkpoint_age)} ago",
             s.dead_letters,
             "its tables are gone" if s.tables_missing else "",
