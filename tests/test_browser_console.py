@@ -1,7 +1,7 @@
 """A real browser: Voila serves tests/browser/console.ipynb, headless Chromium presses Replay
 on the OperationsConsole's parked message, then Confirm, and sees it leave the list.
 
-Serving and the browser are `tests/test_browser.py`'s (its `voila()` serves the module's
+Serving and the browser are `tests/test_browser.py`'s (its `serve()` serves the module's
 `NOTEBOOK`, pointed at this test's notebook for the test's duration). This process holds one
 of `audit`'s partitions meanwhile, as a runner on another machine would, so the page shows a
 lock holder whose pid and application_name the test knows. `DEPECHE_NB_UPDATE_SCREENSHOT=1`
@@ -50,12 +50,12 @@ def test_console_replay_with_confirmation_in_a_real_browser(
     assert worker.lock(f"subscription-{name}_audit-0")
     worker_pid = worker.session_pid
     try:
-        with served.voila(tmp_path, name) as url, sync_playwright() as p:
+        with served.serve("voila", tmp_path, name) as (base, _), sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 1400})
                 page.set_default_timeout(UPDATE_MS)
-                page.goto(url, timeout=RENDER_MS)
+                served.open_notebook(page, "voila", base, NOTEBOOK.name, run=False)
 
                 rows = page.locator(".dnb-console-parked-row")
                 rows.first.wait_for(state="visible", timeout=RENDER_MS)
