@@ -17,8 +17,9 @@ import sqlalchemy as sa
 import depeche_nb
 import depeche_nb.notebook.views.store as store_frames
 import depeche_nb.notebook.views.streams as engine_frames
+from depeche_nb.core.display import ABOUT, MORE_THAN, Count
 from depeche_nb.notebook import html as h
-from depeche_nb.notebook.views.store import ABOUT, MORE_THAN, Count, store_overview
+from depeche_nb.notebook.views.store import store_overview
 from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer

@@ -8,6 +8,7 @@ plain repr is shown, escaped.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Callable
 from typing import Any
@@ -68,3 +69,31 @@ def run_view(name: str, *args: Any, **kwargs: Any) -> Any:
             "registers the views) before asking for one"
         )
     return view(*args, **kwargs)
+
+
+# -- numbers as displays may claim them ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """A number as a display may claim it: exact, an estimate ("about"), or a lower bound
+    ("more than": a count that stopped at a cap)."""
+
+    value: int
+    qualifier: str = ""  # "", ABOUT or MORE_THAN
+
+    @property
+    def exact(self) -> bool:
+        return not self.qualifier
+
+    @classmethod
+    def capped(cls, counted: int, cap: int) -> Count:
+        """The result of counting at most `cap` + 1 rows."""
+        return cls(cap, MORE_THAN) if counted > cap else cls(counted)
+
+    def __str__(self) -> str:
+        return f"{self.qualifier} {self.value:,}" if self.qualifier else f"{self.value:,}"
+
+
+ABOUT = "about"
+MORE_THAN = "more than"

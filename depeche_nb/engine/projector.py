@@ -507,6 +507,10 @@ class StreamProjector(NotificationDriven, Generic[E]):
         return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"
 
 
+# A display counts the projection lag up to this many messages.
+UNPROJECTED_CAP = 10_000
+
+
 def unprojected_count(stream: StreamSource[Any], limit: int | None = None) -> int:
     """Stored messages matching the stream's wildcards that the projector has neither
     projected nor dead-lettered yet: exactly its backlog. Reads only the backlog (see

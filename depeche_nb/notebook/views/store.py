@@ -22,7 +22,7 @@ import json
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.core.display import DEFAULT_LIMIT, STREAMS_LIMIT
+from depeche_nb.core.display import ABOUT, DEFAULT_LIMIT, STREAMS_LIMIT, Count
 from depeche_nb.core.identifiers import validate_stream
 from depeche_nb.notebook.views.kit import (
     EPOCH_US,
@@ -249,31 +249,6 @@ class MessagePreview:
     added_at: _dt.datetime
     message_type: str | None
     payload: str  # JSON text without the type key, cut at `PREVIEW_CHARS`
-
-
-@_dc.dataclass(frozen=True)
-class Count:
-    """A number as a display may claim it: exact, an estimate ("about"), or a lower bound
-    ("more than": a count that stopped at a cap)."""
-
-    value: int
-    qualifier: str = ""  # "", ABOUT or MORE_THAN
-
-    @property
-    def exact(self) -> bool:
-        return not self.qualifier
-
-    @classmethod
-    def capped(cls, counted: int, cap: int) -> Count:
-        """The result of counting at most `cap` + 1 rows."""
-        return cls(cap, MORE_THAN) if counted > cap else cls(counted)
-
-    def __str__(self) -> str:
-        return f"{self.qualifier} {self.value:,}" if self.qualifier else f"{self.value:,}"
-
-
-ABOUT = "about"
-MORE_THAN = "more than"
 
 
 @_dc.dataclass(frozen=True)

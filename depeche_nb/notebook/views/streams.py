@@ -19,8 +19,8 @@ import datetime as _dt
 import numbers
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.core.display import DEFAULT_LIMIT
-from depeche_nb.engine.projector import unprojected_count
+from depeche_nb.core.display import DEFAULT_LIMIT, Count
+from depeche_nb.engine.projector import UNPROJECTED_CAP, unprojected_count
 from depeche_nb.notebook.views.kit import (
     EPOCH_US,
     INT64,
@@ -31,16 +31,12 @@ from depeche_nb.notebook.views.kit import (
     stream_chunks,
     typed_frame_from_chunks,
 )
-from depeche_nb.notebook.views.store import Count
 from depeche_nb.postgres.rawconn import autocommit_cursor
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from depeche_nb.engine.aggregated_stream import AggregatedStream
-
-# A repr counts the projection lag up to this many messages.
-UNPROJECTED_CAP = 10_000
 
 
 # -- aggregated streams -------------------------------------------------------------------------
