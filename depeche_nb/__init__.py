@@ -92,8 +92,8 @@ from depeche_nb.notebook.views import (
     subscription_state_dataframe,
 )
 from depeche_nb.postgres.connection import connect
-from depeche_nb.store.message_store import MessageStoreReader
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
+from depeche_nb.store.reading import MessageStoreReader
 from depeche_nb.store.storage import Storage
 
 __version__ = "0.1.0"

@@ -21,12 +21,13 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
+from depeche_nb.engine.protocols import StoreSource
 from depeche_nb.engine.rebuild import RebuildReport, run_rebuild
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
-from depeche_nb.store.message_store import MessageStoreBase, to_stored_or_unreadable
+from depeche_nb.store.reading import to_stored_or_unreadable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,7 +58,7 @@ class AggregatedStream(RichRepr, Generic[E]):
     def __init__(
         self,
         name: str,
-        store: MessageStoreBase[E],
+        store: StoreSource[E],
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
@@ -94,7 +95,7 @@ class AggregatedStream(RichRepr, Generic[E]):
     def _open(
         self,
         name: str,
-        store: MessageStoreBase[E],
+        store: StoreSource[E],
         names: StreamNames,
         partitioner: MessagePartitioner[E],
         wildcards: list[str],
@@ -297,7 +298,7 @@ class AggregatedStream(RichRepr, Generic[E]):
 class AggregatedStreamFactory(Generic[E]):
     """`store.aggregated_stream(...)`: creates aggregated streams over one store."""
 
-    def __init__(self, store: MessageStoreBase[E]) -> None:
+    def __init__(self, store: StoreSource[E]) -> None:
         self.store = store
 
     def __call__(

@@ -93,7 +93,7 @@ from depeche_nb.engine.progress import open_progress
 from depeche_nb.postgres.dead_letter_table import HELD, PARKED, REPLAYED, SKIPPED
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
-from depeche_nb.store.message_store import to_stored_message
+from depeche_nb.store.reading import to_stored_message
 
 if TYPE_CHECKING:
     import pandas as pd

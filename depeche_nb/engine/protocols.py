@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses as _dc
 import datetime as _dt
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
     from depeche_nb.core.interfaces import LockProvider, SubscriptionStateProvider
-    from depeche_nb.core.messages import StoredMessage
+    from depeche_nb.core.messages import MessageSerializer, StoredMessage
     from depeche_nb.engine.acks import AckOp
     from depeche_nb.engine.error_handlers import RetryPolicy
     from depeche_nb.engine.parking import ParkedMessages
     from depeche_nb.postgres.state_table import StateTable
     from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews
-    from depeche_nb.store.message_store import MessageStoreBase
+    from depeche_nb.store.storage import Storage
 
 E = TypeVar("E")
 
@@ -37,12 +38,29 @@ class PartitionClaim:
     token: int | None
 
 
+class StoreSource(Protocol[E]):
+    """A message store as the aggregated streams over it and the trace see it (the store
+    itself, `engine.message_store.MessageStore`, makes both)."""
+
+    name: str
+    engine: sa.Engine
+    _storage: Storage
+
+    @property
+    def serializer(self) -> MessageSerializer[E]: ...
+
+    @property
+    def notification_channel(self) -> str: ...
+
+    def reader(self, conn: sa.Connection | None = None) -> AbstractContextManager[Any]: ...
+
+
 class StreamSource(Protocol[E]):
     """An aggregated stream as its projector, subscriptions, readers and rebuilds see it."""
 
     name: str
     names: StreamNames
-    store: MessageStoreBase[E]
+    store: StoreSource[E]
     notification_channel: str
     statements: StreamStatements
     views: StreamViews
@@ -106,4 +124,4 @@ class ClaimSource(Protocol[E]):
     def next_batch(self, partition: int, count: int) -> list[tuple[int, int, StoredMessage[E]]]: ...
 
 
-__all__ = ["ClaimSource", "PartitionClaim", "StreamSource"]
+__all__ = ["ClaimSource", "PartitionClaim", "StoreSource", "StreamSource"]

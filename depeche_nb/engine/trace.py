@@ -46,7 +46,7 @@ from depeche_nb.store.serializers import TYPE_KEY
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.store.message_store import MessageStoreBase
+    from depeche_nb.engine.protocols import StoreSource
 
 # What happened to the message in one subscription.
 HANDLED = "handled"
@@ -161,7 +161,7 @@ def message_id_of(message: object) -> uuid.UUID:
     )
 
 
-def trace_message(store: MessageStoreBase[Any], message: object) -> MessageTrace:
+def trace_message(store: StoreSource[Any], message: object) -> MessageTrace:
     """Trace one message of `store` (see the module notes); `MessageNotFound` if no stored
     message has the id."""
     message_id = message_id_of(message)
@@ -176,7 +176,7 @@ def trace_message(store: MessageStoreBase[Any], message: object) -> MessageTrace
                 cursor.execute("ROLLBACK")
 
 
-def _trace(cursor: Any, store: MessageStoreBase[Any], message_id: uuid.UUID) -> MessageTrace:
+def _trace(cursor: Any, store: StoreSource[Any], message_id: uuid.UUID) -> MessageTrace:
     cursor.execute(store._storage.views.trace_sql, (TYPE_KEY, str(message_id)))
     row = cursor.fetchone()
     if row is None:

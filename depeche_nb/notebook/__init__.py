@@ -14,6 +14,7 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.depeche_db_adoption import AdoptionReport
 from depeche_nb.engine.health import ExecutorHealth
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.operations import OperationsSnapshot, PartitionDiagnosis
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
@@ -21,9 +22,8 @@ from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import MessageTrace
 from depeche_nb.notebook import depeche_db_explorer, operations_html, reprs, views
 from depeche_nb.notebook.views import *  # noqa: F403 - the views, re-exported
-from depeche_nb.store.message_store import MessageStoreBase
 
-register_html_renderer(MessageStoreBase, reprs.render_store)
+register_html_renderer(MessageStore, reprs.render_store)
 register_html_renderer(StoredMessage, reprs.render_stored_message)
 register_html_renderer(AggregatedStream, reprs.render_aggregated_stream)
 register_html_renderer(Subscription, reprs.render_subscription)

@@ -19,6 +19,7 @@ from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.handlers import HANDLED, NO_HANDLER
 from depeche_nb.engine.health import BACKING_OFF, ExecutorHealth
 from depeche_nb.engine.health import FAILED as WORKER_FAILED
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import FAILED, RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -29,7 +30,6 @@ from depeche_nb.notebook import html as h
 from depeche_nb.notebook.views.store import store_overview
 from depeche_nb.notebook.views.streams import aggregated_stream_overview
 from depeche_nb.notebook.views.subscriptions import subscription_overview
-from depeche_nb.store.message_store import MessageStoreBase
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ def guarded(render: Callable[[T], str]) -> Callable[[T], str]:
 
 
 @guarded
-def render_store(store: MessageStoreBase[Any]) -> str:
+def render_store(store: MessageStore[Any]) -> str:
     ov = store_overview(store, max_streams=h.MAX_ROWS, max_messages=RECENT_MESSAGES)
     parts = [
         h.title(type(store).__name__, store.name),

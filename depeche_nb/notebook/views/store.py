@@ -45,11 +45,11 @@ from depeche_nb.store.serializers import TYPE_KEY
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.store.message_store import MessageStoreBase
+    from depeche_nb.engine.message_store import MessageStore
 
 
 def messages_dataframe(
-    store: MessageStoreBase[Any],
+    store: MessageStore[Any],
     stream: str | None = None,
     wildcard: str | None = None,
     limit: int | None = DEFAULT_LIMIT,
@@ -197,7 +197,7 @@ def _assemble(
     return frame
 
 
-def streams_dataframe(store: MessageStoreBase[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
+def streams_dataframe(store: MessageStore[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
     """One row per stream, by name: `stream`, `messages`, `first_global_position`,
     `last_global_position`, `last_added_at` (when the stream's latest message was added).
 
@@ -274,9 +274,7 @@ EXACT_MESSAGES = 10_000
 RECENT_WINDOW = 1000
 
 
-def store_overview(
-    store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5
-) -> StoreOverview:
+def store_overview(store: MessageStore[Any], max_streams: int = 20, max_messages: int = 5) -> StoreOverview:
     """Everything a store's repr shows, in two statements that each read a bounded number of
     rows, whatever the size of the store: up to `max_streams` of the streams written in the
     latest `RECENT_WINDOW` messages (see `MessagesViews.overview_streams_sql`), the latest

@@ -39,6 +39,7 @@ import ipywidgets as widgets
 import sqlalchemy as sa
 
 from depeche_nb.engine.executor import Executor, running_executors
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.operations import (
     OperationsSnapshot,
     PartitionDiagnosis,
@@ -55,7 +56,6 @@ from depeche_nb.notebook.widgets.base import DnbWidget, make_button, page, posit
 from depeche_nb.postgres.connection import same_database
 from depeche_nb.postgres.names import StoreNames
 from depeche_nb.postgres.stream_tables import StreamNames
-from depeche_nb.store.message_store import MessageStoreBase
 
 REPLAY = "replay"
 DISCARD = "discard"
@@ -92,7 +92,7 @@ class PendingAction:
 def _target(target: object) -> tuple[sa.Engine, str | None]:
     if isinstance(target, sa.Engine):
         return target, None
-    if isinstance(target, MessageStoreBase):
+    if isinstance(target, MessageStore):
         return target.engine, target.name
     raise TypeError(
         "OperationsConsole takes a SQLAlchemy Engine (the whole database, e.g. depeche_nb.connect()) "
@@ -147,7 +147,7 @@ class OperationsConsole(DnbWidget):
 
     def __init__(
         self,
-        target: sa.Engine | MessageStoreBase[Any],
+        target: sa.Engine | MessageStore[Any],
         *,
         subscriptions: Iterable[Subscription[Any]] = (),
         executors: Iterable[Executor] = (),

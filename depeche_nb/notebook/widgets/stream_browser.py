@@ -8,10 +8,10 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.notebook import html as h
 from depeche_nb.notebook.widgets.base import DnbWidget, make_button, page, positive_int
 from depeche_nb.notebook.widgets.style import MAX_PAGE_SIZE, PAYLOAD_CHARS, PREVIEW_CHARS
-from depeche_nb.store.message_store import MessageStoreBase
 
 # -- StreamBrowser ------------------------------------------------------------------------------
 
@@ -26,7 +26,7 @@ class StreamBrowser(DnbWidget):
 
     def __init__(
         self,
-        store: MessageStoreBase[Any],
+        store: MessageStore[Any],
         pattern: str = "%",
         *,
         page_size: int = 20,

@@ -8,12 +8,12 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.event_sourcing.history import STATE_PREFIX, AggregateHistory, HistoryStep
 from depeche_nb.event_sourcing.repository import EventStoreRepo
 from depeche_nb.notebook import html as h
 from depeche_nb.notebook.widgets.base import DnbWidget, page, positive_int
 from depeche_nb.notebook.widgets.style import TIMELINE_STYLE
-from depeche_nb.store.message_store import MessageStoreBase
 
 # -- AggregateTimeline --------------------------------------------------------------------------
 
@@ -50,7 +50,7 @@ class AggregateTimeline(DnbWidget):
         self.max_rows = positive_int("max_rows", max_rows, 500)
         self.max_fields = positive_int("max_fields", max_fields, 200)
         store = repo.event_store
-        if live and not isinstance(store, MessageStoreBase):
+        if live and not isinstance(store, MessageStore):
             raise TypeError(
                 f"live=True needs the repository's store to be a MessageStore (its notifications), "
                 f"got {type(store).__name__}"
@@ -84,7 +84,7 @@ class AggregateTimeline(DnbWidget):
             self.status,
         )
         self._draw()
-        if isinstance(store, MessageStoreBase):
+        if isinstance(store, MessageStore):
             self._start_live(live, store.engine, [store.notification_channel])
 
     @property
