@@ -32,6 +32,7 @@ from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import MessageNotFound
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION
+from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED
 from depeche_nb.postgres import definitions_table, parked_table
 from depeche_nb.postgres.ddl import tables_exist
 from depeche_nb.postgres.dead_letter_table import HELD, SKIPPED, DeadLetterTable
@@ -48,11 +49,8 @@ if TYPE_CHECKING:
 
     from depeche_nb.engine.protocols import StoreSource
 
-# What happened to the message in one subscription.
-HANDLED = "handled"
+# What happened to the message in one subscription (also HANDLED, PARKED, IGNORED).
 PENDING = "pending"
-PARKED = "parked"
-IGNORED = "ignored after error"
 DISCARDED = "discarded"
 NOT_PROJECTED = "not projected yet"
 # What happened to it in one aggregated stream.
