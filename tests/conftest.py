@@ -23,6 +23,8 @@ from depeche_nb.postgres.driver import DRIVERS, default_driver
 DRIVER_SENSITIVE = {
     "test_adopt_depeche_db",
     "test_concurrency_store",
+    "test_console",
+    "test_display_exact",
     "test_event_sourcing",
     "test_executor",
     "test_executor_end_to_end",

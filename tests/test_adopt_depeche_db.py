@@ -39,6 +39,8 @@ from depeche_nb import (
 )
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
+from tests.test_display_exact import shown_partitions, true_backlog, true_partitions
+from tests.test_reprs import check_markup
 
 pytestmark = pytest.mark.slow
 
@@ -641,3 +643,33 @@ def test_an_empty_stream_and_an_unusable_name_are_skipped_not_fatal(
     assert "not a valid identifier" in items[("store", "Legacy")].note
     assert items[("aggregated_stream", "shop_orders")].action == "adopted"
     assert "Legacy" in open_depeche_db(engine).stores
+
+
+def test_adopted_streams_display_their_true_sizes_and_backlog(ddb: tuple[sa.Engine, dict[str, Any]]) -> None:
+    """Position gaps and the constructed checkpoints of an adopted stream: its displays still
+    equal what its tables hold (see `tests/test_display_exact.py`)."""
+    engine, info = ddb
+    with engine.begin() as conn:
+        # A gap below the head, as Depeche DB may leave one: its message is unprojected now.
+        conn.exec_driver_sql("DELETE FROM depeche_stream_shop_orders WHERE partition = 0 AND position = 1")
+    report = adopt_depeche_db(engine)
+    assert any("1 position gap" in warning for warning in report.warnings)
+    _, orders, _ = open_shop(engine)
+    shown = shown_partitions(orders)
+    assert shown == true_partitions(orders)
+    assert shown[0][1] == shown[0][2]  # partition 0: one message fewer than positions
+    late = [gp for gp in info["unprojected_global_positions"] if gp in _order_positions(engine)]
+    backlog = orders.partitions_dataframe().attrs["unprojected_messages"]
+    assert backlog == true_backlog(orders) == len(late) + 1
+    assert f"unprojected {backlog}" in check_markup(orders._repr_html_())
+    _project_all(orders)
+    assert shown_partitions(orders) == true_partitions(orders)
+    assert orders.partitions_dataframe().attrs["unprojected_messages"] == true_backlog(orders) == 0
+
+
+def _order_positions(engine: sa.Engine) -> set[int]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT global_position FROM depeche_msgs_shop WHERE stream LIKE %s", ("order-%",)
+        ).all()
+    return {r[0] for r in rows}

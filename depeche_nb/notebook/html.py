@@ -25,6 +25,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from depeche_nb.core.display import Count
+
 CELL_CHARS = 80  # visible characters of one table cell
 TITLE_CHARS = 400  # characters of the hover text of a cut cell
 MAX_ROWS = 20
@@ -83,10 +85,13 @@ def cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
 
 
-def count(n: int | None, noun: str) -> str:
-    """'1 message', '1,234 messages' (plain text)."""
+def count(n: int | Count | None, noun: str) -> str:
+    """'1 message', '1,234 messages', 'about 1,000,000 messages', 'more than 1,000
+    streams' (plain text)."""
     if n is None:
         return f"? {noun}s"
+    if isinstance(n, Count):
+        return f"{n} {noun}" + ("" if n == Count(1) else "s")
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
@@ -106,25 +111,27 @@ def table(
     columns: Sequence[str],
     rows: Sequence[Sequence[object]],
     *,
-    total: int | None = None,
+    total: int | Count | None = None,
     max_rows: int = MAX_ROWS,
     keep: str = "last",
     noun: str = "row",
     hint: str = "",
 ) -> str:
     """A table of at most `max_rows` rows (the `keep`='last' or 'first' ones), with a note
-    "… N more rows" when `total` (default: len(rows)) exceeds what is shown."""
-    total = len(rows) if total is None else total
+    "… N more rows" when `total` (default: len(rows)) exceeds what is shown; a `Count`
+    total keeps its "about" or "more than" in the note."""
+    if not isinstance(total, Count):
+        total = Count(len(rows) if total is None else total)
     if len(rows) > max_rows:
         rows = rows[-max_rows:] if keep == "last" else rows[:max_rows]
     head = "".join(f"<th>{esc(cut(str(c), CELL_CHARS))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     parts = [f'<table class="dnb-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>']
-    hidden = total - len(rows)
-    if hidden > 0:
+    hidden = Count(total.value - len(rows), total.qualifier)
+    if hidden.value > 0:
         where = "earlier" if keep == "last" else "more"
         suffix = f"; {hint}" if hint else ""
-        parts.append(note(f"… {hidden:,} {where} {noun}{'' if hidden == 1 else 's'} not shown{suffix}"))
+        parts.append(note(f"… {count(hidden, f'{where} {noun}')} not shown{suffix}"))
     return "".join(parts)
 
 

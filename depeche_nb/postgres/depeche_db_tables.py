@@ -596,9 +596,11 @@ def adopt_assignments(
 
 
 def adopt_heads(conn: sa.Connection, heads_table: str, stream_table: str) -> None:
+    # Depeche DB's positions may have gaps; the heads record them (see `stream_tables`).
     conn.exec_driver_sql(
-        f"INSERT INTO {quote_ident(heads_table)} (partition, max_position) "
-        f"SELECT partition, max(position) FROM {quote_ident(stream_table)} GROUP BY partition"
+        f"INSERT INTO {quote_ident(heads_table)} (partition, max_position, gaps) "
+        f"SELECT partition, max(position), max(position) + 1 - count(*) FROM {quote_ident(stream_table)} "
+        "GROUP BY partition"
     )
 
 

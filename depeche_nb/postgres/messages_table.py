@@ -279,20 +279,56 @@ class MessagesViews:
         table = quote_ident(names.messages_table)
         self.table = table
         self._type_key = type_key
-        self.streams_sql = (
-            "SELECT stream, count(*), min(global_position), max(global_position), "
-            f"{epoch_us_sql('max(added_at)')} FROM {table} GROUP BY stream ORDER BY stream"
-        )
-        # The window totals are computed before LIMIT, so one scan gives both the
-        # totals and the first groups.
-        self.overview_streams_sql = f"""
-            WITH s AS (
-                SELECT stream, count(*) AS n, min(global_position) AS first_gp,
-                       max(global_position) AS last_gp, max(added_at) AS last_at
-                FROM {table} GROUP BY stream
+        # Streams by name without reading their messages: a loose index scan of the (stream,
+        # version) key, one probe per stream. A stream's first row there is its first
+        # message; global positions increase with versions, and versions are gapless from 1,
+        # so the head row has the last global position and the version is the message count.
+        by_name = f"""
+            WITH RECURSIVE s AS (
+                (SELECT stream, global_position FROM {table} ORDER BY stream, version LIMIT 1)
+                UNION ALL
+                SELECT n.stream, n.global_position FROM s CROSS JOIN LATERAL (
+                    SELECT m.stream, m.global_position FROM {table} m WHERE m.stream > s.stream
+                    ORDER BY m.stream, m.version LIMIT 1) n
             )
-            SELECT stream, n, first_gp, last_gp, last_at, count(*) OVER (), sum(n) OVER ()
-            FROM s ORDER BY last_gp DESC LIMIT %s
+        """
+        head = (
+            f"CROSS JOIN LATERAL (SELECT version, global_position, added_at FROM {table} m "
+            "WHERE m.stream = f.stream ORDER BY version DESC LIMIT 1) h"
+        )
+        # (limit or None for all) -> stream, messages, first and last global position, last
+        # added at (of the head) as epoch microseconds.
+        self.streams_sql = f"""
+            {by_name}
+            SELECT f.stream, h.version, f.global_position, h.global_position,
+                   {epoch_us_sql("h.added_at")}
+            FROM (SELECT stream, global_position FROM s LIMIT %s) f {head}
+            ORDER BY f.stream
+        """
+        # The streams of the latest `window` messages, most recently written first: every
+        # other stream was last written before all of them, so they are the first ones of that
+        # order. Beside each, the totals, all read through indexes: the last and first global
+        # position, and the messages and streams counted up to a cap each.
+        self.overview_streams_sql = f"""
+            WITH w AS (
+                SELECT stream, global_position FROM {table} ORDER BY global_position DESC
+                LIMIT %(window)s
+            ), f AS (
+                SELECT stream FROM w GROUP BY stream ORDER BY max(global_position) DESC
+                LIMIT %(streams)s
+            ), totals AS MATERIALIZED (
+                SELECT (SELECT max(global_position) FROM {table}) AS last_gp,
+                       (SELECT min(global_position) FROM {table}) AS first_gp,
+                       (SELECT count(*) FROM (SELECT FROM {table} LIMIT %(messages_cap)s) c) AS messages,
+                       ({by_name} SELECT count(*) FROM (SELECT FROM s LIMIT %(streams_cap)s) c) AS streams
+            )
+            SELECT f.stream, h.version, o.global_position, h.global_position, h.added_at,
+                   t.last_gp, t.first_gp, t.messages, t.streams
+            FROM f {head}
+            CROSS JOIN LATERAL (SELECT global_position FROM {table} m WHERE m.stream = f.stream
+                                ORDER BY version LIMIT 1) o
+            CROSS JOIN totals t
+            ORDER BY h.global_position DESC
         """
         preview = f"message->>%s, left({PAYLOAD_TEXT_SQL}, %s)"
         self.overview_messages_sql = (
@@ -333,12 +369,27 @@ class MessagesViews:
         )
 
     def overview(
-        self, engine: sa.Engine, max_streams: int, max_messages: int, preview_chars: int
+        self,
+        engine: sa.Engine,
+        *,
+        window: int,
+        max_streams: int,
+        max_messages: int,
+        preview_chars: int,
+        messages_cap: int,
+        streams_cap: int,
     ) -> tuple[list[Any], list[Any]]:
-        """The most recently written streams (with totals) and the latest messages."""
+        """The most recently written streams among the latest `window` messages, each with
+        the totals (see `overview_streams_sql`), and the latest messages."""
         key = self._type_key
+        params = {
+            "window": window,
+            "streams": max_streams,
+            "messages_cap": messages_cap,
+            "streams_cap": streams_cap,
+        }
         with autocommit_cursor(engine) as cursor:
-            cursor.execute(self.overview_streams_sql, (max_streams,))
+            cursor.execute(self.overview_streams_sql, params)
             streams = cursor.fetchall()
             cursor.execute(self.overview_messages_sql, (key, key, preview_chars, max_messages))
             return streams, cursor.fetchall()

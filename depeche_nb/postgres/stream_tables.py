@@ -8,7 +8,9 @@ Tables of aggregated stream `A` over store `S`:
   the message's global position (so a message is projected at most once) and
   unique on (partition, position).
 * `A_heads`: per partition the highest position, so positions continue
-  without scanning.
+  without scanning, and the positions missing below it (`gaps`: only a
+  partition adopted from Depeche DB can have any; the projector never makes
+  one), so a partition's size is known without counting it.
 * `A_dead_letters`: messages the projector could not read or partition, see
   `postgres.dead_letter_table`.
 * `A_checkpoint`: the projector's progress as PostgreSQL snapshots, see
@@ -87,6 +89,7 @@ def stream_ddl(names: StreamNames) -> list[str]:
     table = quote_ident(names.table)
     heads = quote_ident(names.heads_table)
     checkpoint = quote_ident(names.checkpoint_table)
+    lock_a, lock_b = names.projector_lock
     return [
         f"""
         CREATE TABLE IF NOT EXISTS {table} (
@@ -107,8 +110,23 @@ def stream_ddl(names: StreamNames) -> list[str]:
         f"""
         CREATE TABLE IF NOT EXISTS {heads} (
             partition integer PRIMARY KEY,
-            max_position integer NOT NULL
+            max_position integer NOT NULL,
+            gaps integer NOT NULL DEFAULT 0
         )
+        """,
+        # Heads of earlier releases have no `gaps`: count them once, under the projector's
+        # lock (a projector of any release takes it), so that no head moves meanwhile.
+        f"""
+        DO $ddl$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = '{heads}'::regclass
+                           AND attname = 'gaps' AND NOT attisdropped) THEN
+                PERFORM pg_advisory_xact_lock({lock_a}, {lock_b});
+                ALTER TABLE {heads} ADD COLUMN gaps integer NOT NULL DEFAULT 0;
+                UPDATE {heads} h SET gaps = h.max_position + 1 - c.n
+                FROM (SELECT partition, count(*) AS n FROM {table} GROUP BY partition) c
+                WHERE c.partition = h.partition AND c.n <> h.max_position + 1;
+            END IF;
+        END $ddl$
         """,
         f"""
         CREATE TABLE IF NOT EXISTS {checkpoint} (
@@ -390,23 +408,61 @@ class StreamStatements:
 
 
 class StreamViews:
-    """The read-only statements of the notebook views on one aggregated stream."""
+    """The read-only statements of the notebook views on one aggregated stream. The
+    partition summaries and the backlog count read rows in proportion to the partitions
+    and to the projector's backlog, never to the messages projected."""
 
     def __init__(self, names: StreamNames) -> None:
         table = quote_ident(names.table)
         heads = quote_ident(names.heads_table)
         messages = quote_ident(names.store.messages_table)
+        checkpoint = quote_ident(names.checkpoint_table)
+        letters = DeadLetterTable(names.stream).table
         self.table = table
+        # Per partition from its head row and two lookups on the (partition, position) key:
+        # its first message and the one at the head. LIMIT keeps each a lookup, however few
+        # rows the planner expects in the heads table (it is rarely analysed).
         self.partition_summaries_sql = (
-            "SELECT partition, count(*), max(position), min(global_position), max(global_position), "
-            f"max(projected_at) FROM {table} GROUP BY partition ORDER BY partition"
+            "SELECT h.partition, h.max_position + 1 - h.gaps, h.max_position, f.global_position, "
+            f"l.global_position, l.projected_at FROM {heads} h "
+            f"CROSS JOIN LATERAL (SELECT global_position FROM {table} s WHERE s.partition = h.partition "
+            "ORDER BY s.position LIMIT 1) f "
+            f"CROSS JOIN LATERAL (SELECT global_position, projected_at FROM {table} s "
+            "WHERE s.partition = h.partition ORDER BY s.position DESC LIMIT 1) l "
+            "ORDER BY h.partition"
         )
-        # Exactly the projector's backlog: it selects with the same LIKE ANY.
-        self.unprojected_count_sql = (
-            f"SELECT count(*) FROM {messages} m WHERE m.stream LIKE ANY(%s) AND NOT EXISTS "
-            f"(SELECT 1 FROM {table} s WHERE s.global_position = m.global_position)"
+        # Exactly the projector's backlog: the stored messages matching its wildcards (the
+        # same LIKE ANY) that it has neither projected nor dead-lettered. Every message visible
+        # in the checkpoint's `seen` snapshot is one of those, so only the others are read,
+        # through the txid index as the projector reads them (see `engine.projector`): the
+        # rows of transactions at or after its xmax, and of those it saw in progress. Without
+        # a usable `seen` (before the first round, after a truncation or a re-anchoring, or
+        # holding another cluster's ids, which the projector refuses) every message is read.
+        # The checkpoint is read first and its values are passed as literals (client-side
+        # binding), so the planner sees how few rows they select; one snapshot for both.
+        self._backlog_checkpoint_select = (
+            "SELECT pg_snapshot_xmax(seen)::text, array(SELECT pg_snapshot_xip(seen))::text[], "
+            f"seen IS NULL OR coalesce(cluster <> {CLUSTER_IDENTITY_SQL}, false) FROM {checkpoint}"
         )
-        self.checkpoint_updated_sql = f"SELECT updated_at FROM {quote_ident(names.checkpoint_table)}"
+        self._backlog_checkpoint_sql = (
+            f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {self._backlog_checkpoint_select}"
+        )
+        unprocessed = (
+            "m.stream LIKE ANY(%(wildcards)s) "
+            f"AND NOT EXISTS (SELECT FROM {table} s WHERE s.global_position = m.global_position) "
+            f"AND NOT EXISTS (SELECT FROM {letters} d WHERE d.global_position = m.global_position)"
+        )
+        # (xmax, xip, wildcards, limit or None for all)
+        self._backlog_delta_sql = (
+            f"SELECT count(*) FROM (SELECT FROM {messages} m WHERE m.txid >= %(xmax)s::xid8 "
+            f"AND {unprocessed} UNION ALL SELECT FROM {messages} m "
+            f"WHERE m.txid = ANY(%(xip)s::xid8[]) AND {unprocessed} LIMIT %(limit)s) u"
+        )
+        # (wildcards, limit or None for all)
+        self._backlog_all_sql = (
+            f"SELECT count(*) FROM (SELECT FROM {messages} m WHERE {unprocessed} LIMIT %(limit)s) u"
+        )
+        self.checkpoint_updated_sql = f"SELECT updated_at FROM {checkpoint}"
         # Positions are gapless, so "the last N" is a range on the (partition, position) key.
         self._cells_sql = (
             f"WITH h AS (SELECT partition, max_position FROM {heads} ORDER BY partition LIMIT %s) "
@@ -415,7 +471,7 @@ class StreamViews:
             "WHERE s.partition = h.partition AND s.position > h.max_position - %s) s "
             "ORDER BY h.partition, s.position"
         )
-        self._totals_sql = f"SELECT count(*), coalesce(sum(max_position + 1), 0) FROM {heads}"
+        self._totals_sql = f"SELECT count(*), coalesce(sum(max_position + 1 - gaps), 0) FROM {heads}"
         self._latest_sql = (
             "SELECT global_position, origin_stream, origin_stream_version, partition, position "
             f"FROM {table} ORDER BY global_position DESC LIMIT %s"
@@ -432,6 +488,48 @@ class StreamViews:
             f"LEFT JOIN {DeadLetterTable(names.stream).table} d ON d.global_position = m.global_position "
             "AND d.message_id = m.message_id"
         )
+        # The operations console's line of the stream: partitions and projected messages from
+        # the heads (rows in proportion to the partitions), when the projector last finished
+        # a step, and the unresolved dead letters.
+        self.status_sql = (
+            "SELECT count(*), coalesce(sum(max_position + 1 - gaps), 0), "
+            f"(SELECT updated_at FROM {checkpoint}), ({DeadLetterTable(names.stream).count_sql}) "
+            f"FROM {heads}"
+        )
+        # (partition, position): the message there, by the (partition, position) key.
+        self.at_position_sql = (
+            "SELECT global_position, message_id::text, origin_stream, origin_stream_version, "
+            f"origin_added_at, projected_at FROM {table} WHERE partition = %s AND position = %s"
+        )
+
+    def unprojected_count(self, engine: sa.Engine, wildcards: list[str], limit: int | None) -> int:
+        """The projector's backlog (see the notes in `__init__`), counted up to `limit` (None:
+        all)."""
+        with autocommit_cursor(engine) as cursor:
+            try:
+                cursor.execute(self._backlog_checkpoint_sql)
+                counted = self._count_after_checkpoint(cursor, wildcards, limit)
+                cursor.execute("COMMIT")
+            except BaseException:
+                if not cursor.connection.closed:
+                    cursor.execute("ROLLBACK")
+                raise
+        return counted
+
+    def unprojected_count_in(self, cursor: Any, wildcards: list[str], limit: int | None) -> int:
+        """`unprojected_count` on the caller's cursor, inside its transaction (REPEATABLE READ,
+        so that the checkpoint and the count see one snapshot)."""
+        cursor.execute(self._backlog_checkpoint_select)
+        return self._count_after_checkpoint(cursor, wildcards, limit)
+
+    def _count_after_checkpoint(self, cursor: Any, wildcards: list[str], limit: int | None) -> int:
+        params: dict[str, Any] = {"wildcards": wildcards, "limit": limit}
+        row = cursor.fetchone()
+        if row is None or row[2]:
+            cursor.execute(self._backlog_all_sql, params)
+        else:
+            cursor.execute(self._backlog_delta_sql, {**params, "xmax": row[0], "xip": row[1]})
+        return int(cursor.fetchone()[0])
 
     def assignments_sql(self, where: str, order: str) -> str:
         """Rows for an assignments DataFrame; `where` and `order` are fixed SQL fragments of
