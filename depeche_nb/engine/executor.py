@@ -3,10 +3,10 @@
 Threads, all daemons so a forgotten executor never keeps a kernel alive:
 
 * the listener thread (`PgNotificationListener`) LISTENs on every registered
-  channel;
-* the dispatcher thread turns each notification into wake-ups: for every
-  handler on that channel that is `interested_in_notification`, it calls
-  `take_notification_hint` and sets the handler's event. It also owns the
+  channel and turns each notification into wake-ups: for every handler on that
+  channel that is `interested_in_notification`, it calls `take_notification_hint`
+  and sets the handler's event;
+* the dispatcher thread starts the listener and the workers and owns the
   shutdown, so that a failure seen by any thread ends everything the same way;
 * one worker thread per handler, so a slow handler never delays another.
   A worker runs its handler with a 1 s budget, again at once while it
@@ -325,9 +325,16 @@ class Executor(StartStopContext):
                 for handler in self.handlers
             ]
             self._handoffs = _link_handoffs(self._workers)
+            by_channel: defaultdict[str, list[_Worker]] = defaultdict(list)
+            for worker in self._workers:
+                by_channel[worker.handler.notification_channel].append(worker)
             # reconnect_delays=None: the listener never gives up while the executor runs.
+            # Its thread wakes the workers itself (no hand-off to the dispatcher thread).
             self._listener = PgNotificationListener(
-                self.engine, list(self.channel_register), reconnect_delays=None
+                self.engine,
+                list(self.channel_register),
+                reconnect_delays=None,
+                on_notification=lambda n: self._dispatch(n, by_channel[n.channel]),
             )
             self._dispatcher = threading.Thread(
                 target=self._dispatch_main,
@@ -381,11 +388,9 @@ class Executor(StartStopContext):
                 return
             for worker in workers:
                 worker.thread.start()
-            by_channel: defaultdict[str, list[_Worker]] = defaultdict(list)
-            for worker in workers:
-                by_channel[worker.handler.notification_channel].append(worker)
-            for notification in listener.messages():
-                self._dispatch(notification, by_channel[notification.channel])
+            # Notifications are dispatched on the listener's thread; this ends with it.
+            for _ in listener.messages():
+                pass
         except Exception as exc:
             logger.exception("the executor's notification listener failed; stopping the executor")
             self.errors.append((None, exc))

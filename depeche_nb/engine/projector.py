@@ -93,6 +93,7 @@ from depeche_nb.engine.definitions import definition_text, describe_definition
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.postgres.dead_letter_table import HELD, PARKED, REPLAYED, SKIPPED
+from depeche_nb.postgres.names import text_array_literal
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
 from depeche_nb.store.reading import to_stored_message
@@ -163,7 +164,6 @@ class ProjectionReport(RichRepr):
 class _Placement(Generic[E]):
     """A row read and partitioned, ready to insert."""
 
-    raw_id: Any
     stored: StoredMessage[E]
     partition: int
     occurred: _dt.datetime
@@ -207,21 +207,14 @@ def _as_utc(moment: _dt.datetime) -> _dt.datetime:
     return moment.replace(tzinfo=_dt.timezone.utc) if moment.tzinfo is None else moment
 
 
-def _columns(placed: Sequence[_Placement[Any]]) -> dict[str, list[Any]]:
-    """The insert's parameters: one array per column (the projector's functions unnest them)."""
-    columns: dict[str, list[Any]] = {
-        key: [] for key in ("partitions", "gps", "ids", "streams", "versions", "occurred", "added_utc")
+def _columns(placed: Sequence[_Placement[Any]]) -> dict[str, str]:
+    """The insert's parameters: global positions, partitions and message times, each as one
+    comma-separated text (see `postgres.stream_tables.projector_functions_ddl`)."""
+    return {
+        "gps": ",".join([str(p.stored.global_position) for p in placed]),
+        "partitions": ",".join([str(p.partition) for p in placed]),
+        "occurred": ",".join([p.occurred.isoformat() for p in placed]),
     }
-    for p in placed:
-        stored = p.stored
-        columns["partitions"].append(p.partition)
-        columns["gps"].append(stored.global_position)
-        columns["ids"].append(p.raw_id)  # the id column as the database sent it
-        columns["streams"].append(stored.stream)
-        columns["versions"].append(stored.version)
-        columns["occurred"].append(p.occurred)
-        columns["added_utc"].append(stored.added_at)  # naive UTC, see store.storage
-    return columns
 
 
 def _parse_heads(text: str | None) -> dict[int, int]:
@@ -257,6 +250,8 @@ class StreamProjector(NotificationDriven, Generic[E]):
         self._reads = stream.store._storage.statements
         self._keep_running = True
         self._step_listeners: list[Callable[[dict[int, int]], None]] = []
+        # As one text[] literal: a str is quoted once, where psycopg 3 dumps a list in Python.
+        self._wildcards = text_array_literal(self.stream_wildcards)
 
     # -- RunOnNotification --------------------------------------------------------------------
 
@@ -330,7 +325,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         # Two round trips (see `postgres.stream_tables.projector_functions_ddl`): lock,
         # checkpoint and rows in one; insert, heads, notifications, checkpoint and commit
         # in the other.
-        cursor.execute(self._sql.project_begin_sql, {"wildcards": self.stream_wildcards, "limit": limit + 1})
+        cursor.execute(self._sql.project_begin_sql, {"wildcards": self._wildcards, "limit": limit + 1})
         rows = cursor.fetchall()
         if rows[0][1] == "locked":
             cursor.execute("ROLLBACK")
@@ -444,7 +439,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
                 f"global position {stored.global_position})"
             ) from exc
         occurred = _as_utc(stored.message.get_message_time())  # type: ignore[attr-defined]
-        return _Placement(row[0], stored, _validate_partition(partition, stored), occurred)
+        return _Placement(stored, _validate_partition(partition, stored), occurred)
 
     def _insert(self, cursor: Any, placed: Sequence[_Placement[E]], report: ProjectionReport) -> None:
         """Insert `placed` in the caller's transaction, without moving the checkpoint."""

@@ -26,7 +26,7 @@ import queue
 import re
 import select
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +109,14 @@ class PgNotificationListener(StartStopContext):
         ignore_payload: bool = False,
         *,
         reconnect_delays: Sequence[float] | None = DEFAULT_RECONNECT_DELAYS,
+        on_notification: Callable[[PgNotification], None] | None = None,
     ) -> None:
         self.channels = checked_channels(channels, select_timeout)
         self.select_timeout = select_timeout
         self.ignore_payload = ignore_payload
+        # Called on the listener's thread for each notification instead of queueing it for
+        # messages() (which then only ends): one thread hand-off less (the Executor's).
+        self._on_notification = on_notification
         self.reconnect_delays = None if reconnect_delays is None else tuple(reconnect_delays)
         # Successful reconnects since construction (an Executor reports them).
         self.reconnects = 0
@@ -182,6 +186,8 @@ class PgNotificationListener(StartStopContext):
             if thread is None or stop_fd is None:
                 return
             os.close(stop_fd)
+            if thread is threading.current_thread():
+                return  # from `on_notification`: the thread ends when the callback returns
             thread.join(timeout=_STOP_JOIN_TIMEOUT_S)
             if thread.is_alive():
                 # Stuck in a connect attempt; it closes its connection when that returns.
@@ -225,7 +231,7 @@ class PgNotificationListener(StartStopContext):
                     if connection is None:
                         return
                     for channel in self.channels:
-                        q.put(PgNotification(channel, {}))
+                        self._deliver(q, PgNotification(channel, {}))
         finally:
             _close_quietly(connection)
             self._backend_pid = None
@@ -237,7 +243,13 @@ class PgNotificationListener(StartStopContext):
 
     def _drain(self, connection: Any, q: queue.Queue[object]) -> None:
         for channel, payload in pending_notifications(connection):
-            q.put(PgNotification(channel, self._parse(payload)))
+            self._deliver(q, PgNotification(channel, self._parse(payload)))
+
+    def _deliver(self, q: queue.Queue[object], notification: PgNotification) -> None:
+        if self._on_notification is None:
+            q.put(notification)
+        else:
+            self._on_notification(notification)
 
     def _parse(self, payload: str) -> dict[str, Any]:
         # Our store sends empty payloads; other senders may send anything.

@@ -17,6 +17,12 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def text_array_literal(values: list[str]) -> str:
+    """A `text[]` literal of `values` (every element quoted), to pass as one str parameter."""
+    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return "{" + ",".join(quoted) + "}"
+
+
 def lock_namespace(kind: str, name: str) -> int:
     """A stable signed 32-bit key for the first half of two-key advisory locks."""
     value = zlib.crc32(f"depeche_nb:{kind}:{name}".encode())

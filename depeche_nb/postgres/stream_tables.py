@@ -164,11 +164,13 @@ def projector_functions_ddl(names: StreamNames) -> list[str]:
     definition. The message rows follow, in `TEXT_ROW_COLUMNS` order; every statement
     reads a fresh snapshot, so all of them see what committed before the lock was granted.
 
-    `commit(columns..., channel, seen, pending, after, cluster, definition, advance)`:
-    inserts the placed rows with gapless positions continuing from the heads, moves the
-    heads, notifies one message per touched partition, advances the checkpoint (if
-    `advance`) and returns the new heads as 'partition:head,...', also left in the session
-    setting `depeche_nb.projected`."""
+    `commit(global positions, partitions, message times, channel, seen, pending, after,
+    cluster, definition, advance)`, the first three as comma-separated text (one string,
+    quoted once in C, where psycopg 3 dumps a list element by element in Python; the rest
+    of each row comes from the messages table by global position): inserts the rows with
+    gapless positions continuing from the heads, moves the heads, notifies one message per
+    touched partition, advances the checkpoint (if `advance`) and returns the new heads as
+    'partition:head,...', also left in the session setting `depeche_nb.projected`."""
     table = quote_ident(names.table)
     heads = quote_ident(names.heads_table)
     checkpoint = quote_ident(names.checkpoint_table)
@@ -185,6 +187,7 @@ def projector_functions_ddl(names: StreamNames) -> list[str]:
     )
     begin = quote_ident(names.project_begin_function)
     commit = quote_ident(names.project_commit_function)
+    messages = quote_ident(names.store.messages_table)
     return [
         f"""
         CREATE OR REPLACE FUNCTION {begin}(p_wildcards text[], p_limit integer)
@@ -227,8 +230,7 @@ def projector_functions_ddl(names: StreamNames) -> list[str]:
         """,
         f"""
         CREATE OR REPLACE FUNCTION {commit}(
-            p_gps bigint[], p_ids uuid[], p_streams text[], p_versions integer[],
-            p_partitions integer[], p_occurred timestamptz[], p_added_utc timestamp[],
+            p_gps text, p_partitions text, p_occurred text,
             p_channel text, p_seen pg_snapshot, p_pending pg_snapshot, p_after bigint,
             p_cluster text, p_definition text, p_advance boolean
         ) RETURNS text
@@ -237,12 +239,16 @@ def projector_functions_ddl(names: StreamNames) -> list[str]:
             v_heads text := '';
             v_notified bigint;
         BEGIN
-            IF cardinality(p_gps) > 0 THEN
+            IF p_gps <> '' THEN
                 WITH new AS (
-                    SELECT * FROM unnest(p_gps, p_ids, p_streams, p_versions, p_partitions,
-                                         p_occurred, p_added_utc)
-                        AS n(gp, id, origin, origin_version, part, occurred, added_utc)
-                ), numbered AS (
+                    SELECT n.gp, m.message_id AS id, m.stream AS origin,
+                           m.version AS origin_version, n.part, n.occurred, m.added_at
+                    FROM unnest(string_to_array(p_gps, ',')::bigint[],
+                                string_to_array(p_partitions, ',')::integer[],
+                                string_to_array(p_occurred, ',')::timestamptz[])
+                        AS n(gp, part, occurred)
+                    JOIN {messages} m ON m.global_position = n.gp
+        ), numbered AS (
                     SELECT n.*, coalesce(h.max_position, -1)
                            + row_number() OVER (PARTITION BY n.part ORDER BY n.gp) AS pos
                     FROM new n LEFT JOIN {heads} h ON h.partition = n.part
@@ -250,8 +256,7 @@ def projector_functions_ddl(names: StreamNames) -> list[str]:
                     INSERT INTO {table} (global_position, message_id, origin_stream,
                         origin_stream_version, partition, position, message_occurred_at,
                         origin_added_at)
-                    SELECT gp, id, origin, origin_version, part, pos::int, occurred,
-                           added_utc AT TIME ZONE 'UTC'
+                    SELECT gp, id, origin, origin_version, part, pos::int, occurred, added_at
                     FROM numbered
                     RETURNING partition AS part, position AS pos
                 ), up AS (
@@ -309,19 +314,16 @@ class StreamStatements:
         # psycopg2 keeps only the last statement's result: the new heads come back in a
         # session setting read after the commit.
         self.project_commit_sql = (
-            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::bigint[], %(ids)s::uuid[], "
-            "%(streams)s::text[], %(versions)s::int[], %(partitions)s::int[], "
-            "%(occurred)s::timestamptz[], %(added_utc)s::timestamp[], %(channel)s, "
-            "%(seen)s::pg_snapshot, %(pending)s::pg_snapshot, %(after)s::bigint, %(cluster)s, "
-            "%(definition)s, true); COMMIT; SELECT current_setting('depeche_nb.projected')"
+            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::text, %(partitions)s::text, "
+            "%(occurred)s::text, %(channel)s, %(seen)s::pg_snapshot, %(pending)s::pg_snapshot, "
+            "%(after)s::bigint, %(cluster)s, %(definition)s, true); "
+            "COMMIT; SELECT current_setting('depeche_nb.projected')"
         )
         # The insert alone, in a caller's transaction under the projector's lock (replayed
         # dead letters): the checkpoint stays.
         self.project_insert_sql = (
-            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::bigint[], %(ids)s::uuid[], "
-            "%(streams)s::text[], %(versions)s::int[], %(partitions)s::int[], "
-            "%(occurred)s::timestamptz[], %(added_utc)s::timestamp[], %(channel)s, "
-            "NULL, NULL, NULL, NULL, NULL, false)"
+            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::text, %(partitions)s::text, "
+            "%(occurred)s::text, %(channel)s, NULL, NULL, NULL, NULL, NULL, false)"
         )
         self.projector_wait_lock_sql = f"SELECT pg_advisory_xact_lock({lock_a}, {lock_b})"
         # Re-anchoring (see `StreamProjector.reanchor`): forget the foreign snapshots; the
