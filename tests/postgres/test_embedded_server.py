@@ -22,7 +22,7 @@ import depeche_nb
 from depeche_nb.core.errors import EmbeddedServerError
 from depeche_nb.postgres.embedded import PASSWORD_FILE, EmbeddedServer, _transport_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEST_USER = "depeche_nb_tester"
 
 

@@ -2,7 +2,7 @@
 
 A virtual environment with depeche-db is built once and cached under
 ~/.cache/depeche-nb-tests, keyed by the requirement string and the Python version.
-`tests/depeche_db_scenario.py` runs in it and leaves a database with stores,
+`tests/engine/depeche_db_scenario.py` runs in it and leaves a database with stores,
 aggregated streams (one with messages stored but not projected yet) and a
 half-consumed subscription. Each test works on its own copy of that database
 (CREATE DATABASE ... TEMPLATE), so they cannot see each other.
@@ -39,15 +39,15 @@ from depeche_nb import (
 )
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.test_display_exact import shown_partitions, true_backlog, true_partitions
-from tests.test_reprs import check_markup
+from tests.notebook.test_display_exact import shown_partitions, true_backlog, true_partitions
+from tests.notebook.test_reprs import check_markup
 
 pytestmark = pytest.mark.slow
 
 REQUIREMENTS = ["depeche-db==0.13.1", "sqlalchemy<2.1", "sniffio", "psycopg2-binary", "pydantic>=2,<3"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "depeche-nb-tests"
 SCENARIO = Path(__file__).with_name("depeche_db_scenario.py")
-HERE = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parents[2]
 
 
 # -- the published library in a cached virtual environment ------------------------------------
@@ -647,7 +647,7 @@ def test_an_empty_stream_and_an_unusable_name_are_skipped_not_fatal(
 
 def test_adopted_streams_display_their_true_sizes_and_backlog(ddb: tuple[sa.Engine, dict[str, Any]]) -> None:
     """Position gaps and the constructed checkpoints of an adopted stream: its displays still
-    equal what its tables hold (see `tests/test_display_exact.py`)."""
+    equal what its tables hold (see `tests/notebook/test_display_exact.py`)."""
     engine, info = ddb
     with engine.begin() as conn:
         # A gap below the head, as Depeche DB may leave one: its message is unprojected now.

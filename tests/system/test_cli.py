@@ -27,7 +27,7 @@ from depeche_nb.cli import lab_command, parse_args
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.postgres.driver import default_driver
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "depeche-nb"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "depeche_nb"]
 

@@ -27,7 +27,7 @@ import depeche_nb
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.postgres.embedded import _binaries_dir, _ensure_service_user, _is_root, _wheel_install_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "depeche-nb"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "depeche_nb"]
 USER = "depeche"

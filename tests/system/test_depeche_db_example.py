@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Depeche DB's README as the contract; CI lays `shared/` beside the checkout.
 REFERENCE = ROOT.parent / "shared" / "reference" / "depeche-db-README.md"
 ORIGINAL_DSN = '"postgresql://depeche:depeche@localhost:4888/depeche_demo"'

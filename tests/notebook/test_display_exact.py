@@ -22,8 +22,8 @@ from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.store.frames import ABOUT, MORE_THAN, Count, store_overview
 from depeche_nb.tools import PydanticMessageSerializer
+from tests.notebook.test_reprs import check_markup
 from tests.support import Numbered
-from tests.test_reprs import check_markup
 
 
 class ByNumber:

@@ -22,7 +22,7 @@ import pytest
 
 from depeche_nb.postgres.embedded import EmbeddedServer, _is_root
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BINDER = ROOT / "binder"
 # Variables of this test session that must not leak into the Binder-like environment.
 _HOST_ONLY = (

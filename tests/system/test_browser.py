@@ -1,4 +1,4 @@
-"""Real browsers: Voila, JupyterLab and Notebook 7 serve tests/browser/widgets.ipynb, headless
+"""Real browsers: Voila, JupyterLab and Notebook 7 serve tests/system/browser/widgets.ipynb, headless
 Chromium clicks.
 
 These tests see the widgets as a user does: rendered by each frontend's ipywidgets
@@ -53,7 +53,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 NOTEBOOK = Path(__file__).parent / "browser" / "widgets.ipynb"
-SCREENSHOT_COPY = Path(__file__).resolve().parent.parent / "docs" / "stepper.png"
+SCREENSHOT_COPY = Path(__file__).resolve().parents[2] / "docs" / "stepper.png"
 SERVER_START_S = 90.0
 RENDER_MS = 120_000  # the first page load starts a kernel and runs the notebook
 UPDATE_MS = 30_000

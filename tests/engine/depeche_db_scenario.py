@@ -1,5 +1,5 @@
 """Builds a Depeche DB 0.13 database with the *published* library (run by
-tests/test_adopt_depeche_db.py with a virtual environment's Python, never imported by
+tests/engine/test_adopt_depeche_db.py with a virtual environment's Python, never imported by
 depeche-nb's tests).
 
 Environment: DDB_DSN (a postgresql+psycopg2:// URL), DDB_OUT (a JSON file to write).

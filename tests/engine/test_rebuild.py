@@ -15,8 +15,8 @@ import depeche_nb
 from depeche_nb.core.errors import DefinitionChangedError, RebuildInProgressError
 from depeche_nb.postgres.names import lock_namespace
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
+from tests.engine.test_projector_exactness import assert_exact_projection
 from tests.support import Numbered
-from tests.test_projector_exactness import assert_exact_projection
 
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:

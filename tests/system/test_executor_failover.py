@@ -8,8 +8,8 @@ import time
 
 import sqlalchemy as sa
 
-from tests.executor_workers import run_executor
 from tests.support import Numbered
+from tests.system.executor_workers import run_executor
 from tests.workers import build_stream, create_log_table
 
 MESSAGES = 300

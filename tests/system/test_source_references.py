@@ -13,7 +13,7 @@ import subprocess
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Names of files a comment may point a reader to (Python modules are named as modules).
 FILE_NAME = re.compile(r"(?<![\w.])[\w-]+(?:/[\w.-]+)*\.(?:md|ipynb|cfg|toml|ya?ml|png|txt|sh)\b")
 
