@@ -30,6 +30,7 @@ DRIVER_SENSITIVE = {
     "test_executor_failover",
     "test_fencing",
     "test_frames",
+    "test_listener",
     "test_notifications",
     "test_parallel_consumers",
     "test_projector_exactness",
@@ -69,3 +70,9 @@ def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
 def unique_name() -> str:
     """A fresh identifier per test, so tests never see each other's tables."""
     return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def channel(unique_name: str) -> str:
+    """A fresh notification channel per test (the listener's and the executor's tests)."""
+    return f"{unique_name}_messages"
