@@ -30,6 +30,7 @@ DRIVER_SENSITIVE = {
     "test_executor_failover",
     "test_fencing",
     "test_frames",
+    "test_handlers",
     "test_listener",
     "test_notifications",
     "test_parallel_consumers",
