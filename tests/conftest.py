@@ -15,8 +15,11 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from depeche_nb import MessageStore
 from depeche_nb.postgres.connection import DSN_ENV, connect
 from depeche_nb.postgres.driver import DRIVERS, default_driver
+from depeche_nb.tools import PydanticMessageSerializer
+from tests.support import Numbered
 
 # The store, engine, notification, executor and event-sourcing tests, and the views
 # that read through raw connections.
@@ -71,6 +74,12 @@ def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
 def unique_name() -> str:
     """A fresh identifier per test, so tests never see each other's tables."""
     return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
+    """An empty store of `Numbered` messages (the store tests' and Depeche DB compatibility's)."""
+    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
 
 
 @pytest.fixture

@@ -53,11 +53,6 @@ from tests.support import AnyMessage, Numbered, Renamed
 UTC = dt.timezone.utc
 
 
-@pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
-    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
 class ByNumber:
     """Partition = number % 3."""
 

@@ -220,7 +220,7 @@ class CountingStore:
 
 
 @pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> depeche_nb.MessageStore[AccountEvent]:
+def account_store(engine: sa.Engine, unique_name: str) -> depeche_nb.MessageStore[AccountEvent]:
     return depeche_nb.MessageStore(
         name=unique_name,
         engine=engine,
@@ -229,8 +229,10 @@ def store(engine: sa.Engine, unique_name: str) -> depeche_nb.MessageStore[Accoun
 
 
 @pytest.fixture
-def repo(store: depeche_nb.MessageStore[AccountEvent]) -> EventStoreRepo[AccountEvent, Account, uuid.UUID]:
-    return EventStoreRepo(store, Account, "account")
+def repo(
+    account_store: depeche_nb.MessageStore[AccountEvent],
+) -> EventStoreRepo[AccountEvent, Account, uuid.UUID]:
+    return EventStoreRepo(account_store, Account, "account")
 
 
 def stream_of(store: depeche_nb.MessageStore[AccountEvent], account_id: uuid.UUID | None) -> list[Any]:
@@ -352,7 +354,8 @@ def test_aggregates_are_unhashable() -> None:
 
 
 def test_round_trip_open_deposit_withdraw(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     assert isinstance(repo, Repo)
     account = Account.open("ada")
@@ -370,7 +373,7 @@ def test_round_trip_open_deposit_withdraw(
     assert again.version == 3
     assert again == loaded
     assert again.events == loaded.events
-    assert stream_of(store, account.id) == loaded.events
+    assert stream_of(account_store, account.id) == loaded.events
 
 
 def test_get_of_unknown_id_raises_not_found(
@@ -384,21 +387,23 @@ def test_get_of_unknown_id_raises_not_found(
 
 
 def test_saving_an_aggregate_without_id_is_rejected_and_writes_nothing(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     with pytest.raises(ValueError, match="get_id"):
         repo.add(Account())
-    assert list(store.read_wildcard("%")) == []
+    assert list(account_store.read_wildcard("%")) == []
 
 
 def test_invariant_violation_saves_nothing(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = Account.open("ada")
     with pytest.raises(InsufficientFunds):
         account.withdraw(5)
     repo.add(account)
-    assert [type(e) for e in stream_of(store, account.id)] == [AccountOpened]
+    assert [type(e) for e in stream_of(account_store, account.id)] == [AccountOpened]
 
     account.deposit(10)
     repo.save(account, expected_version=1)
@@ -406,12 +411,13 @@ def test_invariant_violation_saves_nothing(
         account.withdraw(11)
     position = repo.save(account, expected_version=2)
     assert position.version == 2
-    assert len(stream_of(store, account.id)) == 2
+    assert len(stream_of(account_store, account.id)) == 2
     assert repo.get(account.id).balance == 10  # type: ignore[arg-type]
 
 
 def test_first_save_wins_and_the_second_raises_optimistic_concurrency_error(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account_id = saved_account(repo).id
     assert account_id is not None
@@ -425,29 +431,31 @@ def test_first_save_wins_and_the_second_raises_optimistic_concurrency_error(
 
     # Code written for Depeche DB catches the id mismatch instead; both work.
     assert isinstance(info.value, depeche_nb.MessageIdMismatchError)
-    assert stream_of(store, account_id) == first.events
+    assert stream_of(account_store, account_id) == first.events
     assert repo.get(account_id).balance == 10
 
 
 def test_stale_expected_version_raises_and_writes_nothing(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo)
     account.deposit(10)
     with pytest.raises(depeche_nb.OptimisticConcurrencyError):
         repo.save(account, expected_version=0)
-    assert len(stream_of(store, account.id)) == 1
+    assert len(stream_of(account_store, account.id)) == 1
 
 
 def test_adding_a_second_aggregate_with_a_taken_id_is_a_conflict(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     original = saved_account(repo, owner="ada")
     impostor = Account.open("eve", account_id=original.id)
     with pytest.raises(ConcurrentModificationError):
         repo.add(impostor)
     assert repo.get(original.id).owner == "ada"  # type: ignore[arg-type]
-    assert stream_of(store, original.id) == original.events
+    assert stream_of(account_store, original.id) == original.events
 
 
 def _race_saves(
@@ -473,7 +481,8 @@ def _race_saves(
 
 
 def test_concurrent_saves_from_threads_let_exactly_one_win(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     for _ in range(5):
         account_id = saved_account(repo).id
@@ -487,11 +496,12 @@ def test_concurrent_saves_from_threads_let_exactly_one_win(
         winners = [i for i, o in enumerate(outcomes) if isinstance(o, depeche_nb.MessagePosition)]
         losers = [o for o in outcomes if isinstance(o, depeche_nb.OptimisticConcurrencyError)]
         assert len(winners) == 1 and len(losers) == 1, outcomes
-        assert stream_of(store, account_id) == copies[winners[0]].events
+        assert stream_of(account_store, account_id) == copies[winners[0]].events
 
 
 def test_resaving_an_unchanged_aggregate_is_idempotent(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo, deposits=2)
     first = repo.save(account, expected_version=3)
@@ -499,22 +509,24 @@ def test_resaving_an_unchanged_aggregate_is_idempotent(
     stale = repo.add(account)  # nothing new, so even a stale expectation is fine
     assert first == second == stale
     assert first.version == 3
-    assert len(list(store.read_wildcard("%"))) == 3
+    assert len(list(account_store.read_wildcard("%"))) == 3
 
 
 def test_stream_name_is_prefix_dash_id(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo, deposits=1)
-    [stored_stream] = {m.stream for m in store.read_wildcard("%")}
+    [stored_stream] = {m.stream for m in account_store.read_wildcard("%")}
     assert stored_stream == f"account-{account.id}"
 
 
 def test_read_repository_loads_several_aggregates_on_one_reader(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     a, b = saved_account(repo, deposits=1), saved_account(repo, deposits=3)
-    with store.reader() as reader:
+    with account_store.reader() as reader:
         read_repo: ReadRepository[AccountEvent, Account, uuid.UUID | None] = ReadRepository(
             reader, Account, "account"
         )
@@ -525,11 +537,12 @@ def test_read_repository_loads_several_aggregates_on_one_reader(
 
 
 def test_replaying_stored_events_does_not_snapshot_but_commands_do(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account_id = saved_account(repo, deposits=20).id
     probed_repo: EventStoreRepo[AccountEvent, ProbedAccount, uuid.UUID] = EventStoreRepo(
-        store, ProbedAccount, "account"
+        account_store, ProbedAccount, "account"
     )
     CopyProbe.copies = 0
     loaded = probed_repo.get(account_id)  # type: ignore[arg-type]
@@ -543,10 +556,11 @@ def test_replaying_stored_events_does_not_snapshot_but_commands_do(
 
 
 def test_cached_get_reads_only_the_new_events(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo, deposits=9)  # versions 1..10
-    counting = CountingStore(store)
+    counting = CountingStore(account_store)
     cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache(cache_every_x_version=1)
     cached_repo = EventStoreRepo(counting, Account, "account", cache=cache)
     assert account.id is not None
@@ -572,10 +586,11 @@ def test_cached_get_reads_only_the_new_events(
 
 
 def test_cache_stores_only_every_x_versions(
-    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID], store: depeche_nb.MessageStore[AccountEvent]
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
+    account_store: depeche_nb.MessageStore[AccountEvent],
 ) -> None:
     cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache(cache_every_x_version=3)
-    cached_repo = EventStoreRepo(store, Account, "account", cache=cache)
+    cached_repo = EventStoreRepo(account_store, Account, "account", cache=cache)
     account = saved_account(repo)
     account_id = account.id
     assert account_id is not None
@@ -598,10 +613,11 @@ def test_cache_stores_only_every_x_versions(
 
 
 def test_mutating_a_returned_object_does_not_change_the_cache(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache(cache_every_x_version=1)
-    cached_repo = EventStoreRepo(store, Account, "account", cache=cache)
+    cached_repo = EventStoreRepo(account_store, Account, "account", cache=cache)
     account_id = saved_account(repo, deposits=2).id
     assert account_id is not None
 
@@ -618,17 +634,17 @@ def test_mutating_a_returned_object_does_not_change_the_cache(
 
 
 def test_stale_cache_after_truncate_is_detected_and_replaced(
-    store: depeche_nb.MessageStore[AccountEvent],
+    account_store: depeche_nb.MessageStore[AccountEvent],
     repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache()
-    cached_repo = EventStoreRepo(store, Account, "account", cache=cache)
+    cached_repo = EventStoreRepo(account_store, Account, "account", cache=cache)
     old = saved_account(repo, deposits=3, owner="ada")
     assert old.id is not None
     assert cached_repo.get(old.id).owner == "ada"
 
-    store.truncate()
+    account_store.truncate()
     with pytest.raises(NotFound):
         cached_repo.get(old.id)
 
@@ -660,12 +676,12 @@ class _BrokenCache(BaseCache[Account, uuid.UUID]):
 
 
 def test_unreadable_cache_entry_falls_back_to_a_full_rebuild(
-    store: depeche_nb.MessageStore[AccountEvent],
+    account_store: depeche_nb.MessageStore[AccountEvent],
     repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cache = _BrokenCache()
-    cached_repo = EventStoreRepo(store, Account, "account", cache=cache)
+    cached_repo = EventStoreRepo(account_store, Account, "account", cache=cache)
     account_id = saved_account(repo, deposits=2).id
     assert account_id is not None
     with caplog.at_level(logging.WARNING, logger="depeche_nb.event_sourcing.repository"):
@@ -675,14 +691,15 @@ def test_unreadable_cache_entry_falls_back_to_a_full_rebuild(
 
 
 def test_in_memory_cache_explains_unpicklable_aggregates(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     class LocalAccount(Account):
         pass
 
     account_id = saved_account(repo).id
     local_repo: EventStoreRepo[AccountEvent, LocalAccount, uuid.UUID] = EventStoreRepo(
-        store, LocalAccount, "account", cache=InMemoryCache()
+        account_store, LocalAccount, "account", cache=InMemoryCache()
     )
     with pytest.raises(TypeError, match="module level"):
         local_repo.get(account_id)  # type: ignore[arg-type]
@@ -788,7 +805,8 @@ def stored_times(store: depeche_nb.MessageStore[AccountEvent], account: Account)
 
 
 def test_time_travel_by_at_uses_the_stored_time_not_the_message_time(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     future = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)  # every event claims to happen then
     account = Account()
@@ -799,7 +817,7 @@ def test_time_travel_by_at_uses_the_stored_time_not_the_message_time(
         account.apply(MoneyDeposited(account_id=account.id, amount=amount, occurred_at=future))
         repo.save(account, expected_version=version)
     assert account.id is not None
-    first, second, third = stored_times(store, account)
+    first, second, third = stored_times(account_store, account)
     assert first < second < third
 
     assert repo.get(account.id, at=first).version == 1
@@ -821,11 +839,12 @@ def test_time_travel_by_at_uses_the_stored_time_not_the_message_time(
 
 
 def test_time_travel_neither_reads_nor_fills_the_cache(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo, deposits=4)  # versions 1..5, balance 10
     assert account.id is not None
-    counting = CountingStore(store)
+    counting = CountingStore(account_store)
     cache: InMemoryCache[Account, uuid.UUID] = InMemoryCache(cache_every_x_version=1)
     cached_repo = EventStoreRepo(counting, Account, "account", cache=cache)
 
@@ -843,7 +862,7 @@ def test_time_travel_neither_reads_nor_fills_the_cache(
     past.deposit(100)  # a past state cannot overwrite what came after it
     with pytest.raises(depeche_nb.OptimisticConcurrencyError):
         repo.save(past, expected_version=3)
-    assert len(stream_of(store, account.id)) == 5
+    assert len(stream_of(account_store, account.id)) == 5
 
 
 @pytest.mark.parametrize(
@@ -916,7 +935,8 @@ def test_history_is_a_typed_dataframe_pandas_can_query(
 
 
 def test_aggregate_history_follows_new_events_and_a_rewritten_stream(
-    store: depeche_nb.MessageStore[AccountEvent], repo: EventStoreRepo[AccountEvent, Account, uuid.UUID]
+    account_store: depeche_nb.MessageStore[AccountEvent],
+    repo: EventStoreRepo[AccountEvent, Account, uuid.UUID],
 ) -> None:
     account = saved_account(repo, deposits=2)
     assert account.id is not None
@@ -930,7 +950,7 @@ def test_aggregate_history_follows_new_events_and_a_rewritten_stream(
     assert [s.state["balance"] for s in history.steps] == [0, 1, 3, 10, 8]
     assert history.steps[-1].changed == ("balance", "transactions")
 
-    store.truncate()  # the same id with another, shorter history
+    account_store.truncate()  # the same id with another, shorter history
     repo.add(Account.open("bob", account_id=account.id))
     assert history.update() == 1
     assert [(s.version, s.state["owner"]) for s in history.steps] == [(1, "bob")]

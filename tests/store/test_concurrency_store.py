@@ -22,11 +22,6 @@ from tests.support import Numbered
 JOIN_TIMEOUT_S = 60
 
 
-@pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
-    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
 def run_threads(count: int, target: Callable[[int], Any]) -> list[Any]:
     """Run `target(i)` in `count` threads; re-raise the first error; return the results."""
     results: list[Any] = [None] * count

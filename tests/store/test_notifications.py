@@ -27,11 +27,6 @@ class Notified(NamedTuple):
 
 
 @pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
-    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
-@pytest.fixture
 def listener(engine: sa.Engine, store: MessageStore) -> Iterator[Any]:
     """A raw autocommit connection (the engine's driver) LISTENing on the store's channel."""
     conn = open_connection(engine)

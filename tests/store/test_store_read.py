@@ -20,11 +20,6 @@ from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
 
-@pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
-    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
 def fill(store: MessageStore, streams: list[str]) -> list[tuple[str, Numbered, MessagePosition]]:
     """Write one message per entry of `streams` (in that order); return what went where."""
     written = []

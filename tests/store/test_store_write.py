@@ -28,11 +28,6 @@ class Holder(Numbered):
     extra: object = None
 
 
-@pytest.fixture
-def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
-    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
 def row_count(store: MessageStore, stream: str | None = None) -> int:
     """Rows in the store's table (of one stream, if given), read with plain SQL."""
     table = Storage.message_table_name(store.name)
