@@ -21,6 +21,10 @@ from depeche_nb.postgres.driver import DRIVERS, default_driver
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
+# Checks with asserts live in support modules too; pytest rewrites those asserts as it does
+# in test modules, so a failing check shows its values.
+pytest.register_assert_rewrite("tests.engine.support", "tests.notebook.support", "tests.postgres.support")
+
 # The store, engine, notification, executor and event-sourcing tests, and the views
 # that read through raw connections.
 DRIVER_SENSITIVE = {

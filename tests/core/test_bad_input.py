@@ -4,7 +4,6 @@ error before any SQL, and nothing written (issue 9, finding 12)."""
 from __future__ import annotations
 
 import math
-import typing
 
 import pytest
 import sqlalchemy as sa
@@ -12,14 +11,7 @@ import sqlalchemy as sa
 import depeche_nb
 from depeche_nb.core.errors import InvalidStreamNameError, InvalidWildcardError, UnstorablePayloadError
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.support import _Message
-
-
-class Loose(_Message):
-    """A message with an untyped field, as notebooks often have."""
-
-    data: typing.Any = None
-    text: str = ""
+from tests.support import Loose
 
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Loose]:

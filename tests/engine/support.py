@@ -1,13 +1,17 @@
-"""What the subscription and handler tests share: an environment of one store and one
-aggregated stream (streams `s-<n>` in three partitions) and small helpers around it.
+"""What the engine tests share.
 
-The `env` fixture that builds it is in `tests/engine/conftest.py`.
+* The subscription and handler tests: an environment of one store and one aggregated stream
+  (streams `s-<n>` in three partitions) and small helpers around it; the `env` fixture that
+  builds it is in `tests/engine/conftest.py`.
+* The projector tests: invariant 3 checked on an aggregated stream's table
+  (`assert_exact_projection`) and a partitioner spreading streams over five partitions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -58,3 +62,43 @@ def register(*handlers: Callable[..., Any]) -> MessageHandlerRegister[Any]:
 
 def positions(subscription: Any) -> dict[int, int]:
     return {p.partition: p.position for p in subscription.progress()}
+
+
+class ModuloStreamPartitioner:
+    """Partition by the number after the last dash, so streams spread over 5 partitions."""
+
+    def get_partition(self, message: depeche_nb.StoredMessage[Numbered]) -> int:
+        return int(message.stream.rsplit("-", 1)[1]) % 5
+
+
+def assignments(engine: sa.Engine, stream_name: str) -> list[tuple[str, str, int, int, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT message_id::text, origin_stream, origin_stream_version, global_position, "
+            f'partition, position FROM "{stream_name}_stream" ORDER BY partition, position'
+        ).all()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def assert_exact_projection(
+    engine: sa.Engine, stream_name: str, committed: dict[str, tuple[str, int]]
+) -> None:
+    """committed: message_id -> (stream, version) of every committed matching message."""
+    rows = assignments(engine, stream_name)
+    projected_ids = [r[0] for r in rows]
+    assert len(projected_ids) == len(set(projected_ids)), "a message was projected twice"
+    missing = set(committed) - set(projected_ids)
+    extra = set(projected_ids) - set(committed)
+    assert not missing, f"{len(missing)} committed message(s) never projected"
+    assert not extra, f"{len(extra)} projected message(s) were never committed (rolled back?)"
+    by_partition: dict[int, list[int]] = defaultdict(list)
+    versions_seen: dict[str, list[int]] = defaultdict(list)
+    for message_id, stream, version, _gp, partition, position in rows:
+        by_partition[partition].append(position)
+        versions_seen[stream].append(version)
+        assert committed[message_id] == (stream, version)
+    for partition, positions in by_partition.items():
+        assert positions == list(range(len(positions))), f"partition {partition} has gaps"
+    for stream, versions in versions_seen.items():
+        assert versions == sorted(versions), f"stream {stream} out of version order"
+        assert versions == list(range(1, len(versions) + 1)), f"stream {stream} incomplete"

@@ -39,8 +39,7 @@ from depeche_nb import (
 )
 from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.notebook.test_display_exact import shown_partitions, true_backlog, true_partitions
-from tests.notebook.test_reprs import check_markup
+from tests.notebook.support import check_markup, shown_partitions, true_backlog, true_partitions
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,6 @@ import random
 import threading
 import time
 import uuid
-from collections import defaultdict
 
 import pandas as pd
 import pytest
@@ -15,51 +14,12 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb.tools import PydanticMessageSerializer
+from tests.engine.support import ModuloStreamPartitioner, assert_exact_projection, assignments
 from tests.support import Numbered
-
-
-class ModuloStreamPartitioner:
-    """Partition by the number after the last dash, so streams spread over 5 partitions."""
-
-    def get_partition(self, message: depeche_nb.StoredMessage[Numbered]) -> int:
-        return int(message.stream.rsplit("-", 1)[1]) % 5
 
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
     return depeche_nb.MessageStore(name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
-
-
-def _assignments(engine: sa.Engine, stream_name: str) -> list[tuple[str, str, int, int, int, int]]:
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            "SELECT message_id::text, origin_stream, origin_stream_version, global_position, "
-            f'partition, position FROM "{stream_name}_stream" ORDER BY partition, position'
-        ).all()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
-
-
-def assert_exact_projection(
-    engine: sa.Engine, stream_name: str, committed: dict[str, tuple[str, int]]
-) -> None:
-    """committed: message_id -> (stream, version) of every committed matching message."""
-    rows = _assignments(engine, stream_name)
-    projected_ids = [r[0] for r in rows]
-    assert len(projected_ids) == len(set(projected_ids)), "a message was projected twice"
-    missing = set(committed) - set(projected_ids)
-    extra = set(projected_ids) - set(committed)
-    assert not missing, f"{len(missing)} committed message(s) never projected"
-    assert not extra, f"{len(extra)} projected message(s) were never committed (rolled back?)"
-    by_partition: dict[int, list[int]] = defaultdict(list)
-    versions_seen: dict[str, list[int]] = defaultdict(list)
-    for message_id, stream, version, _gp, partition, position in rows:
-        by_partition[partition].append(position)
-        versions_seen[stream].append(version)
-        assert committed[message_id] == (stream, version)
-    for partition, positions in by_partition.items():
-        assert positions == list(range(len(positions))), f"partition {partition} has gaps"
-    for stream, versions in versions_seen.items():
-        assert versions == sorted(versions), f"stream {stream} out of version order"
-        assert versions == list(range(1, len(versions) + 1)), f"stream {stream} incomplete"
 
 
 @pytest.mark.parametrize("seed", [11, 22, 33])
@@ -152,7 +112,7 @@ def test_long_transaction_is_projected_after_it_commits(engine: sa.Engine, uniqu
     report = stream.projector.step()
     assert [str(p.message_id) for p in report.projected] == [str(early.message_id)]
     assert report.projected[0].global_position < min(
-        p[3] for p in _assignments(engine, f"{unique_name}_agg") if p[0] != str(early.message_id)
+        p[3] for p in assignments(engine, f"{unique_name}_agg") if p[0] != str(early.message_id)
     )
     assert_exact_projection(engine, f"{unique_name}_agg", committed)
 
@@ -171,7 +131,7 @@ def test_rolled_back_long_transaction_is_never_projected(engine: sa.Engine, uniq
     conn.rollback()
     conn.close()
     stream.projector.run()
-    assert [r[0] for r in _assignments(engine, f"{unique_name}_agg")] == [str(kept.message_id)]
+    assert [r[0] for r in assignments(engine, f"{unique_name}_agg")] == [str(kept.message_id)]
 
 
 def test_second_projector_returns_at_once_while_one_runs(engine: sa.Engine, unique_name: str) -> None:
@@ -309,7 +269,7 @@ def test_like_wildcards_follow_sql_semantics(engine: sa.Engine, unique_name: str
     for s in ["ab-1", "a-1", "abc-1", "exact-1", "exact-10", "ax-2"]:
         store.write(s, Numbered(number=1))
     stream.projector.run()
-    assert sorted(r[1] for r in _assignments(engine, f"{unique_name}_agg")) == ["ab-1", "ax-2", "exact-1"]
+    assert sorted(r[1] for r in assignments(engine, f"{unique_name}_agg")) == ["ab-1", "ax-2", "exact-1"]
 
 
 def test_reading_positions_and_statistics(engine: sa.Engine, unique_name: str) -> None:

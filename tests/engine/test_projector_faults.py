@@ -18,9 +18,8 @@ from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedErro
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.embedded import EmbeddedServer
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.core.test_bad_input import Loose
-from tests.engine.test_projector_exactness import ModuloStreamPartitioner, assert_exact_projection
-from tests.support import Numbered, _Message
+from tests.engine.support import ModuloStreamPartitioner, assert_exact_projection
+from tests.support import Loose, Numbered, _Message
 
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
@@ -412,8 +411,6 @@ def _nested(depth: int) -> object:
 
 
 def test_deeply_nested_payload_is_projected_and_delivered(engine: sa.Engine, unique_name: str) -> None:
-    from tests.core.test_bad_input import Loose
-
     store = depeche_nb.MessageStore(
         name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Loose)
     )

@@ -15,7 +15,7 @@ import depeche_nb
 from depeche_nb.core.errors import DefinitionChangedError, RebuildInProgressError
 from depeche_nb.postgres.names import lock_namespace
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-from tests.engine.test_projector_exactness import assert_exact_projection
+from tests.engine.support import assert_exact_projection
 from tests.support import Numbered
 
 

@@ -3,7 +3,7 @@ backlog equal what the tables hold, through writes, rolled back writes, projecti
 late commits, dead letters, truncation, concurrent writers and a schema of the previous
 release; past their caps they say "about" or "more than", never a wrong exact number.
 
-The truth is computed here with plain aggregates over the whole tables.
+The truth is computed with plain aggregates over the whole tables (`tests/notebook/support.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.store.frames import ABOUT, MORE_THAN, Count, store_overview
 from depeche_nb.tools import PydanticMessageSerializer
-from tests.notebook.test_reprs import check_markup
+from tests.notebook.support import (
+    check_markup,
+    rows,
+    shown_partitions,
+    true_backlog,
+    true_partitions,
+    true_streams,
+)
 from tests.support import Numbered
 
 
@@ -40,61 +47,6 @@ class One:
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
     return depeche_nb.MessageStore(name, engine, PydanticMessageSerializer(Numbered))
-
-
-def _rows(engine: sa.Engine, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        return [tuple(r) for r in conn.exec_driver_sql(sql, params).all()]
-
-
-def true_streams(store: depeche_nb.MessageStore[Any]) -> list[tuple[Any, ...]]:
-    """(stream, messages, first gp, last gp, added_at of the last version), by name."""
-    table = quote_ident(store._storage.names.messages_table)
-    return _rows(
-        store.engine,
-        f"SELECT stream, count(*), min(global_position), max(global_position), "
-        f"(array_agg(added_at ORDER BY version DESC))[1] FROM {table} GROUP BY stream ORDER BY stream",
-    )
-
-
-def true_backlog(stream: depeche_nb.AggregatedStream[Any]) -> int:
-    """Matching messages neither projected nor dead-lettered."""
-    names = stream.names
-    return _rows(
-        stream.engine,
-        f"SELECT count(*) FROM {quote_ident(names.store.messages_table)} m "
-        "WHERE m.stream LIKE ANY(%s) AND m.global_position NOT IN "
-        f"(SELECT global_position FROM {quote_ident(names.table)}) AND m.global_position NOT IN "
-        f"(SELECT global_position FROM {quote_ident(stream.statements.dead_letters.name)})",
-        (list(stream.stream_wildcards),),
-    )[0][0]
-
-
-def true_partitions(stream: depeche_nb.AggregatedStream[Any]) -> list[tuple[Any, ...]]:
-    """(partition, messages, head, gp at the first position, gp and projected_at at the head)."""
-    table = quote_ident(stream.names.table)
-    return _rows(
-        stream.engine,
-        "SELECT partition, count(*), max(position), "
-        "(array_agg(global_position ORDER BY position))[1], "
-        "(array_agg(global_position ORDER BY position DESC))[1], "
-        f"(array_agg(projected_at ORDER BY position DESC))[1] FROM {table} GROUP BY partition ORDER BY 1",
-    )
-
-
-def shown_partitions(stream: depeche_nb.AggregatedStream[Any]) -> list[tuple[Any, ...]]:
-    frame = stream.partitions_dataframe()
-    return [
-        (
-            int(r.partition),
-            int(r.messages),
-            int(r.head_position),
-            int(r.first_global_position),
-            int(r.last_global_position),
-            r.last_projected_at.to_pydatetime(),
-        )
-        for r in frame.itertuples()
-    ]
 
 
 def rolled_back_write(store: depeche_nb.MessageStore[Numbered], stream: str) -> None:
@@ -195,7 +147,7 @@ def test_partitions_show_their_true_size_first_and_head_after_a_late_commit(
         late.commit()
     stream.projector.run()
     truth = true_partitions(stream)
-    gps = _rows(engine, f"SELECT max(global_position) FROM {quote_ident(stream.names.table)}")[0][0]
+    gps = rows(engine, f"SELECT max(global_position) FROM {quote_ident(stream.names.table)}")[0][0]
     assert truth[0][4] < gps  # the head is the late message, not the highest global position
     assert shown_partitions(stream) == truth
     page = check_markup(stream._repr_html_())

@@ -3,7 +3,6 @@
 No `from __future__ import annotations`: handler annotations must be real objects.
 """
 
-import html.parser
 import subprocess
 import sys
 import uuid
@@ -23,49 +22,11 @@ from depeche_nb import (
 from depeche_nb.notebook import html as h
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
+from tests.notebook.support import check_markup
 from tests.support import AnyMessage, Numbered, Renamed
 
 HOSTILE_STREAM = "<script>alert(1)</script>"
 HOSTILE_TEXT = "\"'&<b>bold</b>"
-# The only markup a repr may contain: no script, no iframe, no event handlers.
-ALLOWED_TAGS = {"div", "span", "style", "table", "thead", "tbody", "tr", "th", "td", "code"}
-ALLOWED_ATTRS = {"class", "title"}
-MAX_HTML = 25_000
-
-
-class Markup(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: set[str] = set()
-        self.attrs: set[str] = set()
-        self.text: list[str] = []
-        self.in_style = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.add(tag)
-        self.attrs.update(name for name, _ in attrs)
-        self.in_style = tag == "style"
-
-    def handle_endtag(self, tag: str) -> None:
-        self.in_style = False
-
-    def handle_data(self, data: str) -> None:
-        if not self.in_style:
-            self.text.append(data)
-
-
-def check_markup(page: str) -> str:
-    """Assert the page is safe and bounded; return its visible text (entities decoded)."""
-    assert page.startswith('<div class="dnb">')
-    assert len(page) < MAX_HTML, len(page)
-    parser = Markup()
-    parser.feed(page)
-    parser.close()
-    assert parser.tags <= ALLOWED_TAGS, parser.tags
-    assert parser.attrs <= ALLOWED_ATTRS, parser.attrs
-    assert "<script" not in page.lower()
-    # One space between text pieces, however the markup nested them.
-    return " ".join(" ".join(parser.text).split())
 
 
 class Parity:
