@@ -1,8 +1,10 @@
 """Fixtures on the session's real PostgreSQL (started by `depeche_nb.pytest_plugin`).
 
-Both drivers are first-class: tests in `DRIVER_SENSITIVE` modules run once per driver
-(their `engine` fixture is parametrised), the rest on the default driver
-(`DEPECHE_NB_DRIVER`, else psycopg 3). While an engine of one driver is in use,
+Both drivers are first-class: tests marked `both_drivers` run once per driver (their
+`engine` fixture is parametrised), the rest on the default driver (`DEPECHE_NB_DRIVER`, else
+psycopg 3). The store, engine, notification, executor and event-sourcing modules, and the
+views that read through raw connections, are marked as a whole
+(`pytestmark = pytest.mark.both_drivers`). While an engine of one driver is in use,
 `DEPECHE_NB_DSN` names that driver too, so worker processes the tests start use it.
 """
 
@@ -25,39 +27,13 @@ from tests.support import Numbered
 # in test modules, so a failing check shows its values.
 pytest.register_assert_rewrite("tests.engine.support", "tests.notebook.support", "tests.postgres.support")
 
-# The store, engine, notification, executor and event-sourcing tests, and the views
-# that read through raw connections.
-DRIVER_SENSITIVE = {
-    "test_adopt_depeche_db",
-    "test_concurrency_store",
-    "test_display_exact",
-    "test_event_sourcing",
-    "test_executor",
-    "test_executor_end_to_end",
-    "test_executor_failover",
-    "test_fencing",
-    "test_frames",
-    "test_handlers",
-    "test_listener",
-    "test_notifications",
-    "test_parallel_consumers",
-    "test_projector_exactness",
-    "test_projector_faults",
-    "test_rebuild",
-    "test_serializer_fast_path",
-    "test_store_read",
-    "test_store_write",
-    "test_subscription",
-    "test_trace",
-}
-
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" not in metafunc.fixturenames:
         return
     default = default_driver()
     drivers = [default]
-    if metafunc.module.__name__.rsplit(".", 1)[-1] in DRIVER_SENSITIVE:
+    if metafunc.definition.get_closest_marker("both_drivers") is not None:
         drivers += [d for d in DRIVERS if d != default]
     metafunc.parametrize("engine", drivers, indirect=True, scope="session")
 

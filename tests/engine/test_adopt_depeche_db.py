@@ -41,7 +41,7 @@ from depeche_nb.postgres.connection import DSN_ENV
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.notebook.support import check_markup, shown_partitions, true_backlog, true_partitions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_drivers]
 
 REQUIREMENTS = ["depeche-db==0.13.1", "sqlalchemy<2.1", "sniffio", "psycopg2-binary", "pydantic>=2,<3"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "depeche-nb-tests"

@@ -27,6 +27,8 @@ from depeche_nb.store.serializers import PydanticMessageSerializer
 from tests.postgres.support import WAIT_S, notify, wait_until_gone
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 class RecordingHandler:
     """A RunOnNotification that records what the executor does with it."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.support import Numbered
+
+pytestmark = pytest.mark.both_drivers
 
 
 def test_write_reaches_handler_through_notifications(engine: sa.Engine, unique_name: str) -> None:

@@ -28,6 +28,8 @@ from depeche_nb import (
 from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 MESSAGES = 8
 WAIT_S = 20
 

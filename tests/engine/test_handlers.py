@@ -24,6 +24,8 @@ from tests import workers
 from tests.engine.support import Env, positions, register
 from tests.support import Numbered, Renamed
 
+pytestmark = pytest.mark.both_drivers
+
 
 class SpecialNumbered(Numbered):
     """A subclass of a registered type, for overlap checks (never stored)."""

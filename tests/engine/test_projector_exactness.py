@@ -17,6 +17,8 @@ from depeche_nb.tools import PydanticMessageSerializer
 from tests.engine.support import ModuloStreamPartitioner, assert_exact_projection, assignments
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
     return depeche_nb.MessageStore(name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered))

@@ -21,6 +21,8 @@ from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.engine.support import ModuloStreamPartitioner, assert_exact_projection
 from tests.support import Loose, Numbered, _Message
 
+pytestmark = pytest.mark.both_drivers
+
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
     return depeche_nb.MessageStore(name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered))

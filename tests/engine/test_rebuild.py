@@ -18,6 +18,8 @@ from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.engine.support import assert_exact_projection
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 def _store(engine: sa.Engine, name: str) -> depeche_nb.MessageStore[Numbered]:
     return depeche_nb.MessageStore(name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered))

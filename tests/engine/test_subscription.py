@@ -37,6 +37,8 @@ from depeche_nb.tools import DbLockProvider
 from tests.engine.support import Env, ModuloPartitioner, positions, register
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 UTC = dt.timezone.utc
 
 

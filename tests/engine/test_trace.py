@@ -18,6 +18,8 @@ from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import AnyMessage, Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 class ByNumber:
     """`n-<k>` goes to partition k % 2; number 99 cannot be partitioned."""

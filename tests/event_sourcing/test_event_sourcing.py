@@ -34,6 +34,8 @@ from depeche_nb.event_sourcing import (
     VersionNotFound,
 )
 
+pytestmark = pytest.mark.both_drivers
+
 # -- the example domain -----------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ from tests.notebook.support import (
 )
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 class ByNumber:
     """`n-<k>` goes to partition k % 2; any other name fails (a dead letter)."""

@@ -19,6 +19,8 @@ from depeche_nb.store.frames import DEFAULT_LIMIT, MESSAGE_COLUMNS
 from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
 from tests.support import _Message
 
+pytestmark = pytest.mark.both_drivers
+
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 STR = pd.Series(["x"]).dtype  # pandas' default string dtype, whatever the version

@@ -16,6 +16,8 @@ from depeche_nb.core.errors import InvalidIdentifierError
 from depeche_nb.postgres.listener import PgNotification, PgNotificationListener
 from tests.postgres.support import WAIT_S, backend_alive, notify, wait_until_gone
 
+pytestmark = pytest.mark.both_drivers
+
 
 def next_message(listener: PgNotificationListener, timeout: float = WAIT_S) -> PgNotification | None:
     return next(listener.messages(timeout=timeout), None)

@@ -19,6 +19,8 @@ from depeche_nb import MessageStore, OptimisticConcurrencyError, StoredMessage
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 JOIN_TIMEOUT_S = 60
 
 

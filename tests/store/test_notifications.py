@@ -17,6 +17,8 @@ from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 ARRIVAL_TIMEOUT_S = 2.0  # upper bound for a notification that must come
 SILENCE_S = 0.5  # how long we watch for a notification that must not come
 

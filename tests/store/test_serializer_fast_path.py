@@ -14,6 +14,8 @@ import depeche_nb
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import AnyMessage, Numbered, Renamed
 
+pytestmark = pytest.mark.both_drivers
+
 
 class WithMeta(pydantic.BaseModel):
     meta: dict[str, Any]

@@ -19,6 +19,8 @@ from depeche_nb import (
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 
+pytestmark = pytest.mark.both_drivers
+
 
 def fill(store: MessageStore, streams: list[str]) -> list[tuple[str, Numbered, MessagePosition]]:
     """Write one message per entry of `streams` (in that order); return what went where."""

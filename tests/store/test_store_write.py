@@ -21,6 +21,8 @@ from depeche_nb import (
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered, Renamed
 
+pytestmark = pytest.mark.both_drivers
+
 
 class Holder(Numbered):
     """A message whose `extra` may hold something JSON cannot express."""

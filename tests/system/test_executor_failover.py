@@ -6,11 +6,14 @@ from __future__ import annotations
 import multiprocessing
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from tests.support import Numbered
 from tests.system.executor_workers import run_executor
 from tests.workers import build_stream, create_log_table
+
+pytestmark = pytest.mark.both_drivers
 
 MESSAGES = 300
 

@@ -21,11 +21,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from depeche_nb.tools import DbLockProvider
 from tests import workers
 from tests.support import Numbered
+
+pytestmark = pytest.mark.both_drivers
 
 SPAWN = multiprocessing.get_context("spawn")
 BATCH_SIZE = 20
