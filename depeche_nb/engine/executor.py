@@ -36,7 +36,9 @@ subscription must not silently fall behind). It is logged, kept in
 `errors` and re-raised by `run()` after the shutdown.
 
 `health()` reports all of this: running, reconnects, the last error and
-its time, and per worker its state, runs and errors.
+its time, and per worker its state, runs and errors. `running_executors()`
+lists the executors running in this process (held weakly), so a notebook's
+operations console can show their health without being handed them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import datetime as _dt
 import logging
 import signal
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from types import FrameType
@@ -70,6 +73,17 @@ _SIGNAL_CHECK_INTERVAL_S = 0.1
 _HANDLER_METHODS = ("interested_in_notification", "take_notification_hint", "run", "stop")
 
 ErrorCallback = Callable[[RunOnNotification, Exception], None]
+
+# Every executor started in this process; weak, so a forgotten one is still collected.
+_started: weakref.WeakSet[Executor] = weakref.WeakSet()
+_started_guard = threading.Lock()
+
+
+def running_executors() -> list[Executor]:
+    """The executors of this process that are running now, in no particular order."""
+    with _started_guard:
+        started = list(_started)
+    return [executor for executor in started if executor.is_running]
 
 
 class _Worker:
@@ -212,6 +226,12 @@ class Executor(StartStopContext):
     def handlers(self) -> list[RunOnNotification]:
         return [handler for handlers in self.channel_register.values() for handler in handlers]
 
+    def worker_health(self, handler: RunOnNotification) -> health.WorkerHealth | None:
+        """The health of the worker thread that runs `handler` (None if the executor was not
+        started with it)."""
+        worker = next((w for w in self._workers if w.handler is handler), None)
+        return None if worker is None else worker.health()
+
     def health(self) -> health.ExecutorHealth:
         """A snapshot of how the executor fares (a rich repr in a notebook)."""
         workers = tuple(worker.health() for worker in self._workers)
@@ -268,6 +288,8 @@ class Executor(StartStopContext):
                 daemon=True,
             )
             self._dispatcher.start()
+        with _started_guard:
+            _started.add(self)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop listening, call `stop()` on every handler, and wait for all threads to end."""

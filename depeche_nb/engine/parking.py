@@ -83,7 +83,7 @@ class ParkedMessages:
         sql = self._sql.list_all_sql if include_resolved else self._sql.list_unresolved_sql
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(sql).all()
-        return [_to_parked(row) for row in rows]
+        return [parked_from_row(row) for row in rows]
 
     def _ensure(self) -> None:
         # Created on first use: most subscriptions never park anything.
@@ -95,7 +95,7 @@ class ParkedMessages:
             row = conn.exec_driver_sql(self._sql.get_sql, (parked_id,)).first()
         if row is None:
             raise KeyError(f"no parked message with id {parked_id}")
-        return _to_parked(row)
+        return parked_from_row(row)
 
     def resolve(self, parked_id: int, status: str, conn: sa.Connection | None = None) -> None:
         """Mark an unresolved parked message `status` (in `conn`'s transaction if given);
@@ -141,10 +141,11 @@ class ParkedMessages:
         return frame
 
 
-def _to_parked(row: Any) -> ParkedMessage:
+def parked_from_row(row: Any) -> ParkedMessage:
+    """A `ParkedMessage` from a row of the table's `COLUMNS`."""
     values = list(row)
     values[3] = values[3] if isinstance(values[3], uuid.UUID) else uuid.UUID(str(values[3]))
     return ParkedMessage(*values)
 
 
-__all__ = ["DISCARDED", "IGNORED", "PARKED", "REPLAYED", "ParkedMessage", "ParkedMessages"]
+__all__ = ["DISCARDED", "IGNORED", "PARKED", "REPLAYED", "ParkedMessage", "ParkedMessages", "parked_from_row"]

@@ -55,6 +55,12 @@ DEFAULT_BATCH_SIZE = 100
 _INIT_WAIT_S = 30.0
 
 
+def partition_lock_name(subscription_name: str, partition: int) -> str:
+    """The lock a runner holds while it handles `partition` (under a lock provider named like
+    the subscription, by default); views that have no `Subscription` object look it up too."""
+    return f"subscription-{subscription_name}-{partition}"
+
+
 def _named_partitions(to: Mapping[Any, Any], known: list[int]) -> list[int]:
     """The partitions of a `{partition: next_position}` reset, checked before any lock."""
     for partition, next_position in to.items():
@@ -165,7 +171,7 @@ class Subscription(RichRepr, Generic[E]):
         return self._lock_provider
 
     def partition_lock_name(self, partition: int) -> str:
-        return f"subscription-{self.name}-{partition}"
+        return partition_lock_name(self.name, partition)
 
     def ensure_initialized(self) -> None:
         """Apply the start point once, even when many runners start at the same time."""

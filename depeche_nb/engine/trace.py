@@ -39,7 +39,7 @@ from depeche_nb.postgres.dead_letter_table import PARKED as DEAD_LETTER_PARKED
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.parked_table import ParkedTable
 from depeche_nb.postgres.rawconn import autocommit_cursor
-from depeche_nb.postgres.state_table import StateTable, state_tables
+from depeche_nb.postgres.state_table import StateTableCatalog
 from depeche_nb.postgres.stream_tables import StreamNames, StreamViews
 from depeche_nb.store.serializers import TYPE_KEY
 
@@ -220,7 +220,7 @@ def _trace(cursor: Any, store: MessageStoreBase[Any], message_id: uuid.UUID) -> 
         if definitions_table.exists(cursor)
         else []
     )
-    found = _StateTables(cursor)
+    found = StateTableCatalog(cursor)
     streams = [
         _stream_trace(
             cursor, StreamNames(name, store._storage.names), wildcards, global_position, message_id, found
@@ -247,7 +247,7 @@ def _stream_trace(
     wildcards: list[str],
     global_position: int,
     message_id: uuid.UUID,
-    state: _StateTables,
+    state: StateTableCatalog,
 ) -> StreamTrace:
     partition = position = head = projected_at = error = None
     status = NOT_PROJECTED
@@ -279,21 +279,6 @@ def _stream_trace(
     )
 
 
-class _StateTables:
-    """The schema's state tables, listed once per trace (a catalog read)."""
-
-    def __init__(self, cursor: Any) -> None:
-        self._cursor = cursor
-        self._tables: list[StateTable] | None = None
-
-    def candidates(self, subscription: str) -> list[StateTable]:
-        """The default provider's table (named like the subscription) first."""
-        if self._tables is None:
-            self._tables = state_tables(self._cursor)
-        default = StateTable(subscription).name
-        return sorted(self._tables, key=lambda table: table.name != default)
-
-
 def _subscription_trace(
     cursor: Any,
     subscription: str,
@@ -301,7 +286,7 @@ def _subscription_trace(
     position: int | None,
     global_position: int,
     message_id: uuid.UUID,
-    state: _StateTables,
+    state: StateTableCatalog,
 ) -> SubscriptionTrace:
     has_state, initialized, acknowledged = False, False, None
     for table in state.candidates(subscription):

@@ -14,11 +14,12 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.depeche_db_adoption import AdoptionReport
 from depeche_nb.engine.health import ExecutorHealth
+from depeche_nb.engine.operations import OperationsSnapshot, PartitionDiagnosis
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import MessageTrace
-from depeche_nb.notebook import depeche_db_explorer, frames, reprs
+from depeche_nb.notebook import depeche_db_explorer, frames, operations_html, reprs
 from depeche_nb.notebook.frames import *  # noqa: F403 - the views, re-exported
 from depeche_nb.store.message_store import MessageStoreBase
 
@@ -30,6 +31,8 @@ register_html_renderer(ProjectionReport, reprs.render_projection_report)
 register_html_renderer(RunnerReport, reprs.render_runner_report)
 register_html_renderer(ExecutorHealth, reprs.render_executor_health)
 register_html_renderer(MessageTrace, reprs.render_message_trace)
+register_html_renderer(OperationsSnapshot, operations_html.render_operations_snapshot)
+register_html_renderer(PartitionDiagnosis, operations_html.render_partition_diagnosis)
 register_html_renderer(AdoptionReport, depeche_db_explorer.render_adoption_report)
 
 __all__ = list(frames.__all__)

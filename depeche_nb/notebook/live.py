@@ -22,6 +22,10 @@ Why this shape:
   kernel (plain Python, pytest) there is no loop and no frontend; the
   thread calls the refresh itself and the widget serialises it with its own
   lock.
+* `idle_interval` (off by default) adds a slow timer for widgets whose data
+  also changes without a notification (acknowledgements, locks, parked
+  messages): a refresh when that many seconds passed without one. It is a
+  safety net on top of the notifications, as the Executor's timer is.
 * The refresher holds the widget only weakly, so a forgotten widget can
   still be collected; `stop()` (called by the widget's `close()`) ends the
   thread and closes the LISTEN connection.
@@ -75,13 +79,17 @@ class LiveRefresher:
         callback: Callable[[], None],
         *,
         min_interval: float = MIN_INTERVAL,
+        idle_interval: float | None = None,
         io_loop: Any | None = ...,
         name: str = "depeche-nb-live",
     ) -> None:
         if min_interval < 0:
             raise ValueError(f"min_interval must be >= 0, got {min_interval}")
+        if idle_interval is not None and not idle_interval > 0:
+            raise ValueError(f"idle_interval must be > 0 or None, got {idle_interval}")
         self.channels = list(channels)
         self.min_interval = min_interval
+        self.idle_interval = idle_interval
         self.io_loop = kernel_io_loop() if io_loop is ... else io_loop
         # A bound method is held weakly (see the module notes); other callables strongly.
         self._callback: Callable[[], Callable[[], None] | None]
@@ -130,20 +138,24 @@ class LiveRefresher:
     def _main(self) -> None:
         dirty = False
         last = float("-inf")
+        # The widget drew itself when it started this refresher: the idle timer counts from now.
+        quiet_since = time.monotonic()
         try:
             while not self._stopping.is_set():
                 wait: float | None = None
                 if dirty:
                     wait = last + self.min_interval - time.monotonic()
-                    if wait <= 0:
-                        dirty = False
-                        last = time.monotonic()
-                        if not self._dispatch():
-                            return
-                        continue
+                elif self.idle_interval is not None:
+                    wait = quiet_since + self.idle_interval - time.monotonic()
+                if wait is not None and wait <= 0:
+                    dirty = False
+                    last = quiet_since = time.monotonic()
+                    if not self._dispatch():
+                        return
+                    continue
                 if self._next_notification(wait):
                     dirty = True
-                elif wait is None:
+                elif wait is None or not self._listener.is_running:
                     return  # the listener ended: stop() was called
         except Exception as exc:  # the listener gave up reconnecting
             logger.warning("live refresh stopped: %s", exc)

@@ -188,7 +188,9 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
 
     # -- live refresh -------------------------------------------------------------------------
 
-    def _start_live(self, live: bool | None, engine: Any, channels: Sequence[str]) -> None:
+    def _start_live(
+        self, live: bool | None, engine: Any, channels: Sequence[str], idle_interval: float | None = None
+    ) -> None:
         io_loop = _live.kernel_io_loop()
         if live is None:
             live = io_loop is not None
@@ -199,6 +201,7 @@ class _DnbWidget(widgets.VBox):  # type: ignore[misc]
             channels,
             self._on_notification,
             min_interval=MIN_INTERVAL,
+            idle_interval=idle_interval,
             io_loop=io_loop,
             name=f"depeche-nb-live-{type(self).__name__}",
         )

@@ -112,6 +112,16 @@ def connect(
     return _checked(sa.create_engine(scoped, **engine_options))
 
 
+def same_database(a: sa.Engine, b: sa.Engine) -> bool:
+    """Whether two engines reach the same database and schema (whatever their drivers and
+    however their passwords are given): compared by URL, without connecting."""
+
+    def key(engine: sa.Engine) -> sa.URL:
+        return engine.url.set(drivername="postgresql", password=None)
+
+    return a is b or key(a) == key(b)
+
+
 def _checked(engine: sa.Engine) -> sa.Engine:
     """`engine`, checking on its first pooled connection (once per URL) that the server
     offers what depeche-nb needs (see `server_check`): lazily, so `connect()` itself

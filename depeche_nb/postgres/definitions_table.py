@@ -90,6 +90,18 @@ def wildcard_matches(cursor: Any, kind: str, owner: str, stream: str) -> list[tu
     return [(row[0], json.loads(row[1]), bool(row[2])) for row in cursor.fetchall()]
 
 
+def recorded(cursor: Any, kind: str, owner: str | None = None) -> list[tuple[str, str, Any]]:
+    """Every recorded (name, owner, definition) of `kind`, of `owner` only if given, by name:
+    what exists in the schema, for views that have no objects of their own (the table holds
+    one row per defined name, so this is small)."""
+    cursor.execute(
+        f"SELECT name, owner, definition::text FROM {TABLE} WHERE kind = %s "
+        "AND (%s::text IS NULL OR owner = %s) ORDER BY name",
+        (kind, owner, owner),
+    )
+    return [(row[0], row[1], json.loads(row[2])) for row in cursor.fetchall()]
+
+
 def names_owned_by(cursor: Any, kind: str, owner: str) -> list[str]:
     """The recorded names of `kind` whose owner is `owner` (e.g. a stream's subscriptions)."""
     cursor.execute(f"SELECT name FROM {TABLE} WHERE kind = %s AND owner = %s ORDER BY name", (kind, owner))

@@ -18,6 +18,8 @@ which would otherwise end it between batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses as _dc
+import datetime as _dt
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -39,6 +41,67 @@ _HELD_SQL = """
           AND l.classid = u.hi::oid AND l.objid = u.lo::oid
     )
 """
+
+# Who holds each of the given keys: the holding session's pid from pg_locks, and from
+# pg_stat_activity what PostgreSQL knows about that session. PostgreSQL keeps no time at
+# which an advisory lock was granted: the session's start and the end of its last statement
+# bound it. Reading both views takes no lock.
+_HOLDERS_SQL = """
+    SELECT u.i, l.pid, a.application_name, host(a.client_addr), a.client_hostname, a.client_port,
+           a.backend_start, a.state, a.state_change, a.usename
+    FROM unnest(%s::int[], %s::int8[], %s::int8[]) AS u(i, hi, lo)
+    JOIN pg_locks l ON l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.classid = u.hi::oid AND l.objid = u.lo::oid
+    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+"""
+
+
+@_dc.dataclass(frozen=True)
+class LockHolder:
+    """The session holding an advisory lock right now, as `pg_stat_activity` shows it.
+
+    Without the privileges of `pg_read_all_stats`, another role's session shows only its
+    pid (the other fields are None). `client_addr` is None for a Unix-socket connection.
+    The lock was granted by one of the session's statements, so at some time between
+    `backend_start` and `state_change` (when its last statement ended or the current one
+    began).
+    """
+
+    pid: int
+    application_name: str | None
+    client_addr: str | None
+    client_hostname: str | None
+    client_port: int | None
+    backend_start: _dt.datetime | None
+    state: str | None
+    state_change: _dt.datetime | None
+    user: str | None
+
+    @property
+    def client(self) -> str:
+        """Where the session connects from, as text."""
+        if self.client_addr is None:
+            # -1: a Unix socket; None: not visible to this role.
+            return "local socket" if self.client_port == -1 else "unknown"
+        host = self.client_hostname or self.client_addr
+        return f"{host}:{self.client_port}" if self.client_port else host
+
+
+def _key_halves(keys: Sequence[int]) -> tuple[list[int], list[int]]:
+    # A bigint advisory key shows in pg_locks as its unsigned 32-bit halves;
+    # Python's >> on a negative int shifts arithmetically, so mask.
+    return [(key >> 32) & _MASK32 for key in keys], [key & _MASK32 for key in keys]
+
+
+def lock_holders(cursor: Any, keys: Sequence[int]) -> dict[int, LockHolder]:
+    """The holder of each of the advisory `keys` that some session holds now, by key;
+    read from `pg_locks` and `pg_stat_activity` on the caller's cursor, taking nothing."""
+    if not keys:
+        return {}
+    high, low = _key_halves(keys)
+    cursor.execute(_HOLDERS_SQL, (list(range(len(keys))), high, low))
+    return {keys[row[0]]: LockHolder(*row[1:]) for row in cursor.fetchall()}
 
 
 def advisory_key(namespace: str, name: str) -> int:
@@ -152,13 +215,9 @@ class DbLockProvider:
         holds right now; read from `pg_locks`, taking nothing."""
         if not names:
             return set()
-        keys = [advisory_key(self.name, name) for name in names]
-        # A bigint advisory key shows in pg_locks as its unsigned 32-bit halves;
-        # Python's >> on a negative int shifts arithmetically, so mask.
-        high = [(key >> 32) & _MASK32 for key in keys]
-        low = [key & _MASK32 for key in keys]
+        high, low = _key_halves([advisory_key(self.name, name) for name in names])
         with autocommit_cursor(self._engine) as cursor:
-            cursor.execute(_HELD_SQL, (list(range(len(keys))), high, low))
+            cursor.execute(_HELD_SQL, (list(range(len(names))), high, low))
             return {names[row[0]] for row in cursor.fetchall()}
 
     def finalize(self) -> None:

@@ -46,6 +46,13 @@ class ParkedTable:
         # A display must not create the table (it exists only after first use): ask first.
         self.exists_sql = "SELECT to_regclass(%s) IS NOT NULL"
         self.count_unresolved_sql = f"SELECT count(*) FROM {table} WHERE {_UNRESOLVED_SQL}"
+        # (limit): the oldest unresolved records, for a display that shows a bounded list.
+        self.first_unresolved_sql = f"{self.list_unresolved_sql} LIMIT %s"
+        # (partition, limit): the latest unresolved records of one partition.
+        self.partition_unresolved_sql = (
+            f"SELECT {COLUMNS} FROM {table} WHERE partition = %s AND {_UNRESOLVED_SQL} "
+            "ORDER BY id DESC LIMIT %s"
+        )
         # The latest record of one message (global position, id): status, error, attempts
         # and when it was recorded; by the global-position index.
         self.trace_sql = (

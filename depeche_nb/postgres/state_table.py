@@ -55,6 +55,23 @@ def state_tables(cursor: Any) -> list[StateTable]:
     return tables
 
 
+class StateTableCatalog:
+    """The schema's state tables, listed once (a catalog read) for a read that looks for the
+    state of several subscriptions."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self._tables: list[StateTable] | None = None
+
+    def candidates(self, subscription: str) -> list[StateTable]:
+        """Where a subscription's state can be: the default provider's table (named like the
+        subscription) first, then every other state table."""
+        if self._tables is None:
+            self._tables = state_tables(self._cursor)
+        default = StateTable(subscription).name
+        return sorted(self._tables, key=lambda table: table.name != default)
+
+
 class StateTable:
     """The SQL of one state provider's table (`<provider>_subscription_state`)."""
 
@@ -82,6 +99,12 @@ class StateTable:
             f"SELECT count(*) > 0, bool_or(partition = {INIT_PARTITION}), "
             f"max(position) FILTER (WHERE partition = %s) FROM {table} "
             f"WHERE subscription_name = %s AND partition IN (%s, {INIT_PARTITION})"
+        )
+        # (subscription): whether the subscription has any row here and is initialised; its
+        # rows are one per partition, read by the primary key.
+        self.summary_sql = (
+            f"SELECT count(*) > 0, coalesce(bool_or(partition = {INIT_PARTITION}), false) FROM {table} "
+            "WHERE subscription_name = %s"
         )
         # (subscription, partition) -> the new token; a new row's NULL position means
         # nothing is acknowledged yet.
@@ -133,6 +156,18 @@ class StateTable:
             "ORDER BY h.partition"
         )
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - as progress_sql
+    def positions_sql(self, heads_table: str) -> str:
+        """Every partition that has a head or an acknowledged position of the subscription
+        (parameter): partition, position (-1 before the first ack), head (-1: none) and the
+        time of the last ack; rows in proportion to the partitions."""
+        return (
+            "SELECT coalesce(h.partition, st.partition), coalesce(st.position, -1), "
+            f"coalesce(h.max_position, -1), st.updated_at FROM {heads_table} h FULL JOIN "
+            f"(SELECT partition, position, updated_at FROM {self.table} WHERE subscription_name = %s "
+            "AND partition >= 0 AND position IS NOT NULL) st ON st.partition = h.partition ORDER BY 1"
+        )
+
     def position_subquery(self, partition_sql: str, subscription_sql: str) -> str:
         """A scalar subquery: the stored position of a partition (-1 before its first ack),
         for statements of other tables that read "after the acknowledged position"."""
@@ -142,4 +177,4 @@ class StateTable:
         )
 
 
-__all__ = ["INIT_PARTITION", "SUFFIX", "StateTable", "state_tables"]
+__all__ = ["INIT_PARTITION", "SUFFIX", "StateTable", "StateTableCatalog", "state_tables"]

@@ -302,10 +302,12 @@ class StreamViews:
         # holding another cluster's ids, which the projector refuses) every message is read.
         # The checkpoint is read first and its values are passed as literals (client-side
         # binding), so the planner sees how few rows they select; one snapshot for both.
-        self._backlog_checkpoint_sql = (
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
+        self._backlog_checkpoint_select = (
             "SELECT pg_snapshot_xmax(seen)::text, array(SELECT pg_snapshot_xip(seen))::text[], "
             f"seen IS NULL OR coalesce(cluster <> {CLUSTER_IDENTITY_SQL}, false) FROM {checkpoint}"
+        )
+        self._backlog_checkpoint_sql = (
+            f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {self._backlog_checkpoint_select}"
         )
         unprocessed = (
             "m.stream LIKE ANY(%(wildcards)s) "
@@ -348,26 +350,48 @@ class StreamViews:
             f"LEFT JOIN {DeadLetterTable(names.stream).table} d ON d.global_position = m.global_position "
             "AND d.message_id = m.message_id"
         )
+        # The operations console's line of the stream: partitions and projected messages from
+        # the heads (rows in proportion to the partitions), when the projector last finished
+        # a step, and the unresolved dead letters.
+        self.status_sql = (
+            "SELECT count(*), coalesce(sum(max_position + 1 - gaps), 0), "
+            f"(SELECT updated_at FROM {checkpoint}), ({DeadLetterTable(names.stream).count_sql}) "
+            f"FROM {heads}"
+        )
+        # (partition, position): the message there, by the (partition, position) key.
+        self.at_position_sql = (
+            "SELECT global_position, message_id::text, origin_stream, origin_stream_version, "
+            f"origin_added_at, projected_at FROM {table} WHERE partition = %s AND position = %s"
+        )
 
     def unprojected_count(self, engine: sa.Engine, wildcards: list[str], limit: int | None) -> int:
         """The projector's backlog (see the notes in `__init__`), counted up to `limit` (None:
         all)."""
-        params: dict[str, Any] = {"wildcards": wildcards, "limit": limit}
         with autocommit_cursor(engine) as cursor:
             try:
                 cursor.execute(self._backlog_checkpoint_sql)
-                row = cursor.fetchone()
-                if row is None or row[2]:
-                    cursor.execute(self._backlog_all_sql, params)
-                else:
-                    cursor.execute(self._backlog_delta_sql, {**params, "xmax": row[0], "xip": row[1]})
-                counted = int(cursor.fetchone()[0])
+                counted = self._count_after_checkpoint(cursor, wildcards, limit)
                 cursor.execute("COMMIT")
             except BaseException:
                 if not cursor.connection.closed:
                     cursor.execute("ROLLBACK")
                 raise
         return counted
+
+    def unprojected_count_in(self, cursor: Any, wildcards: list[str], limit: int | None) -> int:
+        """`unprojected_count` on the caller's cursor, inside its transaction (REPEATABLE READ,
+        so that the checkpoint and the count see one snapshot)."""
+        cursor.execute(self._backlog_checkpoint_select)
+        return self._count_after_checkpoint(cursor, wildcards, limit)
+
+    def _count_after_checkpoint(self, cursor: Any, wildcards: list[str], limit: int | None) -> int:
+        params: dict[str, Any] = {"wildcards": wildcards, "limit": limit}
+        row = cursor.fetchone()
+        if row is None or row[2]:
+            cursor.execute(self._backlog_all_sql, params)
+        else:
+            cursor.execute(self._backlog_delta_sql, {**params, "xmax": row[0], "xip": row[1]})
+        return int(cursor.fetchone()[0])
 
     def assignments_sql(self, where: str, order: str) -> str:
         """Rows for an assignments DataFrame; `where` and `order` are fixed SQL fragments of
