@@ -84,7 +84,7 @@ from depeche_nb.engine.trace import MessageTrace
 # Importing the notebook package also registers the HTML reprs of the objects
 # above; it loads pandas/ipywidgets/IPython only when a view is used.
 from depeche_nb.notebook.depeche_db_explorer import DepecheDbExplorer, open_depeche_db
-from depeche_nb.notebook.frames import (
+from depeche_nb.notebook.views import (
     assignments_dataframe,
     messages_dataframe,
     partitions_dataframe,
@@ -92,8 +92,8 @@ from depeche_nb.notebook.frames import (
     subscription_state_dataframe,
 )
 from depeche_nb.postgres.connection import connect
-from depeche_nb.store.message_store import MessageStoreReader
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
+from depeche_nb.store.reading import MessageStoreReader
 from depeche_nb.store.storage import Storage
 
 __version__ = "0.1.0"

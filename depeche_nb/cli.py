@@ -60,7 +60,7 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(server.dsn)
     elif args.action == "psql":
         server.start()
-        psql = shutil.which("psql") or str(Path(server._tool("psql")))
+        psql = shutil.which("psql") or str(Path(server.tool("psql")))
         return subprocess.call([psql, server.libpq_dsn])
     return 0
 

@@ -7,9 +7,14 @@ plot function is called.
 
 from __future__ import annotations
 
-from depeche_nb.notebook.console import OperationsConsole
 from depeche_nb.notebook.plots import plot_partition_sizes, plot_subscription_lag
-from depeche_nb.notebook.widgets import AggregateTimeline, PartitionMap, StreamBrowser, SubscriptionStepper
+from depeche_nb.notebook.widgets import (
+    AggregateTimeline,
+    OperationsConsole,
+    PartitionMap,
+    StreamBrowser,
+    SubscriptionStepper,
+)
 
 __all__ = [
     "AggregateTimeline",

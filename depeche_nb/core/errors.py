@@ -8,6 +8,8 @@ so code written against Depeche DB that catches those keeps working, while
 
 from __future__ import annotations
 
+import datetime as _dt
+
 
 class DepecheError(Exception):
     """Base class of the library's own errors."""
@@ -153,3 +155,78 @@ class UnsupportedServerError(DepecheError, RuntimeError):
     (PgBouncer) in the way, or a PostgreSQL-compatible engine without xid8 snapshots,
     session advisory locks or LISTEN/NOTIFY (CockroachDB, YugabyteDB). Raised before
     anything is written; the message says what is missing and how to fix it."""
+
+
+class PartitionerError(DepecheError, ValueError):
+    """The partitioner raised or returned something that is not an int >= 0."""
+
+
+class AdoptionError(DepecheError):
+    """The database cannot be adopted as it is; nothing was changed. The message says why."""
+
+
+# -- event sourcing -------------------------------------------------------------------------
+
+
+class NotFound(DepecheError):
+    """No aggregate with this id: its stream holds no events.
+
+    `args[0]` is the id, as in Depeche DB, so code reading it keeps working.
+    """
+
+    def __init__(self, id: object, stream: str | None = None) -> None:
+        super().__init__(id)
+        self.id = id
+        self.stream = stream
+
+    def __str__(self) -> str:
+        where = f" (stream {self.stream!r} is empty)" if self.stream is not None else ""
+        return f"no aggregate with id {self.id!r}{where}"
+
+
+class VersionNotFound(NotFound):
+    """The aggregate exists, but not in the past state asked for: `version` is beyond its
+    current version, or it had no event yet at `at`.
+
+    A subclass of `NotFound`, so `except NotFound` reads "there was no such aggregate then".
+    `current_version` is the stream's version when it was read (for `version`);
+    `first_added_at` the time its first event was stored (for `at`).
+    """
+
+    def __init__(
+        self,
+        id: object,
+        stream: str,
+        *,
+        current_version: int | None = None,
+        version: int | None = None,
+        at: _dt.datetime | None = None,
+        first_added_at: _dt.datetime | None = None,
+    ) -> None:
+        super().__init__(id, stream)
+        self.current_version = current_version
+        self.version = version
+        self.at = at
+        self.first_added_at = first_added_at
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return (
+                f"aggregate {self.id!r} (stream {self.stream!r}) is at version {self.current_version}; "
+                f"version {self.version} does not exist (yet)"
+            )
+        return (
+            f"aggregate {self.id!r} (stream {self.stream!r}) did not exist yet at {self.at}: its first "
+            f"event was stored at {self.first_added_at}"
+        )
+
+
+class ConcurrentModificationError(OptimisticConcurrencyError, MessageIdMismatchError):
+    """The stream holds other events than the aggregate being saved was built from.
+
+    The store reports this as an id mismatch; for a repository it is the same
+    conflict as a wrong expected version (someone saved first, or another
+    aggregate already uses the id), so it is both: `except
+    OptimisticConcurrencyError` catches every save conflict, and code written
+    for Depeche DB that catches `MessageIdMismatchError` still works.
+    """

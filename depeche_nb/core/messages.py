@@ -70,3 +70,10 @@ class StoredMessage(RichRepr, Generic[E]):
     message: E
     global_position: int
     added_at: _dt.datetime
+
+
+def stored_at(stored: StoredMessage[Any]) -> _dt.datetime:
+    """A stored message's `added_at` as an aware UTC datetime (the store returns it naive UTC,
+    as Depeche DB does)."""
+    added = stored.added_at
+    return added.replace(tzinfo=_dt.timezone.utc) if added.tzinfo is None else added

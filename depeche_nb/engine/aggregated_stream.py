@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import DEFAULT_LIMIT, RichRepr, run_view
 from depeche_nb.core.identifiers import check_positive_int, validate_name, validate_wildcard
 from depeche_nb.core.interfaces import (
     AggregatedStreamMessage,
@@ -21,13 +21,13 @@ from depeche_nb.core.interfaces import (
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
+from depeche_nb.engine.protocols import StoreSource
 from depeche_nb.engine.rebuild import RebuildReport, run_rebuild
 from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
-from depeche_nb.store.frames import DEFAULT_LIMIT
-from depeche_nb.store.message_store import MessageStoreBase, to_stored_or_unreadable
+from depeche_nb.store.reading import to_stored_or_unreadable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,7 +58,7 @@ class AggregatedStream(RichRepr, Generic[E]):
     def __init__(
         self,
         name: str,
-        store: MessageStoreBase[E],
+        store: StoreSource[E],
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         update_batch_size: int | None = None,
@@ -95,7 +95,7 @@ class AggregatedStream(RichRepr, Generic[E]):
     def _open(
         self,
         name: str,
-        store: MessageStoreBase[E],
+        store: StoreSource[E],
         names: StreamNames,
         partitioner: MessagePartitioner[E],
         wildcards: list[str],
@@ -274,23 +274,19 @@ class AggregatedStream(RichRepr, Generic[E]):
     def _connection(self, conn: sa.Connection | None) -> contextlib.AbstractContextManager[sa.Connection]:
         return callers_or_own(self.engine, conn)
 
-    # -- notebook views (built in `engine.frames`; pandas loads on first use) -----------------
+    # -- DataFrame views (built by `notebook.views`; pandas loads on first use) ----------------
 
     def assignments_dataframe(
         self, partition: int | None = None, limit: int | None = DEFAULT_LIMIT
     ) -> pd.DataFrame:
         """Which message is at which partition/position (all partitions by global position, or
         one `partition` by position); at most `limit` rows (None = all)."""
-        from depeche_nb.engine.frames import assignments_dataframe
-
-        return assignments_dataframe(self, partition=partition, limit=limit)
+        return run_view("assignments", self, partition=partition, limit=limit)  # type: ignore[no-any-return]
 
     def partitions_dataframe(self) -> pd.DataFrame:
         """One row per partition (messages, head position, last projected time);
         `attrs["unprojected_messages"]` is the stream's projection lag."""
-        from depeche_nb.engine.frames import partitions_dataframe
-
-        return partitions_dataframe(self)
+        return run_view("partitions", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return (
@@ -302,7 +298,7 @@ class AggregatedStream(RichRepr, Generic[E]):
 class AggregatedStreamFactory(Generic[E]):
     """`store.aggregated_stream(...)`: creates aggregated streams over one store."""
 
-    def __init__(self, store: MessageStoreBase[E]) -> None:
+    def __init__(self, store: StoreSource[E]) -> None:
         self.store = store
 
     def __call__(

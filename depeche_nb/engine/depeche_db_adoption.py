@@ -65,8 +65,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from depeche_nb.core.display import RichRepr
-from depeche_nb.core.errors import DepecheError, InvalidIdentifierError
+from depeche_nb.core.display import RichRepr, run_view
+from depeche_nb.core.errors import AdoptionError, InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres import depeche_db_tables as ddb
 from depeche_nb.postgres.driver import sqlstate
@@ -97,10 +97,6 @@ _ADOPT_LOCK = lock_namespace("adopt", "depeche_db")
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
-class AdoptionError(DepecheError):
-    """The database cannot be adopted as it is; nothing was changed. The message says why."""
-
-
 @_dc.dataclass(frozen=True)
 class AdoptionItem:
     """One Depeche DB object and what adoption did (or would do) with it."""
@@ -129,12 +125,7 @@ class AdoptionReport(RichRepr):
         return any(item.action == ADOPTED for item in self.items)
 
     def to_dataframe(self) -> pd.DataFrame:
-        import pandas as pd
-
-        columns = [f.name for f in _dc.fields(AdoptionItem)]
-        frame: pd.DataFrame = pd.DataFrame([_dc.astuple(i) for i in self.items], columns=columns)
-        frame["rows"] = frame["rows"].astype("int64")
-        return frame
+        return run_view("adoption_report", self)  # type: ignore[no-any-return]
 
     def summary(self) -> str:
         if not self.items:

@@ -151,9 +151,6 @@ class MessageHandlerRegister(Generic[E]):
                 seen.add(id(descriptor))
                 yield descriptor
 
-    def handled_types(self) -> list[type[Any]]:
-        return list(self._handlers)
-
 
 class MessageHandler(Generic[E]):
     """Class-based handlers: decorate methods with `@MessageHandler.register`."""

@@ -40,11 +40,11 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import Count, RichRepr
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION
-from depeche_nb.engine.frames import UNPROJECTED_CAP
 from depeche_nb.engine.health import BACKING_OFF, FAILED, WorkerHealth
 from depeche_nb.engine.parking import ParkedMessage, parked_from_row
+from depeche_nb.engine.projector import UNPROJECTED_CAP
 from depeche_nb.engine.state import DbSubscriptionStateProvider
 from depeche_nb.engine.subscription import Subscription, partition_lock_name
 from depeche_nb.postgres import definitions_table
@@ -57,7 +57,6 @@ from depeche_nb.postgres.parked_table import ParkedTable
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.state_table import StateTable, StateTableCatalog
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews
-from depeche_nb.store.frames import Count
 from depeche_nb.store.serializers import TYPE_KEY
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from depeche_nb.core.display import run_view
 from depeche_nb.core.errors import ReplayInProgressError
 from depeche_nb.core.interfaces import SubscriptionMessage
 from depeche_nb.postgres.parked_table import (
@@ -130,15 +131,7 @@ class ParkedMessages:
             return int(cursor.fetchone()[0])
 
     def to_dataframe(self, include_resolved: bool = False) -> pd.DataFrame:
-        import pandas as pd
-
-        columns = [f.name for f in _dc.fields(ParkedMessage)]
-        records = [_dc.astuple(p) for p in self.list(include_resolved)]
-        frame: pd.DataFrame = pd.DataFrame(records, columns=columns)
-        frame["message_id"] = frame["message_id"].astype(str)
-        for name in ("recorded_at", "resolved_at"):
-            frame[name] = pd.to_datetime(frame[name], utc=True)
-        return frame
+        return run_view("parked", self, include_resolved)  # type: ignore[no-any-return]
 
 
 def parked_from_row(row: Any) -> ParkedMessage:

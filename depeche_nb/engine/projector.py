@@ -74,8 +74,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
-from depeche_nb.core.display import RichRepr
-from depeche_nb.core.errors import CheckpointClusterError, DefinitionChangedError, DepecheError
+from depeche_nb.core.display import RichRepr, run_view
+from depeche_nb.core.errors import (
+    CheckpointClusterError,
+    DefinitionChangedError,
+    PartitionerError,
+)
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
     MessagePartitioner,
@@ -86,26 +90,21 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import definition_text, describe_definition
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
-from depeche_nb.engine.report_frames import records_dataframe
 from depeche_nb.postgres.dead_letter_table import HELD, PARKED, REPLAYED, SKIPPED
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
-from depeche_nb.store.message_store import to_stored_message
+from depeche_nb.store.reading import to_stored_message
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.protocols import StreamSource
 
 E = TypeVar("E")
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
-
-
-class PartitionerError(DepecheError, ValueError):
-    """The partitioner raised or returned something that is not an int >= 0."""
 
 
 @_dc.dataclass(frozen=True)
@@ -143,9 +142,7 @@ class ProjectionReport(RichRepr):
         return len(self.projected)
 
     def to_dataframe(self) -> pd.DataFrame:
-        return records_dataframe(
-            self.projected, ProjectedMessage, ("version", "global_position", "partition", "position")
-        )
+        return run_view("projection_report", self)  # type: ignore[no-any-return]
 
     def summary(self) -> str:
         if self.locked:
@@ -211,7 +208,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
 
     def __init__(
         self,
-        stream: AggregatedStream[E],
+        stream: StreamSource[E],
         partitioner: MessagePartitioner[E],
         stream_wildcards: list[str],
         batch_size: int | None = None,
@@ -261,8 +258,6 @@ class StreamProjector(NotificationDriven, Generic[E]):
 
     def _backlog(self) -> int:
         # Lazy: the count is only needed when a progress bar may be shown.
-        from depeche_nb.engine.frames import unprojected_count
-
         return unprojected_count(self.stream)
 
     def update_full(self, budget: TimeBudget | None = None) -> FullUpdateResult:
@@ -446,9 +441,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
         """The messages this projector could not read or partition (`parked`, with the error)
         and those held behind them in their origin stream (`held`); with `include_resolved`
         also the `replayed` and `skipped` ones."""
-        from depeche_nb.engine.frames import dead_letters_dataframe
-
-        return dead_letters_dataframe(self.stream, include_resolved)
+        return run_view("dead_letters", self.stream, include_resolved)  # type: ignore[no-any-return]
 
     def replay_dead_letters(self, origin_stream: str | None = None) -> ProjectionReport:
         """Project the dead letters of `origin_stream` (default: of every stream) now, in
@@ -512,6 +505,17 @@ class StreamProjector(NotificationDriven, Generic[E]):
 
     def __repr__(self) -> str:
         return f"StreamProjector(stream={self.stream.name!r}, wildcards={self.stream_wildcards!r})"
+
+
+# A display counts the projection lag up to this many messages.
+UNPROJECTED_CAP = 10_000
+
+
+def unprojected_count(stream: StreamSource[Any], limit: int | None = None) -> int:
+    """Stored messages matching the stream's wildcards that the projector has neither
+    projected nor dead-lettered yet: exactly its backlog. Reads only the backlog (see
+    `StreamViews.unprojected_count`), and counts at most `limit` of it (None: all)."""
+    return stream.views.unprojected_count(stream.engine, list(stream.stream_wildcards), limit)
 
 
 __all__ = [

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from depeche_nb.core.interfaces import SubscriptionStartPoint, SubscriptionState
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.handlers import MessageHandlerRegister
+from depeche_nb.engine.subscription import Subscription, SubscriptionFactory
 
 if TYPE_CHECKING:
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
-    from depeche_nb.engine.subscription import Subscription
+    from depeche_nb.engine.protocols import StreamSource
 
 E = TypeVar("E")
 
@@ -64,9 +64,9 @@ class NullLockProvider:
 
 
 def _reader_subscription(
-    stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None
+    stream: StreamSource[E], start_point: SubscriptionStartPoint | None
 ) -> Subscription[E]:
-    return stream.subscription(
+    return SubscriptionFactory(stream)(
         name="reader",  # in-memory state, no locks: the name touches no table
         handlers=MessageHandlerRegister(),
         lock_provider=NullLockProvider(),
@@ -81,9 +81,7 @@ READ_BATCH = 100
 class AggregatedStreamReader(Generic[E]):
     """`get_messages()` yields stored messages in partition order, then waits for more."""
 
-    def __init__(
-        self, stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None = None
-    ) -> None:
+    def __init__(self, stream: StreamSource[E], start_point: SubscriptionStartPoint | None = None) -> None:
         from depeche_nb.postgres.listener import PgNotificationListener
 
         self.stream = stream
@@ -152,9 +150,7 @@ class AsyncAggregatedStreamReader(Generic[E]):
     continues with the first message not yet taken past.
     """
 
-    def __init__(
-        self, stream: AggregatedStream[E], start_point: SubscriptionStartPoint | None = None
-    ) -> None:
+    def __init__(self, stream: StreamSource[E], start_point: SubscriptionStartPoint | None = None) -> None:
         from depeche_nb.postgres.async_listener import AsyncPgNotificationListener
 
         self.stream = stream

@@ -46,6 +46,7 @@ from depeche_nb.core.display import RichRepr
 from depeche_nb.core.errors import RebuildInProgressError
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION, stream_definition
 from depeche_nb.engine.progress import open_progress
+from depeche_nb.engine.projector import unprojected_count
 from depeche_nb.postgres import definitions_table
 from depeche_nb.postgres.ddl import run_ddl
 from depeche_nb.postgres.locks import advisory_key
@@ -55,7 +56,7 @@ from depeche_nb.postgres.state_table import StateTable, state_tables
 from depeche_nb.postgres.stream_tables import RebuildStatements, StreamNames, stream_ddl
 
 if TYPE_CHECKING:
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.protocols import StreamSource
 
 
 @_dc.dataclass
@@ -94,7 +95,7 @@ def beside_names(names: StreamNames) -> StreamNames:
     return StreamNames(f"{names.stream[:28]}__next{digest}", names.store)
 
 
-def run_rebuild(stream: AggregatedStream[Any], *, same_store: bool, progress: bool | None) -> RebuildReport:
+def run_rebuild(stream: StreamSource[Any], *, same_store: bool, progress: bool | None) -> RebuildReport:
     started = time.monotonic()
     engine = stream.engine
     beside = beside_names(stream.names)
@@ -120,13 +121,11 @@ def run_rebuild(stream: AggregatedStream[Any], *, same_store: bool, progress: bo
     return report
 
 
-def _project_beside(stream: AggregatedStream[Any], beside: StreamNames, progress: bool | None) -> int:
+def _project_beside(stream: StreamSource[Any], beside: StreamNames, progress: bool | None) -> int:
     new = stream._beside(beside)
     projector = new.projector
 
     def backlog() -> int:
-        from depeche_nb.engine.frames import unprojected_count
-
         return unprojected_count(new)
 
     bar = open_progress(progress, backlog, f"rebuilding {stream.name}")
@@ -146,7 +145,7 @@ def _project_beside(stream: AggregatedStream[Any], beside: StreamNames, progress
 
 def _switch(
     cursor: Any,
-    stream: AggregatedStream[Any],
+    stream: StreamSource[Any],
     statements: RebuildStatements,
     same_store: bool,
     report: RebuildReport,

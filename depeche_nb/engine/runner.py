@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import PartitionLostError
 from depeche_nb.core.identifiers import check_positive_int
 from depeche_nb.core.interfaces import (
@@ -31,12 +31,11 @@ from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.parking import IGNORED as STATUS_IGNORED
 from depeche_nb.engine.parking import PARKED as STATUS_PARKED
 from depeche_nb.engine.progress import open_progress
-from depeche_nb.engine.report_frames import records_dataframe
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.subscription import PartitionClaim, Subscription
+    from depeche_nb.engine.protocols import ClaimSource, PartitionClaim
 
 E = TypeVar("E")
 
@@ -83,7 +82,7 @@ class RunnerReport(RichRepr):
         return len(self.handled)
 
     def to_dataframe(self) -> pd.DataFrame:
-        return records_dataframe(self.handled, HandledMessage, ("partition", "position", "attempts"))
+        return run_view("runner_report", self)  # type: ignore[no-any-return]
 
     def counts(self) -> dict[str, int]:
         """Deliveries per outcome (only outcomes that occurred), in the order of `OUTCOMES`."""
@@ -128,7 +127,7 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def __init__(
         self,
-        subscription: Subscription[E],
+        subscription: ClaimSource[E],
         message_handler: SubscriptionMessageHandler[E],
         batch_size: int | None = None,
     ) -> None:

@@ -85,12 +85,6 @@ class DbSubscriptionStateProvider:
             self._initialized.add(subscription_name)
         return found
 
-    def forget(self, subscription_name: str) -> None:
-        """Delete all state of a subscription (it starts again from its start point)."""
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(self.sql.forget_sql, (subscription_name,))
-        self._initialized.discard(subscription_name)
-
     def session(self, conn: sa.Connection | None = None, **kwargs: Any) -> _StateSession:
         if conn is None or kwargs:
             raise TypeError("session() takes exactly one argument: conn=<SQLAlchemy Connection>")

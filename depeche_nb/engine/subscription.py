@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import AckRolledback
 from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
@@ -38,6 +38,7 @@ from depeche_nb.engine.definitions import check_subscription
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
+from depeche_nb.engine.protocols import PartitionClaim
 from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
 from depeche_nb.engine.state import DbSubscriptionStateProvider
@@ -47,7 +48,7 @@ from depeche_nb.postgres.names import quote_ident
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.aggregated_stream import AggregatedStream
+    from depeche_nb.engine.protocols import StreamSource
 
 E = TypeVar("E")
 
@@ -82,16 +83,6 @@ class AckStrategy(enum.Enum):
 
 
 @_dc.dataclass(frozen=True)
-class PartitionClaim:
-    """One runner's hold on a partition: its lock and, where the state provider fences
-    (`DbSubscriptionStateProvider`), the token every acknowledgement presents."""
-
-    partition: int
-    lock_name: str
-    token: int | None
-
-
-@_dc.dataclass(frozen=True)
 class PartitionProgress:
     """A partition as a subscription sees it."""
 
@@ -110,7 +101,7 @@ class Subscription(RichRepr, Generic[E]):
     def __init__(
         self,
         name: str,
-        stream: AggregatedStream[E],
+        stream: StreamSource[E],
         message_handler: SubscriptionMessageHandler[E],
         batch_size: int | None = None,
         state_provider: SubscriptionStateProvider | None = None,
@@ -419,14 +410,12 @@ class Subscription(RichRepr, Generic[E]):
         """Mark a parked message as dealt with, without handling it."""
         self.parked_messages.resolve(parked_id, DISCARDED)
 
-    # -- notebook view (built in `engine.frames`; pandas loads on first use) ------------------
+    # -- DataFrame view (built by `notebook.views`; pandas loads on first use) -----------------
 
     def state_dataframe(self) -> pd.DataFrame:
         """One row per partition: acknowledged position, head, lag, whether a runner holds
         it right now, last ack time. Read-only (does not initialise the subscription)."""
-        from depeche_nb.engine.frames import subscription_state_dataframe
-
-        return subscription_state_dataframe(self)
+        return run_view("subscription_state", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"Subscription(name={self.name!r}, stream={self._stream.name!r})"
@@ -449,7 +438,7 @@ class _ReplayAck:
 class SubscriptionFactory(Generic[E]):
     """`aggregated_stream.subscription(...)`."""
 
-    def __init__(self, stream: AggregatedStream[E]) -> None:
+    def __init__(self, stream: StreamSource[E]) -> None:
         self.stream = stream
 
     def __call__(

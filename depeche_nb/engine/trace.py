@@ -28,10 +28,11 @@ import datetime as _dt
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.core.display import RichRepr
+from depeche_nb.core.display import RichRepr, run_view
 from depeche_nb.core.errors import MessageNotFound
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION
+from depeche_nb.engine.handlers import HANDLED, IGNORED, PARKED
 from depeche_nb.postgres import definitions_table, parked_table
 from depeche_nb.postgres.ddl import tables_exist
 from depeche_nb.postgres.dead_letter_table import HELD, SKIPPED, DeadLetterTable
@@ -46,13 +47,10 @@ from depeche_nb.store.serializers import TYPE_KEY
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.store.message_store import MessageStoreBase
+    from depeche_nb.engine.protocols import StoreSource
 
-# What happened to the message in one subscription.
-HANDLED = "handled"
+# What happened to the message in one subscription (also HANDLED, PARKED, IGNORED).
 PENDING = "pending"
-PARKED = "parked"
-IGNORED = "ignored after error"
 DISCARDED = "discarded"
 NOT_PROJECTED = "not projected yet"
 # What happened to it in one aggregated stream.
@@ -131,40 +129,7 @@ class MessageTrace(RichRepr):
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (aggregated stream, subscription); a stream without subscriptions has
         one row without one, a message no stream matches a single row of its own place."""
-        from depeche_nb.store.frames import INT64, NULLABLE_INT, STRING, UTC, frame_from_rows
-
-        message = (str(self.message_id), self.stream, self.version, self.global_position, self.added_at)
-        rows: list[tuple[Any, ...]] = []
-        for s in self.streams:
-            place = (s.aggregated_stream, s.status, s.partition, s.position, s.head)
-            rows += [
-                (*message, *place, t.subscription, t.status, t.acknowledged_position, t.behind, t.error)
-                for t in s.subscriptions
-            ]
-            if not s.subscriptions:
-                rows.append((*message, *place, *(None,) * 5))
-        if not rows:
-            rows.append((*message, *(None,) * 10))
-        return frame_from_rows(
-            rows,
-            (
-                ("message_id", STRING),
-                ("stream", STRING),
-                ("version", INT64),
-                ("global_position", INT64),
-                ("added_at", UTC),
-                ("aggregated_stream", STRING),
-                ("stream_status", STRING),
-                ("partition", NULLABLE_INT),
-                ("position", NULLABLE_INT),
-                ("head", NULLABLE_INT),
-                ("subscription", STRING),
-                ("status", STRING),
-                ("acknowledged_position", NULLABLE_INT),
-                ("behind", NULLABLE_INT),
-                ("error", STRING),
-            ),
-        )
+        return run_view("trace", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<MessageTrace {self.summary()}>"
@@ -194,7 +159,7 @@ def message_id_of(message: object) -> uuid.UUID:
     )
 
 
-def trace_message(store: MessageStoreBase[Any], message: object) -> MessageTrace:
+def trace_message(store: StoreSource[Any], message: object) -> MessageTrace:
     """Trace one message of `store` (see the module notes); `MessageNotFound` if no stored
     message has the id."""
     message_id = message_id_of(message)
@@ -209,7 +174,7 @@ def trace_message(store: MessageStoreBase[Any], message: object) -> MessageTrace
                 cursor.execute("ROLLBACK")
 
 
-def _trace(cursor: Any, store: MessageStoreBase[Any], message_id: uuid.UUID) -> MessageTrace:
+def _trace(cursor: Any, store: StoreSource[Any], message_id: uuid.UUID) -> MessageTrace:
     cursor.execute(store._storage.views.trace_sql, (TYPE_KEY, str(message_id)))
     row = cursor.fetchone()
     if row is None:

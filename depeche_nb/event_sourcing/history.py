@@ -20,20 +20,35 @@ import datetime as _dt
 import decimal
 import enum
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from depeche_nb.core.messages import StoredMessage
+from depeche_nb.core.display import run_view
+from depeche_nb.core.errors import NotFound
+from depeche_nb.core.messages import StoredMessage, stored_at
 from depeche_nb.event_sourcing.aggregate import EventSourcedAggregateRoot
-from depeche_nb.event_sourcing.repository import NotFound, stored_at
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.event_sourcing.repository import EventStoreRepo
+    from depeche_nb.store.protocols import MessageStoreProtocol
 
 ID = TypeVar("ID")
 AGG = TypeVar("AGG", bound=EventSourcedAggregateRoot[Any, Any])
+
+
+class HistorySource(Protocol):
+    """What a history reads of its repository (`EventStoreRepo`), so that the repository,
+    which makes histories, is not imported back."""
+
+    @property
+    def event_store(self) -> MessageStoreProtocol[Any]: ...
+
+    @property
+    def constructor(self) -> Callable[[], Any]: ...
+
+    def stream_name(self, id: Any) -> str: ...
+
 
 # The prefix of the state columns of `to_dataframe()`.
 STATE_PREFIX = "state."
@@ -92,7 +107,7 @@ class AggregateHistory(Generic[AGG, ID]):
     is cached or written.
     """
 
-    def __init__(self, repo: EventStoreRepo[Any, AGG, ID], id: ID) -> None:
+    def __init__(self, repo: HistorySource, id: ID) -> None:
         self.repo = repo
         self.id = id
         self.stream = repo.stream_name(id)
@@ -157,35 +172,7 @@ class AggregateHistory(Generic[AGG, ID]):
         int64 positions, tz-aware UTC times, string ids; field columns get their dtype from
         their values (int64, or Int64 where some rows have none, float64, bool, string,
         tz-aware datetimes, else object)."""
-        import pandas as pd
-
-        from depeche_nb.store.frames import INT64, STRING, UTC, frame_from_rows, infer_column_dtype
-
-        fixed = frame_from_rows(
-            [(s.version, s.event_type, s.added_at, s.global_position, str(s.message_id)) for s in self.steps],
-            (
-                ("version", INT64),
-                ("event_type", STRING),
-                ("added_at", UTC),
-                ("global_position", INT64),
-                ("message_id", STRING),
-            ),
-        )
-        columns: dict[str, Any] = {name: fixed[name] for name in fixed.columns}
-        events = pd.DataFrame([s.event_fields() for s in self.steps], dtype=object)
-        for key in events.columns:
-            name = str(key)
-            while name in columns or name in FIXED_COLUMNS:
-                name = EVENT_PREFIX + name
-            columns[name] = infer_column_dtype(events[key])
-        states = pd.DataFrame([s.state for s in self.steps], dtype=object)
-        for key in states.columns:
-            columns[STATE_PREFIX + str(key)] = infer_column_dtype(states[key])
-        columns["changed"] = pd.Series(
-            [[STATE_PREFIX + key for key in s.changed] for s in self.steps], dtype=object
-        )
-        frame: pd.DataFrame = pd.DataFrame(columns)
-        return frame
+        return run_view("history", self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<AggregateHistory {self.stream!r}: {self.version} version(s)>"

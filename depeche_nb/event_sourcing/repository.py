@@ -9,8 +9,13 @@ import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from depeche_nb.core.errors import DepecheError, MessageIdMismatchError, OptimisticConcurrencyError
-from depeche_nb.core.messages import MessagePosition, StoredMessage
+from depeche_nb.core.errors import (
+    ConcurrentModificationError,
+    MessageIdMismatchError,
+    NotFound,
+    VersionNotFound,
+)
+from depeche_nb.core.messages import MessagePosition, StoredMessage, stored_at
 from depeche_nb.event_sourcing.aggregate import EventSourcedAggregateRoot
 from depeche_nb.event_sourcing.cache import NoOpCache, RepoCache
 from depeche_nb.store.protocols import MessageStoreProtocol, MessageStoreReaderProtocol
@@ -28,70 +33,6 @@ AGG = TypeVar("AGG", bound=EventSourcedAggregateRoot[Any, Any])
 # What a broken or outdated cache entry typically raises while being caught
 # up; the repository then rebuilds from the stream instead of failing.
 _CACHE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, pickle.UnpicklingError)
-
-
-class NotFound(DepecheError):
-    """No aggregate with this id: its stream holds no events.
-
-    `args[0]` is the id, as in Depeche DB, so code reading it keeps working.
-    """
-
-    def __init__(self, id: object, stream: str | None = None) -> None:
-        super().__init__(id)
-        self.id = id
-        self.stream = stream
-
-    def __str__(self) -> str:
-        where = f" (stream {self.stream!r} is empty)" if self.stream is not None else ""
-        return f"no aggregate with id {self.id!r}{where}"
-
-
-class VersionNotFound(NotFound):
-    """The aggregate exists, but not in the past state asked for: `version` is beyond its
-    current version, or it had no event yet at `at`.
-
-    A subclass of `NotFound`, so `except NotFound` reads "there was no such aggregate then".
-    `current_version` is the stream's version when it was read (for `version`);
-    `first_added_at` the time its first event was stored (for `at`).
-    """
-
-    def __init__(
-        self,
-        id: object,
-        stream: str,
-        *,
-        current_version: int | None = None,
-        version: int | None = None,
-        at: _dt.datetime | None = None,
-        first_added_at: _dt.datetime | None = None,
-    ) -> None:
-        super().__init__(id, stream)
-        self.current_version = current_version
-        self.version = version
-        self.at = at
-        self.first_added_at = first_added_at
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return (
-                f"aggregate {self.id!r} (stream {self.stream!r}) is at version {self.current_version}; "
-                f"version {self.version} does not exist (yet)"
-            )
-        return (
-            f"aggregate {self.id!r} (stream {self.stream!r}) did not exist yet at {self.at}: its first "
-            f"event was stored at {self.first_added_at}"
-        )
-
-
-class ConcurrentModificationError(OptimisticConcurrencyError, MessageIdMismatchError):
-    """The stream holds other events than the aggregate being saved was built from.
-
-    The store reports this as an id mismatch; for a repository it is the same
-    conflict as a wrong expected version (someone saved first, or another
-    aggregate already uses the id), so it is both: `except
-    OptimisticConcurrencyError` catches every save conflict, and code written
-    for Depeche DB that catches `MessageIdMismatchError` still works.
-    """
 
 
 def _stream_name(stream_prefix: str, id: object) -> str:
@@ -120,13 +61,6 @@ def check_past(version: object, at: object) -> tuple[int | None, _dt.datetime | 
             )
         return None, at.astimezone(_dt.timezone.utc)
     return None, None
-
-
-def stored_at(stored: StoredMessage[Any]) -> _dt.datetime:
-    """A stored message's `added_at` as an aware UTC datetime (the store returns it naive UTC,
-    as Depeche DB does)."""
-    added = stored.added_at
-    return added.replace(tzinfo=_dt.timezone.utc) if added.tzinfo is None else added
 
 
 def _check_prefix(stream_prefix: object) -> str:

@@ -14,16 +14,16 @@ from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
 from depeche_nb.engine.depeche_db_adoption import AdoptionReport
 from depeche_nb.engine.health import ExecutorHealth
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.operations import OperationsSnapshot, PartitionDiagnosis
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import RunnerReport
 from depeche_nb.engine.subscription import Subscription
 from depeche_nb.engine.trace import MessageTrace
-from depeche_nb.notebook import depeche_db_explorer, frames, operations_html, reprs
-from depeche_nb.notebook.frames import *  # noqa: F403 - the views, re-exported
-from depeche_nb.store.message_store import MessageStoreBase
+from depeche_nb.notebook import depeche_db_explorer, operations_html, reprs, views
+from depeche_nb.notebook.views import *  # noqa: F403 - the views, re-exported
 
-register_html_renderer(MessageStoreBase, reprs.render_store)
+register_html_renderer(MessageStore, reprs.render_store)
 register_html_renderer(StoredMessage, reprs.render_stored_message)
 register_html_renderer(AggregatedStream, reprs.render_aggregated_stream)
 register_html_renderer(Subscription, reprs.render_subscription)
@@ -35,4 +35,4 @@ register_html_renderer(OperationsSnapshot, operations_html.render_operations_sna
 register_html_renderer(PartitionDiagnosis, operations_html.render_partition_diagnosis)
 register_html_renderer(AdoptionReport, depeche_db_explorer.render_adoption_report)
 
-__all__ = list(frames.__all__)
+__all__ = list(views.__all__)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from depeche_nb.core.display import DEFAULT_LIMIT
 from depeche_nb.engine.depeche_db_adoption import (
     STATE,
     STORE,
@@ -29,13 +30,10 @@ from depeche_nb.engine.depeche_db_adoption import (
     adopt_depeche_db,
     infer_subscription_streams,
 )
-from depeche_nb.engine.frames import ASSIGNMENT_KINDS
 from depeche_nb.notebook import html as h
 from depeche_nb.notebook.reprs import guarded
-from depeche_nb.postgres import depeche_db_tables as ddb
-from depeche_nb.store.frames import (
+from depeche_nb.notebook.views.kit import (
     CHUNK_ROWS,
-    DEFAULT_LIMIT,
     EPOCH_US,
     INT64,
     NULLABLE_BOOL,
@@ -44,9 +42,11 @@ from depeche_nb.store.frames import (
     UTC,
     check_limit,
     frame_from_rows,
-    messages_frame_from_chunks,
     typed_frame_from_chunks,
 )
+from depeche_nb.notebook.views.store import messages_frame_from_chunks
+from depeche_nb.notebook.views.streams import ASSIGNMENT_KINDS
+from depeche_nb.postgres import depeche_db_tables as ddb
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from depeche_nb.store.frames import Count
+from depeche_nb.core.display import Count
 
 CELL_CHARS = 80  # visible characters of one table cell
 TITLE_CHARS = 400  # characters of the hover text of a cut cell

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from depeche_nb.engine.frames import partition_states, partition_summaries
+from depeche_nb.notebook.views.streams import partition_summaries
+from depeche_nb.notebook.views.subscriptions import partition_states
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

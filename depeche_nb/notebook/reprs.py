@@ -1,7 +1,7 @@
 """HTML renderers for the library's objects, registered by `depeche_nb.notebook`.
 
 Each renderer reads a bounded overview (a few aggregate statements with
-LIMITs, see `store.frames` / `engine.frames`), never the full data, and
+LIMITs, see `notebook.views`), never the full data, and
 builds the page with `notebook.html`. None of them imports pandas, so the
 first repr in a notebook stays fast. A renderer never raises: if the
 database cannot be read, it shows the plain repr and the error instead.
@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 from depeche_nb.core.messages import StoredMessage
 from depeche_nb.engine.aggregated_stream import AggregatedStream
-from depeche_nb.engine.frames import aggregated_stream_overview, subscription_overview
 from depeche_nb.engine.handlers import HANDLED, NO_HANDLER
 from depeche_nb.engine.health import BACKING_OFF, ExecutorHealth
 from depeche_nb.engine.health import FAILED as WORKER_FAILED
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.projector import ProjectionReport
 from depeche_nb.engine.runner import FAILED, RunnerReport
 from depeche_nb.engine.subscription import Subscription
@@ -27,8 +27,9 @@ from depeche_nb.engine.trace import HANDLED as TRACE_HANDLED
 from depeche_nb.engine.trace import PENDING as TRACE_PENDING
 from depeche_nb.engine.trace import PROJECTED, MessageTrace, StreamTrace
 from depeche_nb.notebook import html as h
-from depeche_nb.store.frames import store_overview
-from depeche_nb.store.message_store import MessageStoreBase
+from depeche_nb.notebook.views.store import store_overview
+from depeche_nb.notebook.views.streams import aggregated_stream_overview
+from depeche_nb.notebook.views.subscriptions import subscription_overview
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ def guarded(render: Callable[[T], str]) -> Callable[[T], str]:
 
 
 @guarded
-def render_store(store: MessageStoreBase[Any]) -> str:
+def render_store(store: MessageStore[Any]) -> str:
     ov = store_overview(store, max_streams=h.MAX_ROWS, max_messages=RECENT_MESSAGES)
     parts = [
         h.title(type(store).__name__, store.name),

@@ -347,7 +347,8 @@ class EmbeddedServer:
         if self.transport == "unix" and self.socket_dir != self.data_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
-    def _tool(self, name: str) -> str:
+    def tool(self, name: str) -> str:
+        """The path of one of the server's programs (`psql`, `pg_ctl`, ...)."""
         if self._bin is None:
             self._bin = _binaries_dir(_wheel_install_dir())
         return str(self._bin / f"{name}{_EXE}")
@@ -360,7 +361,7 @@ class EmbeddedServer:
         with tempfile.TemporaryFile("w+") as out:
             try:
                 result = subprocess.run(
-                    [self._tool(name), *args],
+                    [self.tool(name), *args],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

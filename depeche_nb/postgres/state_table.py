@@ -91,7 +91,6 @@ class StateTable:
         self.initialized_sql = (
             f"SELECT 1 FROM {table} WHERE subscription_name = %s AND partition = {INIT_PARTITION}"
         )
-        self.forget_sql = f"DELETE FROM {table} WHERE subscription_name = %s"
         # (partition, subscription, partition): whether the subscription has any row here,
         # is initialised, and its acknowledged position in the partition (NULL: none); two
         # primary-key lookups.

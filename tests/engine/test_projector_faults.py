@@ -170,14 +170,14 @@ def test_restore_into_another_cluster_is_detected_and_reanchored(
 
     dump = tmp_path / "dump.sql"
     subprocess.run(
-        [fresh_cluster._tool("pg_dump"), "--no-owner", "-f", str(dump), _libpq(source_database.url)],
+        [fresh_cluster.tool("pg_dump"), "--no-owner", "-f", str(dump), _libpq(source_database.url)],
         check=True,
         capture_output=True,
         timeout=120,
     )
     subprocess.run(
         [
-            fresh_cluster._tool("psql"),
+            fresh_cluster.tool("psql"),
             "-q",
             "-v",
             "ON_ERROR_STOP=1",

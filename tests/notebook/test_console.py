@@ -24,9 +24,10 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb import MessageHandlerRegister, StoredMessage
-from depeche_nb.engine import frames
 from depeche_nb.engine.operations import diagnose_partition, read_operations
 from depeche_nb.engine.parking import DISCARDED, PARKED, REPLAYED
+from depeche_nb.engine.projector import unprojected_count
+from depeche_nb.notebook.views.subscriptions import partition_states
 from depeche_nb.postgres.connection import connect
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.server_check import ensure_supported
@@ -147,7 +148,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
 
 def truth(subscription: Any) -> dict[int, tuple[int, int]]:
     """{partition: (position, head)} as the subscription's own read-only view has them."""
-    return {s.partition: (s.position, s.head) for s in frames.partition_states(subscription)}
+    return {s.partition: (s.position, s.head) for s in partition_states(subscription)}
 
 
 def shown(snapshot: Any, subscription: Any) -> dict[int, tuple[int, int]]:
@@ -196,7 +197,7 @@ def test_streams_and_subscriptions_equal_the_truth_in_every_state(ops: Ops, engi
     snapshot = read_operations(engine, ops.store.name)
     status = snapshot.stream(stream_name)
     assert (status.partitions, status.projected, status.unprojected.value) == (0, 0, 6)
-    assert status.unprojected.value == frames.unprojected_count(ops.stream)
+    assert status.unprojected.value == unprojected_count(ops.stream)
 
     # Projected: heads per partition, every position -1.
     ops.stream.projector.run()
@@ -238,7 +239,7 @@ def test_streams_and_subscriptions_equal_the_truth_in_every_state(ops: Ops, engi
     assert snapshot.most_behind() == (ops.name_of("never"), 1)
     last_acks = {p.partition: p.last_acked_at for p in snapshot.subscription(ops.name_of("slow")).partitions}
     assert last_acks[1] == next(
-        s.last_acked_at for s in frames.partition_states(ops.sub("slow")) if s.partition == 1
+        s.last_acked_at for s in partition_states(ops.sub("slow")) if s.partition == 1
     )
     assert last_acks[0] is None
 
@@ -250,7 +251,7 @@ def test_streams_and_subscriptions_equal_the_truth_in_every_state(ops: Ops, engi
     ops.write("n-6", 60, 61)
     status = read_operations(engine, ops.store.name).stream(stream_name)
     assert status.dead_letters == len(ops.stream.projector.dead_letters_dataframe()) == 2  # 99 and 50 held
-    assert status.unprojected.value == frames.unprojected_count(ops.stream) == 2  # 60, 61
+    assert status.unprojected.value == unprojected_count(ops.stream) == 2  # 60, 61
     assert status.projected == 7
 
 

@@ -18,9 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
+from depeche_nb.core.display import STREAMS_LIMIT
+from depeche_nb.notebook.views.store import EXACT_MESSAGES
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import autocommit_cursor
-from depeche_nb.store.frames import EXACT_MESSAGES, STREAMS_LIMIT
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.support import Numbered
 

@@ -15,12 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 import depeche_nb
-import depeche_nb.engine.frames as engine_frames
-import depeche_nb.store.frames as store_frames
+import depeche_nb.notebook.views.store as store_frames
+import depeche_nb.notebook.views.streams as engine_frames
+from depeche_nb.core.display import ABOUT, MORE_THAN, Count
 from depeche_nb.notebook import html as h
+from depeche_nb.notebook.views.store import store_overview
 from depeche_nb.postgres.ddl import forget_ddl_for
 from depeche_nb.postgres.names import quote_ident
-from depeche_nb.store.frames import ABOUT, MORE_THAN, Count, store_overview
 from depeche_nb.tools import PydanticMessageSerializer
 from tests.notebook.support import (
     check_markup,

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb import MessageHandlerRegister, StoredMessage
-from depeche_nb.store.frames import DEFAULT_LIMIT, MESSAGE_COLUMNS
+from depeche_nb.core.display import DEFAULT_LIMIT
+from depeche_nb.notebook.views.kit import MESSAGE_COLUMNS
 from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
 from tests.support import _Message
 

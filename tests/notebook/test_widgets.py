@@ -30,13 +30,8 @@ from depeche_nb import ExitSubscriptionErrorHandler, MessageHandlerRegister, Sto
 from depeche_nb.event_sourcing import EventSourcedAggregateRoot, EventStoreRepo, NotFound
 from depeche_nb.notebook import live as live_module
 from depeche_nb.notebook.live import LiveRefresher
-from depeche_nb.notebook.widgets import (
-    PALETTE,
-    TRACEBACK_CHARS,
-    error_html,
-    legend_key,
-    stream_colour_index,
-)
+from depeche_nb.notebook.widgets.base import error_html
+from depeche_nb.notebook.widgets.style import PALETTE, TRACEBACK_CHARS, legend_key, stream_colour_index
 from depeche_nb.postgres.listener import APPLICATION_NAME
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.tools import PydanticMessageSerializer

@@ -130,7 +130,7 @@ def test_works_as_a_normal_user(tmp_path: Path) -> None:
         "from depeche_nb.postgres.embedded import EmbeddedServer\n"
         f"server = EmbeddedServer({str(data_dir)!r})\n"
         "server.start()\n"
-        "out = subprocess.run([server._tool('psql'), server.libpq_dsn, '-Atc', 'select current_user'],\n"
+        "out = subprocess.run([server.tool('psql'), server.libpq_dsn, '-Atc', 'select current_user'],\n"
         "                     capture_output=True, text=True)\n"
         "print(os.geteuid(), out.stdout.strip(), out.stderr.strip())\n"
         "server.destroy()\n"

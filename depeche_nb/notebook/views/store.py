@@ -1,9 +1,4 @@
-"""DataFrame views and bounded overviews of a message store.
-
-This module is below the notebook layer on purpose: `MessageStoreBase`
-offers `to_dataframe()` / `streams_dataframe()` as thin methods, and the
-store layer must not import the notebook layer. pandas (and numpy) are
-imported inside the functions only, so a headless worker never loads them.
+"""DataFrame views and the bounded overview of a message store.
 
 Loading is built for large stores:
 
@@ -16,10 +11,6 @@ Loading is built for large stores:
   `added_at` arrives as epoch microseconds, converted vectorised;
 * the payload columns get their dtype once, after all chunks are joined, so
   a column does not change type because one chunk lacked a key.
-
-Column conventions shared by every view of the library: positions and
-counts are `int64`; ids and names are strings (pandas' default string dtype,
-`str` on pandas 3); timestamps are tz-aware UTC (`datetime64[us, UTC]`).
 """
 
 from __future__ import annotations
@@ -28,155 +19,37 @@ import contextlib
 import dataclasses as _dc
 import datetime as _dt
 import json
-import numbers
-import uuid
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from depeche_nb.core.display import ABOUT, DEFAULT_LIMIT, STREAMS_LIMIT, Count
 from depeche_nb.core.identifiers import validate_stream
-from depeche_nb.postgres.rawconn import autocommit_cursor, open_dbapi_connection
+from depeche_nb.notebook.views.kit import (
+    EPOCH_US,
+    INT64,
+    PAYLOAD_PREFIX,
+    STRING,
+    Cut,
+    check_limit,
+    datetime_column,
+    frame_from_rows,
+    infer_column_dtype,
+    since_condition,
+    stream_chunks,
+    string_dtype,
+    typed_as_datetime,
+)
+from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.serializers import TYPE_KEY
 
 if TYPE_CHECKING:
     import pandas as pd
-    import sqlalchemy as sa
 
-    from depeche_nb.store.message_store import MessageStoreBase
-
-# Rows a view returns unless the caller passes `limit=None`: enough to explore,
-# small enough that `store.to_dataframe()` on a million-message store is quick.
-DEFAULT_LIMIT = 10_000
-# Streams `streams_dataframe()` returns unless the caller passes `limit=None`: reading a
-# stream's summary costs two index lookups, so this keeps the view quick in any store.
-STREAMS_LIMIT = 1000
-# Rows per round trip of the server-side cursor.
-CHUNK_ROWS = 5000
-# The fixed columns of the message views, in order; payload keys follow.
-MESSAGE_COLUMNS = ("global_position", "stream", "version", "message_id", "added_at", "message_type")
-# A payload key equal to a fixed column name is shown as "message.<key>".
-PAYLOAD_PREFIX = "message."
-# Kinds understood by `frame_from_rows`.
-INT64 = "int64"  # NOT NULL integers
-NULLABLE_INT = "Int64"  # integers that may be NULL
-STRING = "str"
-UTC = "utc"  # timestamptz as datetime objects (None -> NaT)
-EPOCH_US = "epoch_us"  # timestamptz selected as epoch microseconds (see `epoch_us_sql`)
-NULLABLE_BOOL = "boolean"
-OBJECT = "object"
-
-
-# -- column building ----------------------------------------------------------------------------
-
-
-def string_dtype() -> Any:
-    """pandas' default string dtype (`str` on pandas 3; object on pandas 2, which has none)."""
-    import pandas as pd
-
-    return "str" if int(pd.__version__.split(".", 1)[0]) >= 3 else object
-
-
-def utc_datetimes(values: Any) -> Any:
-    """Datetimes (or None) -> tz-aware UTC series/array at microsecond resolution."""
-    import pandas as pd
-
-    return pd.to_datetime(pd.Series(values, dtype=object), utc=True).astype("datetime64[us, UTC]")
-
-
-def typed_column(values: Sequence[Any], kind: str) -> Any:
-    """One column of `values` with the library's dtype for `kind`."""
-    import numpy as np
-    import pandas as pd
-
-    if kind == INT64:
-        return np.fromiter(values, dtype=np.int64, count=len(values))
-    if kind == NULLABLE_INT:
-        return pd.array(list(values), dtype="Int64")
-    if kind == STRING:
-        return pd.Series(list(values), dtype=string_dtype())
-    if kind == UTC:
-        return utc_datetimes(list(values))
-    if kind == EPOCH_US:
-        micros = np.fromiter(values, dtype=np.int64, count=len(values))
-        return pd.to_datetime(micros, unit="us", utc=True).astype("datetime64[us, UTC]")
-    if kind == NULLABLE_BOOL:
-        return pd.array(list(values), dtype="boolean")
-    if kind == OBJECT:
-        return pd.Series(list(values), dtype=object)
-    raise ValueError(f"unknown column kind {kind!r}")
-
-
-def frame_from_rows(rows: Sequence[Sequence[Any]], columns: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """A DataFrame from row tuples, column i named and typed by `columns[i]` (also when empty)."""
-    import pandas as pd
-
-    transposed: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    data = {
-        name: pd.Series(typed_column(values, kind))
-        for (name, kind), values in zip(columns, transposed, strict=True)
-    }
-    frame: pd.DataFrame = pd.DataFrame(data)
-    return frame
-
-
-def stream_chunks(
-    engine: sa.Engine, sql: str, params: Sequence[Any], chunk_rows: int = CHUNK_ROWS
-) -> Generator[list[tuple[Any, ...]], None, None]:
-    """The rows of `sql` in chunks, from a server-side cursor on a connection of its own.
-
-    A separate connection (not the thread's shared autocommit one) because a
-    named cursor needs a transaction that stays open while the caller consumes
-    the chunks; it is rolled back (the statement only reads) and closed at the
-    end, also when the consumer stops early.
-    """
-    connection = open_dbapi_connection(engine, autocommit=False)
-    try:
-        with connection.cursor(name=f"depeche_nb_frame_{uuid.uuid4().hex}") as cursor:
-            cursor.itersize = chunk_rows
-            cursor.execute(sql, tuple(params))
-            while True:
-                rows = cursor.fetchmany(chunk_rows)
-                if not rows:
-                    break
-                yield rows
-        connection.rollback()
-    finally:
-        connection.close()
-
-
-def check_limit(limit: object) -> int | None:
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or int(limit) < 0:
-        raise ValueError(f"limit must be an int >= 0 or None (all rows), got {limit!r}")
-    return int(limit)
-
-
-def since_condition(since: object, position_column: str, time_column: str) -> tuple[str, tuple[Any, ...]]:
-    """SQL condition (with its parameters) for `since`: a global position (int, inclusive)
-    or a tz-aware datetime (inclusive), or no condition for None."""
-    if since is None:
-        return "TRUE", ()
-    if isinstance(since, bool):
-        raise TypeError("since must be a global position (int) or a timezone-aware datetime, got bool")
-    if isinstance(since, numbers.Integral):
-        return f"{position_column} >= %s", (int(since),)
-    if isinstance(since, _dt.datetime):
-        if since.tzinfo is None:
-            raise ValueError("since must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        # pandas.Timestamp is a datetime subclass; hand the driver a plain datetime.
-        to_py = getattr(since, "to_pydatetime", None)
-        moment = to_py() if callable(to_py) else since
-        return f"{time_column} >= %s", (moment,)
-    raise TypeError(
-        f"since must be a global position (int) or a timezone-aware datetime, got {type(since).__name__}"
-    )
-
-
-# -- the message views --------------------------------------------------------------------------
+    from depeche_nb.engine.message_store import MessageStore
 
 
 def messages_dataframe(
-    store: MessageStoreBase[Any],
+    store: MessageStore[Any],
     stream: str | None = None,
     wildcard: str | None = None,
     limit: int | None = DEFAULT_LIMIT,
@@ -234,24 +107,6 @@ def messages_dataframe(
     )
 
 
-class _Cut:
-    """Takes the first `row_limit` rows of a chunk stream and remembers whether it cut."""
-
-    def __init__(self, row_limit: int | None) -> None:
-        self.row_limit = row_limit
-        self.more = False
-
-    def rows(self, chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
-        taken = 0
-        for chunk in chunks:
-            rows = chunk
-            if self.row_limit is not None and taken + len(rows) > self.row_limit:
-                rows, self.more = rows[: self.row_limit - taken], True
-            taken += len(rows)
-            if rows:
-                yield rows
-
-
 def messages_frame_from_chunks(
     chunks: Generator[list[tuple[Any, ...]], None, None],
     row_limit: int | None,
@@ -264,7 +119,7 @@ def messages_frame_from_chunks(
     `datetime_fields`: message type -> payload keys its model types as a datetime."""
     import pandas as pd
 
-    cut = _Cut(row_limit)
+    cut = Cut(row_limit)
     meta_chunks: list[pd.DataFrame] = []
     payload_chunks: list[pd.DataFrame] = []
     raw_payloads: list[dict[str, Any]] = []
@@ -281,22 +136,6 @@ def messages_frame_from_chunks(
             else:
                 raw_payloads.extend(payloads)
     frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads, datetime_fields or {})
-    frame.attrs = {"more_available": cut.more}
-    return frame
-
-
-def typed_frame_from_chunks(
-    chunks: Generator[list[tuple[Any, ...]], None, None],
-    row_limit: int | None,
-    columns: Sequence[tuple[str, str]],
-) -> pd.DataFrame:
-    """`frame_from_rows` over chunks, at most `row_limit` rows, with `attrs["more_available"]`."""
-    import pandas as pd
-
-    cut = _Cut(row_limit)
-    with contextlib.closing(chunks):
-        frames = [frame_from_rows(rows, columns) for rows in cut.rows(chunks)]
-    frame = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([], columns)
     frame.attrs = {"more_available": cut.more}
     return frame
 
@@ -350,60 +189,15 @@ def _assemble(
             while name in columns:
                 name = PAYLOAD_PREFIX + name
             column = payload[key]
-            if _typed_as_datetime(str(key), column, meta["message_type"], datetime_fields):
-                columns[name] = _datetime_column(column)
+            if typed_as_datetime(str(key), column, meta["message_type"], datetime_fields):
+                columns[name] = datetime_column(column)
             else:
                 columns[name] = infer_column_dtype(column)
     frame: pd.DataFrame = pd.DataFrame(columns)
     return frame
 
 
-def _typed_as_datetime(
-    key: str, column: pd.Series[Any], types: pd.Series[Any], datetime_fields: dict[str, frozenset[str]]
-) -> bool:
-    """Whether the model of every message type with a value under `key` types it as a datetime
-    (a key shared by types that disagree stays as it is)."""
-    present = types[column.notna()].unique()
-    return len(present) > 0 and all(key in datetime_fields.get(str(name), ()) for name in present)
-
-
-def _datetime_column(column: pd.Series[Any]) -> pd.Series[Any]:
-    """ISO 8601 strings (as pydantic writes datetimes) -> `datetime64[us, UTC]`."""
-    import pandas as pd
-
-    try:
-        converted: pd.Series[Any] = pd.to_datetime(column, utc=True, format="ISO8601")
-    except (TypeError, ValueError, OverflowError):
-        return infer_column_dtype(column)  # not what the model promised (an edited row): keep it
-    return converted.astype("datetime64[us, UTC]")
-
-
-def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
-    """Give a column of Python values (object dtype, NaN/None where a row has none) its dtype:
-    a payload column, or a field of events or aggregates (`event_sourcing.history`), where
-    timezone-aware datetimes also occur (JSON payloads hold them as strings)."""
-    import pandas as pd
-
-    kind = pd.api.types.infer_dtype(column, skipna=True)
-    has_missing = bool(column.isna().any())
-    if kind == "datetime" and all(value.tzinfo is not None for value in column.dropna()):
-        times: pd.Series[Any] = utc_datetimes(column.tolist())
-        return times
-    try:
-        if kind == "integer":
-            return column.astype("Int64" if has_missing else "int64")
-        if kind in ("floating", "mixed-integer-float"):
-            return column.astype("float64")
-        if kind == "boolean":
-            return column.astype("boolean" if has_missing else "bool")
-        if kind == "string":
-            return column.astype(string_dtype())
-    except (OverflowError, TypeError, ValueError):
-        pass  # e.g. an integer beyond int64: keep the Python ints
-    return column
-
-
-def streams_dataframe(store: MessageStoreBase[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
+def streams_dataframe(store: MessageStore[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
     """One row per stream, by name: `stream`, `messages`, `first_global_position`,
     `last_global_position`, `last_added_at` (when the stream's latest message was added).
 
@@ -458,31 +252,6 @@ class MessagePreview:
 
 
 @_dc.dataclass(frozen=True)
-class Count:
-    """A number as a display may claim it: exact, an estimate ("about"), or a lower bound
-    ("more than": a count that stopped at a cap)."""
-
-    value: int
-    qualifier: str = ""  # "", ABOUT or MORE_THAN
-
-    @property
-    def exact(self) -> bool:
-        return not self.qualifier
-
-    @classmethod
-    def capped(cls, counted: int, cap: int) -> Count:
-        """The result of counting at most `cap` + 1 rows."""
-        return cls(cap, MORE_THAN) if counted > cap else cls(counted)
-
-    def __str__(self) -> str:
-        return f"{self.qualifier} {self.value:,}" if self.qualifier else f"{self.value:,}"
-
-
-ABOUT = "about"
-MORE_THAN = "more than"
-
-
-@_dc.dataclass(frozen=True)
 class StoreOverview:
     """Totals of a store, its most recently active streams and its latest messages."""
 
@@ -505,9 +274,7 @@ EXACT_MESSAGES = 10_000
 RECENT_WINDOW = 1000
 
 
-def store_overview(
-    store: MessageStoreBase[Any], max_streams: int = 20, max_messages: int = 5
-) -> StoreOverview:
+def store_overview(store: MessageStore[Any], max_streams: int = 20, max_messages: int = 5) -> StoreOverview:
     """Everything a store's repr shows, in two statements that each read a bounded number of
     rows, whatever the size of the store: up to `max_streams` of the streams written in the
     latest `RECENT_WINDOW` messages (see `MessagesViews.overview_streams_sql`), the latest
@@ -536,29 +303,3 @@ def store_overview(
         recent_streams=summaries,
         recent_messages=previews,
     )
-
-
-__all__ = [
-    "ABOUT",
-    "CHUNK_ROWS",
-    "DEFAULT_LIMIT",
-    "EXACT_MESSAGES",
-    "MESSAGE_COLUMNS",
-    "MORE_THAN",
-    "PAYLOAD_PREFIX",
-    "PREVIEW_CHARS",
-    "RECENT_WINDOW",
-    "STREAMS_LIMIT",
-    "Count",
-    "MessagePreview",
-    "StoreOverview",
-    "StreamSummary",
-    "frame_from_rows",
-    "infer_column_dtype",
-    "messages_dataframe",
-    "messages_frame_from_chunks",
-    "store_overview",
-    "stream_chunks",
-    "streams_dataframe",
-    "typed_frame_from_chunks",
-]

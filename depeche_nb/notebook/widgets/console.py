@@ -39,6 +39,7 @@ import ipywidgets as widgets
 import sqlalchemy as sa
 
 from depeche_nb.engine.executor import Executor, running_executors
+from depeche_nb.engine.message_store import MessageStore
 from depeche_nb.engine.operations import (
     OperationsSnapshot,
     PartitionDiagnosis,
@@ -51,11 +52,10 @@ from depeche_nb.engine.subscription import Subscription
 from depeche_nb.notebook import html as h
 from depeche_nb.notebook import operations_html as oh
 from depeche_nb.notebook.reprs import render_executor_health
-from depeche_nb.notebook.widgets import _button, _DnbWidget, _positive_int, page
+from depeche_nb.notebook.widgets.base import DnbWidget, make_button, page, positive_int
 from depeche_nb.postgres.connection import same_database
 from depeche_nb.postgres.names import StoreNames
 from depeche_nb.postgres.stream_tables import StreamNames
-from depeche_nb.store.message_store import MessageStoreBase
 
 REPLAY = "replay"
 DISCARD = "discard"
@@ -92,7 +92,7 @@ class PendingAction:
 def _target(target: object) -> tuple[sa.Engine, str | None]:
     if isinstance(target, sa.Engine):
         return target, None
-    if isinstance(target, MessageStoreBase):
+    if isinstance(target, MessageStore):
         return target.engine, target.name
     raise TypeError(
         "OperationsConsole takes a SQLAlchemy Engine (the whole database, e.g. depeche_nb.connect()) "
@@ -114,10 +114,10 @@ class _ParkedRow(widgets.HBox):  # type: ignore[misc]
     def __init__(self, console: OperationsConsole, subscription: str, parked_id: int) -> None:
         self.text = widgets.HTML(value="")
         self.text.add_class("dnb-console-parked-text")
-        self.replay = _button(
+        self.replay = make_button(
             "Replay", "dnb-console-replay", "run the handler again (asks to confirm)", "redo"
         )
-        self.discard = _button(
+        self.discard = make_button(
             "Discard", "dnb-console-discard", "mark it dealt with (asks to confirm)", "trash"
         )
         self.replay.on_click(lambda _: console.request_replay(subscription, parked_id))
@@ -140,14 +140,14 @@ class _ParkedRow(widgets.HBox):  # type: ignore[misc]
         self.replay.tooltip = "run the handler again (asks to confirm)" if can_replay else NO_HANDLER
 
 
-class OperationsConsole(_DnbWidget):
+class OperationsConsole(DnbWidget):
     """Operations view of a database (`engine`) or one store: streams, subscriptions and who
     holds their partitions, parked messages with Replay/Discard (confirmed), "why is
     partition N behind?" and this process's Executors (see the module notes)."""
 
     def __init__(
         self,
-        target: sa.Engine | MessageStoreBase[Any],
+        target: sa.Engine | MessageStore[Any],
         *,
         subscriptions: Iterable[Subscription[Any]] = (),
         executors: Iterable[Executor] = (),
@@ -166,8 +166,8 @@ class OperationsConsole(_DnbWidget):
             self._check_subscription(item)
         for executor in given_executors:
             self._check_executor(executor)
-        self.max_partitions = _positive_int("max_partitions", max_partitions, 1000)
-        self.max_parked = _positive_int("max_parked", max_parked, 1000)
+        self.max_partitions = positive_int("max_partitions", max_partitions, 1000)
+        self.max_parked = positive_int("max_parked", max_parked, 1000)
         idle = _seconds("refresh_every", refresh_every)
         super().__init__()
         self._subscriptions = {s.name: s for s in given_subscriptions}
@@ -189,8 +189,8 @@ class OperationsConsole(_DnbWidget):
         self.parked_box = widgets.VBox([])
         self.parked_box.add_class("dnb-console-parked")
         self.confirm_text = widgets.HTML(value="")
-        self.confirm_button = _button("Confirm", "dnb-console-confirm", "do it now", "check")
-        self.cancel_button = _button("Cancel", "dnb-console-cancel", "do nothing", "times")
+        self.confirm_button = make_button("Confirm", "dnb-console-confirm", "do it now", "check")
+        self.cancel_button = make_button("Cancel", "dnb-console-cancel", "do nothing", "times")
         self.confirm_button.on_click(lambda _: self.confirm())
         self.cancel_button.on_click(lambda _: self.cancel())
         for button in (self.confirm_button, self.cancel_button):
@@ -204,7 +204,7 @@ class OperationsConsole(_DnbWidget):
         self.drill_subscription.layout.width = "max-content"
         self.drill_partition = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="partition")
         self.drill_partition.layout.width = "200px"
-        self.drill_button = _button(
+        self.drill_button = make_button(
             "Why behind?", "dnb-console-why", "explain this partition's lag", "search"
         )
         self.drill_button.on_click(
@@ -219,7 +219,9 @@ class OperationsConsole(_DnbWidget):
         self.diagnosis_view.add_class("dnb-console-diagnosis")
         self.executors_view = widgets.HTML(value="")
         self.executors_view.add_class("dnb-console-executors")
-        self.refresh_button = _button("Refresh", "dnb-console-refresh", "read everything again", "refresh")
+        self.refresh_button = make_button(
+            "Refresh", "dnb-console-refresh", "read everything again", "refresh"
+        )
         self.refresh_button.on_click(lambda _: self._run_locked(self._refresh, BUSY))
         self.children = (
             self.header,

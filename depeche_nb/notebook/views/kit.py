@@ -1,0 +1,237 @@
+"""The toolkit of every DataFrame view: the library's column kinds and dtypes, row tuples to
+typed frames, chunked reads from a server-side cursor, and the checks of `limit`/`since`.
+
+Column conventions shared by every view of the library: positions and counts are
+`int64`; ids and names are strings (pandas' default string dtype, `str` on pandas 3);
+timestamps are tz-aware UTC (`datetime64[us, UTC]`). pandas (and numpy) are imported
+inside the functions only, so a headless worker never loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses as _dc
+import datetime as _dt
+import numbers
+import uuid
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from depeche_nb.postgres.rawconn import open_dbapi_connection
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import sqlalchemy as sa
+
+# Rows per round trip of the server-side cursor.
+CHUNK_ROWS = 5000
+# The fixed columns of the message views, in order; payload keys follow.
+MESSAGE_COLUMNS = ("global_position", "stream", "version", "message_id", "added_at", "message_type")
+# A payload key equal to a fixed column name is shown as "message.<key>".
+PAYLOAD_PREFIX = "message."
+# Kinds understood by `frame_from_rows`.
+INT64 = "int64"  # NOT NULL integers
+NULLABLE_INT = "Int64"  # integers that may be NULL
+STRING = "str"
+UTC = "utc"  # timestamptz as datetime objects (None -> NaT)
+EPOCH_US = "epoch_us"  # timestamptz selected as epoch microseconds (see `epoch_us_sql`)
+NULLABLE_BOOL = "boolean"
+OBJECT = "object"
+
+
+# -- column building ----------------------------------------------------------------------------
+
+
+def string_dtype() -> Any:
+    """pandas' default string dtype (`str` on pandas 3; object on pandas 2, which has none)."""
+    import pandas as pd
+
+    return "str" if int(pd.__version__.split(".", 1)[0]) >= 3 else object
+
+
+def utc_datetimes(values: Any) -> Any:
+    """Datetimes (or None) -> tz-aware UTC series/array at microsecond resolution."""
+    import pandas as pd
+
+    return pd.to_datetime(pd.Series(values, dtype=object), utc=True).astype("datetime64[us, UTC]")
+
+
+def typed_column(values: Sequence[Any], kind: str) -> Any:
+    """One column of `values` with the library's dtype for `kind`."""
+    import numpy as np
+    import pandas as pd
+
+    if kind == INT64:
+        return np.fromiter(values, dtype=np.int64, count=len(values))
+    if kind == NULLABLE_INT:
+        return pd.array(list(values), dtype="Int64")
+    if kind == STRING:
+        return pd.Series(list(values), dtype=string_dtype())
+    if kind == UTC:
+        return utc_datetimes(list(values))
+    if kind == EPOCH_US:
+        micros = np.fromiter(values, dtype=np.int64, count=len(values))
+        return pd.to_datetime(micros, unit="us", utc=True).astype("datetime64[us, UTC]")
+    if kind == NULLABLE_BOOL:
+        return pd.array(list(values), dtype="boolean")
+    if kind == OBJECT:
+        return pd.Series(list(values), dtype=object)
+    raise ValueError(f"unknown column kind {kind!r}")
+
+
+def frame_from_rows(rows: Sequence[Sequence[Any]], columns: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """A DataFrame from row tuples, column i named and typed by `columns[i]` (also when empty)."""
+    import pandas as pd
+
+    transposed: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+    data = {
+        name: pd.Series(typed_column(values, kind))
+        for (name, kind), values in zip(columns, transposed, strict=True)
+    }
+    frame: pd.DataFrame = pd.DataFrame(data)
+    return frame
+
+
+def stream_chunks(
+    engine: sa.Engine, sql: str, params: Sequence[Any], chunk_rows: int = CHUNK_ROWS
+) -> Generator[list[tuple[Any, ...]], None, None]:
+    """The rows of `sql` in chunks, from a server-side cursor on a connection of its own.
+
+    A separate connection (not the thread's shared autocommit one) because a
+    named cursor needs a transaction that stays open while the caller consumes
+    the chunks; it is rolled back (the statement only reads) and closed at the
+    end, also when the consumer stops early.
+    """
+    connection = open_dbapi_connection(engine, autocommit=False)
+    try:
+        with connection.cursor(name=f"depeche_nb_frame_{uuid.uuid4().hex}") as cursor:
+            cursor.itersize = chunk_rows
+            cursor.execute(sql, tuple(params))
+            while True:
+                rows = cursor.fetchmany(chunk_rows)
+                if not rows:
+                    break
+                yield rows
+        connection.rollback()
+    finally:
+        connection.close()
+
+
+def check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or int(limit) < 0:
+        raise ValueError(f"limit must be an int >= 0 or None (all rows), got {limit!r}")
+    return int(limit)
+
+
+def since_condition(since: object, position_column: str, time_column: str) -> tuple[str, tuple[Any, ...]]:
+    """SQL condition (with its parameters) for `since`: a global position (int, inclusive)
+    or a tz-aware datetime (inclusive), or no condition for None."""
+    if since is None:
+        return "TRUE", ()
+    if isinstance(since, bool):
+        raise TypeError("since must be a global position (int) or a timezone-aware datetime, got bool")
+    if isinstance(since, numbers.Integral):
+        return f"{position_column} >= %s", (int(since),)
+    if isinstance(since, _dt.datetime):
+        if since.tzinfo is None:
+            raise ValueError("since must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        # pandas.Timestamp is a datetime subclass; hand the driver a plain datetime.
+        to_py = getattr(since, "to_pydatetime", None)
+        moment = to_py() if callable(to_py) else since
+        return f"{time_column} >= %s", (moment,)
+    raise TypeError(
+        f"since must be a global position (int) or a timezone-aware datetime, got {type(since).__name__}"
+    )
+
+
+class Cut:
+    """Takes the first `row_limit` rows of a chunk stream and remembers whether it cut."""
+
+    def __init__(self, row_limit: int | None) -> None:
+        self.row_limit = row_limit
+        self.more = False
+
+    def rows(self, chunks: Iterable[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+        taken = 0
+        for chunk in chunks:
+            rows = chunk
+            if self.row_limit is not None and taken + len(rows) > self.row_limit:
+                rows, self.more = rows[: self.row_limit - taken], True
+            taken += len(rows)
+            if rows:
+                yield rows
+
+
+def typed_frame_from_chunks(
+    chunks: Generator[list[tuple[Any, ...]], None, None],
+    row_limit: int | None,
+    columns: Sequence[tuple[str, str]],
+) -> pd.DataFrame:
+    """`frame_from_rows` over chunks, at most `row_limit` rows, with `attrs["more_available"]`."""
+    import pandas as pd
+
+    cut = Cut(row_limit)
+    with contextlib.closing(chunks):
+        frames = [frame_from_rows(rows, columns) for rows in cut.rows(chunks)]
+    frame = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([], columns)
+    frame.attrs = {"more_available": cut.more}
+    return frame
+
+
+def typed_as_datetime(
+    key: str, column: pd.Series[Any], types: pd.Series[Any], datetime_fields: dict[str, frozenset[str]]
+) -> bool:
+    """Whether the model of every message type with a value under `key` types it as a datetime
+    (a key shared by types that disagree stays as it is)."""
+    present = types[column.notna()].unique()
+    return len(present) > 0 and all(key in datetime_fields.get(str(name), ()) for name in present)
+
+
+def datetime_column(column: pd.Series[Any]) -> pd.Series[Any]:
+    """ISO 8601 strings (as pydantic writes datetimes) -> `datetime64[us, UTC]`."""
+    import pandas as pd
+
+    try:
+        converted: pd.Series[Any] = pd.to_datetime(column, utc=True, format="ISO8601")
+    except (TypeError, ValueError, OverflowError):
+        return infer_column_dtype(column)  # not what the model promised (an edited row): keep it
+    return converted.astype("datetime64[us, UTC]")
+
+
+def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
+    """Give a column of Python values (object dtype, NaN/None where a row has none) its dtype:
+    a payload column, or a field of events or aggregates (`event_sourcing.history`), where
+    timezone-aware datetimes also occur (JSON payloads hold them as strings)."""
+    import pandas as pd
+
+    kind = pd.api.types.infer_dtype(column, skipna=True)
+    has_missing = bool(column.isna().any())
+    if kind == "datetime" and all(value.tzinfo is not None for value in column.dropna()):
+        times: pd.Series[Any] = utc_datetimes(column.tolist())
+        return times
+    try:
+        if kind == "integer":
+            return column.astype("Int64" if has_missing else "int64")
+        if kind in ("floating", "mixed-integer-float"):
+            return column.astype("float64")
+        if kind == "boolean":
+            return column.astype("boolean" if has_missing else "bool")
+        if kind == "string":
+            return column.astype(string_dtype())
+    except (OverflowError, TypeError, ValueError):
+        pass  # e.g. an integer beyond int64: keep the Python ints
+    return column
+
+
+def records_dataframe(records: Sequence[Any], record_type: type, int_columns: Iterable[str]) -> pd.DataFrame:
+    """One row per dataclass record, message ids as strings and positions as int64 (even when empty)."""
+    import pandas as pd
+
+    columns = [f.name for f in _dc.fields(record_type)]
+    frame: pd.DataFrame = pd.DataFrame([_dc.astuple(r) for r in records], columns=columns)
+    frame["message_id"] = frame["message_id"].astype(str)
+    for name in int_columns:
+        frame[name] = frame[name].astype("int64")
+    return frame
