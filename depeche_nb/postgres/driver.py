@@ -110,6 +110,25 @@ def _script_cursor() -> type:
     return ScriptCursor
 
 
+def execute_repeated(cursor: Any, sql: str, params: Any) -> None:
+    """Execute a statement that runs again and again on a connection someone else owns
+    (a caller's SQLAlchemy connection): psycopg 3 prepares it on the server (with a cursor
+    that binds on the server, as SQLAlchemy's do), in its own bookkeeping, which also
+    knows when a rollback or DDL makes it deallocate everything; psycopg2 executes it.
+    (`rawconn.Prepared` is for our own connections, where nothing else deallocates.)"""
+    if type(cursor).__module__.split(".")[0] == PSYCOPG and not isinstance(cursor, _client_cursor_class()):
+        cursor.execute(sql, params, prepare=True)
+    else:
+        cursor.execute(sql, params)
+
+
+@functools.cache
+def _client_cursor_class() -> type:
+    import psycopg
+
+    return psycopg.ClientCursor
+
+
 def server_has_spoken(connection: Any) -> bool:
     """Whether an idle connection's socket is readable. Between statements the server sends
     nothing unasked, so this means it ended the session (a termination notice, end of file)
@@ -258,6 +277,7 @@ __all__ = [
     "diagnostic",
     "driver_error",
     "driver_of",
+    "execute_repeated",
     "is_closed",
     "is_connection_error",
     "is_driver_error",
