@@ -35,7 +35,7 @@ from depeche_nb.core.errors import (
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
 from depeche_nb.postgres.driver import is_driver_error
-from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
+from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own, execute_prepared
 from depeche_nb.store.storage import (
     Storage,
     check_expected_version,
@@ -204,7 +204,7 @@ class MessageStore(RichRepr, Generic[E]):
         """The stream's messages in version order (from `min_version` on, if given)."""
         validate_stream(stream)
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._storage.statements.text_read_sql, (stream, min_version or 0))
+            execute_prepared(cursor, self._storage.statements.text_read, (stream, min_version or 0))
             rows = cursor.fetchall()
         serializer = self._serializer
         for row in rows:

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from depeche_nb.postgres.ddl import run_ddl_once
 from depeche_nb.postgres.names import StoreNames, quote_ident
-from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor
 
 # Custom SQLSTATE raised by the write function on an expected-version mismatch.
 VERSION_CONFLICT_SQLSTATE = "DN409"
@@ -120,6 +120,8 @@ class MessagesStatements:
         self.text_read_sql = (
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream = %s AND version >= %s ORDER BY version"
         )
+        # On our own connections (see `rawconn.Prepared`): planned once per session.
+        self.text_read = Prepared(self.text_read_sql)
         self.text_wildcard_sql = (
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream LIKE %s ORDER BY global_position"
         )
