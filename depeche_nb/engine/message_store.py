@@ -34,8 +34,8 @@ from depeche_nb.core.errors import (
 )
 from depeche_nb.core.identifiers import validate_stream, validate_wildcard
 from depeche_nb.core.messages import MessagePosition, MessageSerializer, StoredMessage
-from depeche_nb.postgres.driver import is_driver_error
-from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
+from depeche_nb.postgres.driver import is_driver_error, script_value
+from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own, execute_prepared, prepared_sql
 from depeche_nb.store.storage import (
     Storage,
     check_expected_version,
@@ -178,8 +178,9 @@ class MessageStore(RichRepr, Generic[E]):
         params = self._storage.write_params(stream, expected_version, serialized, notify=False)
         with autocommit_cursor(self.engine) as cursor:
             try:
-                cursor.execute(self._storage.statements.write_and_notify_sql, params)
-                (last,) = cursor.fetchone()
+                statements = self._storage.statements
+                execute_write = prepared_sql(cursor, statements.write_recording)
+                last = script_value(cursor.connection, statements.write_and_notify_sql(execute_write), params)
             except Exception as exc:
                 if not is_driver_error(exc):
                     raise
@@ -190,6 +191,7 @@ class MessageStore(RichRepr, Generic[E]):
                 if translated is not None:
                     raise translated from exc
                 raise
+        assert last is not None  # the script ends by reading the setting it wrote
         version, global_position = (int(part) for part in last.split(","))
         return MessagePosition(stream, version, global_position)
 
@@ -204,7 +206,7 @@ class MessageStore(RichRepr, Generic[E]):
         """The stream's messages in version order (from `min_version` on, if given)."""
         validate_stream(stream)
         with autocommit_cursor(self.engine) as cursor:
-            cursor.execute(self._storage.statements.text_read_sql, (stream, min_version or 0))
+            execute_prepared(cursor, self._storage.statements.text_read, (stream, min_version or 0))
             rows = cursor.fetchall()
         serializer = self._serializer
         for row in rows:

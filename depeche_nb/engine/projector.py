@@ -93,6 +93,7 @@ from depeche_nb.engine.definitions import definition_text, describe_definition
 from depeche_nb.engine.notification_driven import NotificationDriven
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.postgres.dead_letter_table import HELD, PARKED, REPLAYED, SKIPPED
+from depeche_nb.postgres.driver import script_value
 from depeche_nb.postgres.names import text_array_literal
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
@@ -362,17 +363,22 @@ class StreamProjector(NotificationDriven, Generic[E]):
         else:
             advance = {"seen": pending, "pending": None, "after": None}
         columns = _columns(placed)
-        cursor.execute(
+        heads = script_value(
+            cursor.connection,
             self._sql.project_commit_sql,
-            {
-                **columns,
-                **advance,
-                "channel": self.stream.names.channel,
-                "cluster": current_cluster,
-                "definition": self.definition,
-            },
+            (
+                columns["gps"],
+                columns["partitions"],
+                columns["occurred"],
+                self.stream.names.channel,
+                advance["seen"],
+                advance["pending"],
+                advance["after"],
+                current_cluster,
+                self.definition,
+            ),
         )
-        report.heads = _parse_heads(cursor.fetchone()[0])
+        report.heads = _parse_heads(heads)
         self._report_positions(placed, report.heads, report)
 
     def reanchor(self) -> None:

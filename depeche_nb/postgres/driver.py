@@ -110,6 +110,66 @@ def _script_cursor() -> type:
     return ScriptCursor
 
 
+def script_value(connection: Any, sql: str, params: tuple[Any, ...]) -> str | None:
+    """Run a script of statements (`%s` parameters: str, int, bool or None) on one of our
+    own autocommit connections and return the first value of its last result, as text.
+
+    psycopg2's cursor does this in C. psycopg 3's cursor machinery costs about 25 us of
+    Python per call, as much as the write it carries, so on psycopg 3 the script goes to
+    libpq directly (`PQexec`, which like psycopg2 keeps only the last result), with the
+    values quoted by libpq. A failing statement raises the driver's error, as a cursor
+    would (`is_transient`, `sqlstate` and `diagnostic` read it the same way)."""
+    if type(connection).__module__.split(".")[0] != PSYCOPG:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            value = cursor.fetchone()[0]
+            return None if value is None else str(value)
+    from psycopg import errors, pq
+
+    pgconn = connection.pgconn
+    escape = pq.Escaping(pgconn).escape_literal
+    encoding = connection.info.encoding
+    literals = tuple(_literal(value, escape, encoding) for value in params)
+    result = pgconn.exec_((sql % literals).encode(encoding))
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        raise errors.error_from_result(result, encoding=encoding)
+    if result.status != pq.ExecStatus.TUPLES_OK or result.ntuples == 0:
+        return None
+    value = result.get_value(0, 0)
+    return None if value is None else value.decode(encoding)
+
+
+def _literal(value: Any, escape: Any, encoding: str) -> str:
+    if value is None:
+        return "NULL"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, str):
+        return str(escape(value.encode(encoding)).decode(encoding))
+    raise TypeError(f"script_value takes str, int, bool or None parameters, got {type(value).__name__}")
+
+
+def execute_repeated(cursor: Any, sql: str, params: Any) -> None:
+    """Execute a statement that runs again and again on a connection someone else owns
+    (a caller's SQLAlchemy connection): psycopg 3 prepares it on the server (with a cursor
+    that binds on the server, as SQLAlchemy's do), in its own bookkeeping, which also
+    knows when a rollback or DDL makes it deallocate everything; psycopg2 executes it.
+    (`rawconn.Prepared` is for our own connections, where nothing else deallocates.)"""
+    if type(cursor).__module__.split(".")[0] == PSYCOPG and not isinstance(cursor, _client_cursor_class()):
+        cursor.execute(sql, params, prepare=True)
+    else:
+        cursor.execute(sql, params)
+
+
+@functools.cache
+def _client_cursor_class() -> type:
+    import psycopg
+
+    return psycopg.ClientCursor
+
+
 def server_has_spoken(connection: Any) -> bool:
     """Whether an idle connection's socket is readable. Between statements the server sends
     nothing unasked, so this means it ended the session (a termination notice, end of file)
@@ -258,12 +318,14 @@ __all__ = [
     "diagnostic",
     "driver_error",
     "driver_of",
+    "execute_repeated",
     "is_closed",
     "is_connection_error",
     "is_driver_error",
     "is_transient",
     "open_connection",
     "pending_notifications",
+    "script_value",
     "server_has_spoken",
     "sqlstate",
     "with_driver",

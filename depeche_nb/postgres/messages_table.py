@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from depeche_nb.postgres.ddl import run_ddl_once
 from depeche_nb.postgres.names import StoreNames, quote_ident
-from depeche_nb.postgres.rawconn import autocommit_cursor
+from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor
 
 # Custom SQLSTATE raised by the write function on an expected-version mismatch.
 VERSION_CONFLICT_SQLSTATE = "DN409"
@@ -104,22 +104,19 @@ class MessagesStatements:
         # (stream, expected version, ids joined by ',', payloads as a JSON array, notify)
         self.write_sql = f"SELECT version, global_position FROM {fn}(%s, %s::bigint, %s, %s::jsonb, %s)"
         self.notify_sql = f"NOTIFY {quote_ident(names.channel)}"
-        # One round trip for the store's own writes: the data transaction without
-        # NOTIFY, then the NOTIFY in a transaction that waits for no flush (see
-        # `store.message_store`). The result travels in a session setting, since
-        # psycopg2 keeps only the last statement's result.
-        # READ COMMITTED whatever the server's default: under REPEATABLE READ a write
-        # whose snapshot predates a concurrent append to the same stream fails.
-        self.write_and_notify_sql = (
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT set_config('depeche_nb.last_write', "
-            "(SELECT max(w.version)::text || ',' || max(w.global_position)::text FROM ("
-            f"{self.write_sql}) w), false); COMMIT; "
-            "BEGIN; SET LOCAL synchronous_commit TO off; "
-            f"{self.notify_sql}; COMMIT; SELECT current_setting('depeche_nb.last_write')"
+        # The data statement of the store's own writes (see `write_and_notify_sql`),
+        # prepared once per session on our own connections (see `rawconn.Prepared`); its
+        # result travels in a session setting, since a script keeps only its last result.
+        self.write_recording = Prepared(
+            "SELECT set_config('depeche_nb.last_write', (SELECT max(w.version)::text || ',' || "
+            f"max(w.global_position)::text FROM ({self.write_sql}) w), false)"
         )
+
         self.text_read_sql = (
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream = %s AND version >= %s ORDER BY version"
         )
+        # On our own connections (see `rawconn.Prepared`): planned once per session.
+        self.text_read = Prepared(self.text_read_sql)
         self.text_wildcard_sql = (
             f"SELECT {TEXT_ROW_COLUMNS} FROM {table} WHERE stream LIKE %s ORDER BY global_position"
         )
@@ -143,6 +140,18 @@ class MessagesStatements:
         )
         self.max_version_sql = (
             f"SELECT version, global_position FROM {table} WHERE stream = %s ORDER BY version DESC LIMIT 1"
+        )
+
+    def write_and_notify_sql(self, execute_write: str) -> str:
+        """One round trip for the store's own writes (`execute_write`: the `EXECUTE` of
+        `write_recording`): the data transaction without NOTIFY, then the NOTIFY in a
+        transaction that waits for no flush (see `store.message_store`), then the result.
+        READ COMMITTED whatever the server's default: under REPEATABLE READ a write whose
+        snapshot predates a concurrent append to the same stream fails."""
+        return (
+            f"BEGIN ISOLATION LEVEL READ COMMITTED; {execute_write}; COMMIT; "
+            f"BEGIN; SET LOCAL synchronous_commit TO off; {self.notify_sql}; COMMIT; "
+            "SELECT current_setting('depeche_nb.last_write')"
         )
 
     def projection_reads(

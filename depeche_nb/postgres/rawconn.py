@@ -29,8 +29,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.postgres.driver import (
+    execute_repeated,
     is_closed,
     is_connection_error,
+    is_driver_error,
     open_connection,
     server_has_spoken,
     sqlstate,
@@ -138,6 +140,11 @@ class Prepared:
     both); every parameter needs a type PostgreSQL can infer from its context (write a
     cast where it cannot). A prepared statement survives the tables it reads being
     replaced (PostgreSQL re-plans it), not a change of its result columns.
+
+    Only for the connections opened here: their cursors bind on the client, which
+    psycopg 3 never prepares with, so nothing deallocates behind our back (psycopg 3
+    runs DEALLOCATE ALL after a rollback on connections where it prepared itself, such
+    as SQLAlchemy's; see `driver.execute_repeated` for those).
     """
 
     def __init__(self, sql: str) -> None:
@@ -204,6 +211,41 @@ def prepared_sql(cursor: Any, statement: Prepared) -> str:
 def execute_prepared(cursor: Any, statement: Prepared, params: Any = None) -> None:
     """Run `statement` (see `Prepared`) on `cursor` with `params`."""
     cursor.execute(prepared_sql(cursor, statement), params)
+
+
+def execute_in(conn: sa.Connection, sql: str, params: Any) -> list[Any]:
+    """Run one statement in a caller's SQLAlchemy connection, in its transaction, on its
+    DBAPI connection directly, and return its rows.
+
+    For statements a caller runs many times in one transaction (`store.write(conn=...)`):
+    SQLAlchemy's statement and result layer costs about 50 us per call, as much as the
+    write itself. psycopg 3 prepares the statement once per session
+    (`driver.execute_repeated`). The transaction is begun the SQLAlchemy way
+    first (so `conn.commit()` commits it) and errors come as SQLAlchemy's, as from
+    `conn.exec_driver_sql` (a lost connection invalidated); what passes by is
+    SQLAlchemy's cursor events."""
+    if not conn.in_transaction():
+        conn.begin()
+    dbapi = conn.connection.driver_connection
+    try:
+        with dbapi.cursor() as cursor:  # type: ignore[union-attr]
+            execute_repeated(cursor, sql, params)
+            return list(cursor.fetchall())
+    except Exception as exc:
+        if not is_driver_error(exc):
+            raise
+        dialect = conn.dialect
+        invalidated = bool(dialect.is_disconnect(exc, dbapi, None))  # type: ignore[arg-type]
+        if invalidated:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=dialect,
+        ) from exc
 
 
 @contextlib.contextmanager

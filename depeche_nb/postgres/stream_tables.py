@@ -313,10 +313,11 @@ class StreamStatements:
         self.dead_letters = DeadLetterTable(names.stream)
         # psycopg2 keeps only the last statement's result: the new heads come back in a
         # session setting read after the commit.
+        # Parameters in this order: gps, partitions, occurred, channel, seen, pending, after,
+        # cluster, definition (positional: `driver.script_value` runs it).
         self.project_commit_sql = (
-            f"SELECT {quote_ident(names.project_commit_function)}(%(gps)s::text, %(partitions)s::text, "
-            "%(occurred)s::text, %(channel)s, %(seen)s::pg_snapshot, %(pending)s::pg_snapshot, "
-            "%(after)s::bigint, %(cluster)s, %(definition)s, true); "
+            f"SELECT {quote_ident(names.project_commit_function)}(%s::text, %s::text, %s::text, %s, "
+            "%s::pg_snapshot, %s::pg_snapshot, %s::bigint, %s, %s, true); "
             "COMMIT; SELECT current_setting('depeche_nb.projected')"
         )
         # The insert alone, in a caller's transaction under the projector's lock (replayed

@@ -36,6 +36,7 @@ from depeche_nb.postgres.messages_table import (
     message_table,
 )
 from depeche_nb.postgres.names import StoreNames, quote_ident
+from depeche_nb.postgres.rawconn import execute_in
 from depeche_nb.store.serializers import TYPE_KEY
 
 
@@ -171,7 +172,7 @@ class Storage:
         """Append `messages` atomically in one round trip; notify at the caller's commit."""
         params = self.write_params(stream, expected_version, messages, notify=notify)
         try:
-            rows = conn.exec_driver_sql(self.statements.write_sql, params).all()
+            rows = execute_in(conn, self.statements.write_sql, params)
         except sa.exc.DBAPIError as exc:
             translated = translate_write_error(exc, stream)
             if translated is not None:
