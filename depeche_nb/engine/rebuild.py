@@ -47,6 +47,7 @@ from depeche_nb.core.errors import RebuildInProgressError
 from depeche_nb.engine.definitions import AGGREGATED_STREAM, SUBSCRIPTION, stream_definition
 from depeche_nb.engine.progress import open_progress
 from depeche_nb.engine.projector import unprojected_count
+from depeche_nb.engine.subscription import partition_lock_name
 from depeche_nb.postgres import definitions_table
 from depeche_nb.postgres.ddl import run_ddl
 from depeche_nb.postgres.locks import advisory_key
@@ -151,20 +152,21 @@ def _switch(
     report: RebuildReport,
 ) -> None:
     subscriptions = _subscriptions_with_state(cursor, stream.name, statements)
-    locked: set[tuple[str, int]] = set()
+    locked: set[int] = set()
 
     def lock_partitions() -> None:
         # Blocking: a runner holds a partition for one batch, then releases it. Runners only
-        # try their locks, so waiting here cannot deadlock with them.
+        # try their locks, so waiting here cannot deadlock with them. One round trip for all.
         cursor.execute(statements.partitions_sql)
-        partitions = [row[0] for row in cursor.fetchall()]
-        for subscription, _ in subscriptions:
-            for partition in partitions:
-                if (subscription, partition) not in locked:
-                    key = advisory_key(subscription, f"subscription-{subscription}-{partition}")
-                    cursor.execute("SELECT pg_advisory_lock(%s)", (key,))
-                    locked.add((subscription, partition))
-        report.partitions = len(partitions)
+        keys = [
+            advisory_key(subscription, partition_lock_name(subscription, row[0]))
+            for row in cursor.fetchall()
+            for subscription, _ in subscriptions
+        ]
+        new_keys = sorted(set(keys) - locked)
+        if new_keys:
+            cursor.execute("SELECT count(pg_advisory_lock(k)) FROM unnest(%s::bigint[]) AS k", (new_keys,))
+            locked.update(new_keys)
 
     lock_partitions()
     cursor.execute("BEGIN")
@@ -206,13 +208,10 @@ def _subscriptions_with_state(
     names = definitions_table.names_owned_by(cursor, SUBSCRIPTION, stream_name)
     if not names:
         return []
-    tables = state_tables(cursor)
     found = []
-    for name in names:
-        for table in tables:
-            cursor.execute(statements.has_rows_sql(table), (name,))
-            if cursor.fetchone()[0]:
-                found.append((name, table))
+    for table in state_tables(cursor):
+        cursor.execute(statements.subscriptions_with_rows_sql(table), (names,))
+        found += [(row[0], table) for row in cursor.fetchall()]
     return found
 
 

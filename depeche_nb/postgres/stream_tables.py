@@ -595,8 +595,9 @@ class RebuildStatements:
             f"'position', max_position)::text)) FROM {quote_ident(names.heads_table)}"
         )
 
-    def has_rows_sql(self, state: StateTable) -> str:
-        return f"SELECT EXISTS (SELECT 1 FROM {state.table} WHERE subscription_name = %s)"
+    def subscriptions_with_rows_sql(self, state: StateTable) -> str:
+        """Which of the given subscription names (one text[] parameter) have rows in `state`."""
+        return f"SELECT DISTINCT subscription_name FROM {state.table} WHERE subscription_name = ANY(%s)"
 
     def move_positions_sql(self, state: StateTable) -> str:
         """Set a subscription's positions for the new partitions and bump their tokens; one
