@@ -25,7 +25,6 @@ and about the same at every size. The tables are dropped at the end.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -34,14 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import depeche_nb
 import depeche_nb.notebook  # registers the HTML reprs
 from bench.common import (
+    BenchEvent,
     Server,
     add_drivers_option,
     describe_code,
@@ -61,18 +59,6 @@ TAIL = 100
 TARGET_MS = 50.0
 
 
-class Deposited(pydantic.BaseModel):
-    number: int
-    message_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
-    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
-
-    def get_message_id(self) -> uuid.UUID:
-        return self.message_id
-
-    def get_message_time(self) -> dt.datetime:
-        return self.occurred_at
-
-
 class ByAccount:
     """`acct-<n>` goes to partition n % PARTITIONS."""
 
@@ -80,13 +66,13 @@ class ByAccount:
         return int(message.stream.rsplit("-", 1)[1]) % PARTITIONS
 
 
-def handle(message: Deposited) -> None:
+def handle(message: BenchEvent) -> None:
     return None
 
 
-def fill(store: depeche_nb.MessageStore[Deposited], messages: int) -> None:
+def fill(store: depeche_nb.MessageStore[BenchEvent], messages: int) -> None:
     for s in range(messages // PER_STREAM):
-        store.write_all(f"acct-{s}", [Deposited(number=i) for i in range(PER_STREAM)])
+        store.write_all(f"acct-{s}", [BenchEvent(number=i) for i in range(PER_STREAM)])
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -122,13 +108,13 @@ def measure_size(server: Server, drivers: tuple[str, ...], messages: int, repeat
     try:
         runs: dict[str, Callable[[], Any]] = {}
         for index, (driver, engine) in enumerate(engines.items()):
-            store: depeche_nb.MessageStore[Deposited] = depeche_nb.MessageStore(
-                name, engine, PydanticMessageSerializer(Deposited)
+            store: depeche_nb.MessageStore[BenchEvent] = depeche_nb.MessageStore(
+                name, engine, PydanticMessageSerializer(BenchEvent)
             )
             stream = store.aggregated_stream(
                 name=f"{name}_agg", partitioner=ByAccount(), stream_wildcards=["acct-%"]
             )
-            register: depeche_nb.MessageHandlerRegister[Deposited] = depeche_nb.MessageHandlerRegister()
+            register: depeche_nb.MessageHandlerRegister[BenchEvent] = depeche_nb.MessageHandlerRegister()
             register.register(handle)
             subscription = stream.subscription(name=f"{name}_sub", handlers=register)
             if index == 0:
@@ -136,7 +122,7 @@ def measure_size(server: Server, drivers: tuple[str, ...], messages: int, repeat
                 fill(store, messages)
                 stream.projector.run(progress=False)
                 subscription.runner.step(ACKED)
-                store.write_all("acct-0", [Deposited(number=i) for i in range(TAIL)])
+                store.write_all("acct-0", [BenchEvent(number=i) for i in range(TAIL)])
                 print(f"  filled {messages:,} messages in {time.perf_counter() - started:.0f} s", flush=True)
             for label, fn in (
                 ("store repr", store._repr_html_),

@@ -12,7 +12,6 @@ COMMIT from one connection.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import multiprocessing
 import statistics
 import sys
@@ -21,13 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pydantic
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import depeche_nb
 from bench.common import (
+    BenchEvent,
     Row,
     Server,
     Target,
@@ -39,18 +38,6 @@ from bench.common import (
     resolve_server,
 )
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
-
-
-class BenchEvent(pydantic.BaseModel):
-    number: int
-    message_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
-    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
-
-    def get_message_id(self) -> uuid.UUID:
-        return self.message_id
-
-    def get_message_time(self) -> dt.datetime:
-        return self.occurred_at
 
 
 def raw_insert_commit_rate(server: Server, duration: float) -> float:

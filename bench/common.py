@@ -20,6 +20,7 @@ small:
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
 import multiprocessing
 import multiprocessing.synchronize
@@ -30,6 +31,7 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Any
 import psycopg
 import psycopg2
 import psycopg2.extensions
+import pydantic
 import sqlalchemy as sa
 
 from depeche_nb.postgres.connection import DSN_ENV, normalize_dsn
@@ -415,3 +418,16 @@ __all__ = [
     "resolve_server",
     "run_in_processes",
 ]
+
+
+# The event the engine and display benchmarks write: a number and the two protocol fields.
+class BenchEvent(pydantic.BaseModel):
+    number: int
+    message_id: uuid.UUID = pydantic.Field(default_factory=uuid.uuid4)
+    occurred_at: dt.datetime = pydantic.Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    def get_message_id(self) -> uuid.UUID:
+        return self.message_id
+
+    def get_message_time(self) -> dt.datetime:
+        return self.occurred_at
