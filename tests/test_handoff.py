@@ -332,3 +332,35 @@ def test_a_failing_write_in_a_callers_transaction_raises_sqlalchemys_error(
         with pytest.raises(sa.exc.ProgrammingError, match="does not exist"):
             store.write("w-1", Numbered(number=1), conn=conn)
         conn.rollback()
+
+
+def test_ack_and_release_is_fenced_and_always_releases(engine: sa.Engine, unique_name: str) -> None:
+    store, stream = _stream(engine, unique_name, partitions=1)
+    subscription = stream.subscription(
+        name=f"{unique_name}_sub", handlers=_Recorder(), ack_strategy=depeche_nb.AckStrategy.BATCHED
+    )
+    store.write_all("h-1", [Numbered(number=n) for n in range(3)])
+    stream.projector.step()
+    subscription.ensure_initialized()
+    claimed = subscription.claim_batch(0, 2)
+    assert claimed is not None
+    claim, _ = claimed
+    subscription.ack_and_release(claim, 1)
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
+    assert [p.position for p in subscription.progress()] == [1]
+    # A takeover bumped the token meanwhile: the ack is refused, the partition released anyway.
+    claimed = subscription.claim_batch(0, 2)
+    assert claimed is not None
+    stale, _ = claimed
+    subscription.state_provider.take(subscription.name, 0)  # type: ignore[attr-defined]
+    with pytest.raises(depeche_nb.PartitionLostError):
+        subscription.ack_and_release(stale, 2)
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
+    other = DbLockProvider(subscription.name, engine)
+    assert other.lock(stale.lock_name)
+    other.finalize()
+    assert [p.position for p in subscription.progress()] == [1]
+    # The batched runner ends each batch that way: everything handled, nothing held.
+    subscription.runner.run()
+    assert [p.position for p in subscription.progress()] == [2]
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
