@@ -1,8 +1,10 @@
 """Fixtures on the session's real PostgreSQL (started by `depeche_nb.pytest_plugin`).
 
-Both drivers are first-class: tests in `DRIVER_SENSITIVE` modules run once per driver
-(their `engine` fixture is parametrised), the rest on the default driver
-(`DEPECHE_NB_DRIVER`, else psycopg 3). While an engine of one driver is in use,
+Both drivers are first-class: tests marked `both_drivers` run once per driver (their
+`engine` fixture is parametrised), the rest on the default driver (`DEPECHE_NB_DRIVER`, else
+psycopg 3). The store, engine, notification, executor and event-sourcing modules, and the
+views that read through raw connections, are marked as a whole
+(`pytestmark = pytest.mark.both_drivers`). While an engine of one driver is in use,
 `DEPECHE_NB_DSN` names that driver too, so worker processes the tests start use it.
 """
 
@@ -15,34 +17,15 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from depeche_nb import MessageStore
 from depeche_nb.postgres.connection import DSN_ENV, connect
 from depeche_nb.postgres.driver import DRIVERS, default_driver
+from depeche_nb.tools import PydanticMessageSerializer
+from tests.support import Numbered
 
-# The store, engine, notification, executor and event-sourcing tests, and the views
-# that read through raw connections.
-DRIVER_SENSITIVE = {
-    "test_adopt_depeche_db",
-    "test_concurrency_store",
-    "test_console",
-    "test_display_exact",
-    "test_event_sourcing",
-    "test_executor",
-    "test_executor_end_to_end",
-    "test_executor_failover",
-    "test_fencing",
-    "test_frames",
-    "test_handoff",
-    "test_notifications",
-    "test_parallel_consumers",
-    "test_projector_exactness",
-    "test_projector_faults",
-    "test_rebuild",
-    "test_serializer_fast_path",
-    "test_store_read",
-    "test_store_write",
-    "test_subscription",
-    "test_trace",
-}
+# Checks with asserts live in support modules too; pytest rewrites those asserts as it does
+# in test modules, so a failing check shows its values.
+pytest.register_assert_rewrite("tests.engine.support", "tests.notebook.support", "tests.postgres.support")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -50,7 +33,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     default = default_driver()
     drivers = [default]
-    if metafunc.module.__name__.rsplit(".", 1)[-1] in DRIVER_SENSITIVE:
+    if metafunc.definition.get_closest_marker("both_drivers") is not None:
         drivers += [d for d in DRIVERS if d != default]
     metafunc.parametrize("engine", drivers, indirect=True, scope="session")
 
@@ -71,3 +54,15 @@ def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
 def unique_name() -> str:
     """A fresh identifier per test, so tests never see each other's tables."""
     return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(engine: sa.Engine, unique_name: str) -> MessageStore[Numbered]:
+    """An empty store of `Numbered` messages (the store tests' and Depeche DB compatibility's)."""
+    return MessageStore(name=unique_name, engine=engine, serializer=PydanticMessageSerializer(Numbered))
+
+
+@pytest.fixture
+def channel(unique_name: str) -> str:
+    """A fresh notification channel per test (the listener's and the executor's tests)."""
+    return f"{unique_name}_messages"

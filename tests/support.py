@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import typing
 import uuid
 
 import pydantic
@@ -30,6 +31,13 @@ class Renamed(_Message):
     """A second message type, for unions."""
 
     name: str
+
+
+class Loose(_Message):
+    """A message with an untyped field, as notebooks often have."""
+
+    data: typing.Any = None
+    text: str = ""
 
 
 AnyMessage = Numbered | Renamed
