@@ -259,6 +259,7 @@ def test_ack_and_release_is_fenced_and_always_releases(engine: sa.Engine, unique
     assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
     other = DbLockProvider(subscription.name, engine)
     assert other.lock(stale.lock_name)
+    other.unlock(stale.lock_name)  # at once (closing the session releases it a moment later)
     other.finalize()
     assert [p.position for p in subscription.progress()] == [1]
     # The batched runner ends each batch that way: everything handled, nothing held.
