@@ -16,7 +16,9 @@ into a fresh store, then alternates R times (default 5) between
   payload column, i.e. what it takes to get the same shape by hand.
 
 Each figure is the median of its R runs, as rows per second. Target: ours
-takes at most 1.5x the time of `read_sql` (a rows/s ratio >= 0.67x). The
+takes at most 1.5x the time of `read_sql` (a rows/s ratio >= 0.67x). On Linux it
+then measures memory, per driver in a fresh process: the frame's own size
+(`memory_usage(deep=True)`) and how far the process's peak RSS grew while building it. The
 store's table and function are dropped at the end.
 """
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -93,6 +97,45 @@ def fill(store: MessageStore[Deposited], messages: int) -> None:
                 for i in range(BATCH)
             ],
         )
+
+
+def _memory_child(url: str, name: str, results: Any) -> None:
+    """In a fresh process: the frame's own size (deep) and how far the process's peak RSS
+    grew while `to_dataframe(limit=None)` built it."""
+    engine = sa.create_engine(url)
+    store = MessageStore(name, engine, PydanticMessageSerializer(Deposited))
+    store.to_dataframe(limit=10)  # imports, connections, caches: not the frame's
+    before = _rss_bytes()
+    frame = store.to_dataframe(limit=None)
+    peak = _peak_rss_bytes()
+    results.put((int(frame.memory_usage(deep=True).sum()), max(0, peak - before), len(frame)))
+    engine.dispose()
+
+
+def _peak_rss_bytes() -> int:
+    # VmHWM: this process's high-water mark (ru_maxrss would count the parent's, which a
+    # spawned child inherits through exec).
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(url: str, name: str) -> tuple[int, int, int]:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_memory_child, args=(url, name, results))
+    child.start()
+    try:
+        return results.get(timeout=900)  # type: ignore[no-any-return]
+    finally:
+        child.join(timeout=60)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -185,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'ok' if time_ratio <= TIME_RATIO_TARGET else 'MISSED'})"
             )
         print()
+        if sys.platform.startswith("linux"):
+            print("memory (each in a fresh process; target: the frame at most half of 549 MB per")
+            print("1,000,000 rows as first measured, peak growth <= 1.2x the frame):")
+            for driver in args.drivers:
+                held, grew, rows = memory(server.url_for(driver), name)
+                print(
+                    f"  [{driver}] frame {held / 1e6:,.1f} MB ({held / rows:,.0f} B/row, i.e. "
+                    f"{held / rows:,.0f} MB per 1M rows), process peak grew {grew / 1e6:,.1f} MB "
+                    f"({grew / held:.2f}x the frame)"
+                )
+            print()
         ours_rates = {driver: messages / median[f"ours[{driver}]"] for driver in args.drivers}
         target = Target(min_ratio=round(1 / TIME_RATIO_TARGET, 2))
         print_table(

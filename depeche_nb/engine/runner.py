@@ -136,6 +136,8 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         self.message_handler = message_handler
         self.batch_size = batch_size or subscription.batch_size
         self._keep_running = True
+        # The claim `_handle_batch` released itself (with its last ack, see the batched runner).
+        self._released: PartitionClaim | None = None
         # Partitions a projector in this process just advanced (see `take_handoff`).
         self._hinted: dict[int, int] = {}
         self._hint_lock = threading.Lock()
@@ -273,7 +275,8 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             report.lost_partitions.append(partition)
             return len(report.handled) - handled_before
         finally:
-            subscription.release(claim)
+            if self._released is not claim:
+                subscription.release(claim)
 
     def _check_claim(self, claim: PartitionClaim) -> None:
         """Before each delivery: a claim whose lock session ended is abandoned at once."""
@@ -426,8 +429,10 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
         finally:
             # Also on EXIT: what was handled stays handled (never rewind to -1). Fenced:
             # after a takeover this raises PartitionLostError and the new holder re-delivers.
+            # The ack and the release go in one round trip.
             if acked is not None:
-                subscription.ack_op(claim, acked).execute()
+                self._released = claim
+                subscription.ack_and_release(claim, acked)
         return len(batch)
 
 

@@ -41,10 +41,10 @@ from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, Park
 from depeche_nb.engine.protocols import PartitionClaim
 from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
-from depeche_nb.engine.state import DbSubscriptionStateProvider
+from depeche_nb.engine.state import DbSubscriptionStateProvider, check_fenced
 from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.postgres.names import quote_ident
-from depeche_nb.postgres.rawconn import Prepared
+from depeche_nb.postgres.rawconn import Prepared, prepared_sql
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -260,6 +260,32 @@ class Subscription(RichRepr, Generic[E]):
             ):
                 self._claim_sql = Prepared(self._stream.statements.claim_slice_sql(state.sql))
         return self._claim_sql  # type: ignore[return-value]
+
+    def ack_and_release(self, claim: PartitionClaim, position: int) -> None:
+        """`ack_op(claim, position).execute()` then `release(claim)`; with the database's lock
+        and state providers (see `claim_batch`) in one round trip on the lock session, the
+        ack committed synchronously before the unlock. `PartitionLostError` as from the ack;
+        the partition is released either way."""
+        provider = self._lock_provider
+        if self._claim_statement() is None or claim.token is None or not isinstance(provider, DbLockProvider):
+            try:
+                self.ack_op(claim, position).execute()
+            finally:
+                self.release(claim)
+            return
+        sql = self._state_provider.sql  # type: ignore[attr-defined]
+        row = provider.run_then_unlock(
+            claim.lock_name,
+            lambda cursor: sql.ack_then_unlock_sql(prepared_sql(cursor, sql.fenced_recording)),
+            (position, self.name, claim.partition, claim.token, position),
+        )
+        if row is None:  # the lock session ended: ack on its own, the release is a no-op
+            try:
+                self.ack_op(claim, position).execute()
+            finally:
+                self.release(claim)
+            return
+        check_fenced(int(row[1]), self.name, claim.partition, position, claim.token)
 
     def release(self, claim: PartitionClaim) -> None:
         self._lock_provider.unlock(claim.lock_name)

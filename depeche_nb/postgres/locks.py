@@ -22,7 +22,7 @@ import dataclasses as _dc
 import datetime as _dt
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -238,6 +238,30 @@ class DbLockProvider:
             if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError, AttributeError))):
                 raise
             self._forget_session()  # gone: its locks went with it
+
+    def run_then_unlock(self, name: str, build: Callable[[Any], str], params: tuple[Any, ...]) -> Any:
+        """Release lock `name` with a script that does something first, in one round trip
+        on the lock session: `build(cursor)` gives the script, whose last statement calls
+        `pg_advisory_unlock(%s)` with the lock's key, passed after `params`. Returns that
+        statement's row, or None (running nothing) when the lock went with its session:
+        then do the work elsewhere and `unlock` as usual. If the script fails the session is
+        closed, which releases the lock and rolls back what the script did."""
+        with self._mutex:
+            if name in self._lost:
+                return None
+            if name not in self._held:
+                raise KeyError(f"lock {name!r} is not held by this provider")
+            self._held.discard(name)
+            try:
+                with self._cursor() as cursor:
+                    cursor.execute(build(cursor), (*params, advisory_key(self.name, name)))
+                    return cursor.fetchone()
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
+                self._forget_session()
+                self._lost.discard(name)
+                raise
 
     def unlock(self, name: str) -> None:
         with self._mutex:

@@ -31,6 +31,7 @@ from depeche_nb.core.errors import InvalidIdentifierError
 from depeche_nb.core.identifiers import validate_name
 from depeche_nb.postgres.ddl import run_ddl_once
 from depeche_nb.postgres.names import quote_ident
+from depeche_nb.postgres.rawconn import Prepared
 
 INIT_PARTITION = -1
 SUFFIX = "_subscription_state"
@@ -128,11 +129,28 @@ class StateTable:
             "WHERE subscription_name = %s AND partition = %s AND token = %s "
             "AND coalesce(position, -1) <= %s"
         )
+        # The fenced store, its outcome (1 or 0 rows) left in a session setting for a script
+        # that reads it after its COMMIT (`ack_then_unlock_sql`); for our own connections.
+        self.fenced_recording = Prepared(
+            f"WITH up AS ({self.fenced_store_sql} RETURNING 1) "
+            "SELECT set_config('depeche_nb.acked', count(*)::text, false) FROM up"
+        )
         # (subscription, partition, position)
         self.reset_sql = (
             f"INSERT INTO {table} AS st (subscription_name, partition, position, token) "
             "VALUES (%s, %s, %s, 1) ON CONFLICT (subscription_name, partition) "
             "DO UPDATE SET position = EXCLUDED.position, token = st.token + 1, updated_at = now()"
+        )
+
+    @staticmethod
+    def ack_then_unlock_sql(execute_fenced: str) -> str:
+        """A runner's last acknowledgement of a batch and the release of its partition in one
+        round trip on the lock session (`DbLockProvider.run_then_unlock`): the fenced store
+        (`execute_fenced`, the EXECUTE of `fenced_recording`) committed synchronously, then
+        the unlock; its row is (released, rows the store updated)."""
+        return (
+            f"BEGIN; SET LOCAL synchronous_commit TO on; {execute_fenced}; COMMIT; "
+            "SELECT pg_advisory_unlock(%s::bigint), current_setting('depeche_nb.acked')"
         )
 
     def ddl(self) -> list[str]:

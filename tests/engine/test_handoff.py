@@ -1,7 +1,7 @@
-"""The write-to-handler fast paths: an Executor's projector hands its runners the partitions
-it just advanced (after its commit, as a hint that never bypasses a claim); a runner claims
-and reads a batch in one statement on its lock session; hot statements are prepared once
-per session; the projector's step is two plpgsql functions."""
+"""The write-to-handler fast paths of the engine: an Executor's projector hands its runners
+the partitions it just advanced (after its commit, as a hint that never bypasses a
+claim); a runner claims and reads a batch in one statement on its lock session and ends
+a batch with its ack and release in one; the projector's step is two plpgsql functions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import sqlalchemy as sa
 import depeche_nb
 from depeche_nb.engine import health
 from depeche_nb.postgres.locks import DbLockProvider
-from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor, execute_prepared, prepared_sql
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.support import Numbered
 
@@ -186,57 +185,6 @@ def test_claim_batch_is_one_statement_with_the_lock_token_and_messages(
     subscription.release(empty[0])
 
 
-def test_lock_with_releases_a_lock_its_failing_statement_took(engine: sa.Engine, unique_name: str) -> None:
-    provider = DbLockProvider(unique_name, engine)
-    failing = Prepared("SELECT pg_try_advisory_lock(%(lock_key)s::bigint), 1 / %(zero)s::int")
-    with pytest.raises(Exception, match="division by zero"):
-        provider.lock_with("a", failing, {"zero": 0})
-    assert provider.held() == frozenset()
-    other = DbLockProvider(unique_name, engine)
-    assert other.lock("a")  # nobody holds it
-    other.finalize()
-    granted = Prepared("SELECT pg_try_advisory_lock(%(lock_key)s::bigint), %(value)s::int")
-    assert provider.lock_with("b", granted, {"value": 7}) == [(True, 7)]
-    assert provider.held() == frozenset({"b"})
-    assert provider.lock_with("b", granted, {"value": 7}) is None  # already held here
-    provider.unlock("b")
-    provider.finalize()
-
-
-def test_prepared_statements_bind_on_both_drivers(engine: sa.Engine) -> None:
-    statement = Prepared(
-        "SELECT %(ids)s::uuid[], %(n)s::int + 1, %(n)s::int, %(texts)s::text[], 'x%%' LIKE 'x%%'"
-    )
-    assert statement.prepare_sql.endswith(
-        "SELECT $1::uuid[], $2::int + 1, $2::int, $3::text[], 'x%' LIKE 'x%'"
-    )
-    assert statement.execute_sql.endswith("(%(ids)s::uuid[], %(n)s::int, %(texts)s::text[])")
-    ids = ["00000000-0000-0000-0000-000000000001"]
-    with autocommit_cursor(engine) as cursor:
-        for texts in (["a", "b'c"], []):
-            execute_prepared(cursor, statement, {"ids": ids, "n": 41, "texts": texts})
-            row = cursor.fetchone()
-            assert [str(i) for i in _as_list(row[0])] == ids
-            assert row[1:] == (42, 41, texts, True)
-        # Prepared once per session: no second PREPARE.
-        assert prepared_sql(cursor, statement) == statement.execute_sql
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s", (statement.name,))
-        assert cursor.fetchone()[0] == 1
-    positional = Prepared("SELECT %s::int * %s::int")
-    with autocommit_cursor(engine) as cursor:
-        execute_prepared(cursor, positional, (6, 7))
-        assert cursor.fetchone()[0] == 42
-    with pytest.raises(ValueError):
-        Prepared("SELECT %s::int, %(a)s::int")
-
-
-def _as_list(value: Any) -> list[Any]:
-    # psycopg2 leaves a uuid[] as its text form without a registered array type.
-    if isinstance(value, str):
-        return value.strip("{}").split(",")
-    return list(value)
-
-
 def _functions(engine: sa.Engine, prefix: str) -> set[str]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(
@@ -287,50 +235,34 @@ def _all_messages(stream: Any) -> list[Any]:
     ]
 
 
-# -- write(conn=...) on the caller's DBAPI connection ---------------------------------------
-
-
-def test_writes_in_callers_transactions_survive_rollbacks_and_ddl(
-    engine: sa.Engine, unique_name: str
-) -> None:
-    """psycopg 3 deallocates every statement it prepared after a rollback or DDL on a
-    connection; the writes keep working on the same pooled connection."""
-    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Numbered))
-    one = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
-    try:
-        for round_ in range(8):  # past psycopg's prepare threshold, and again after each reset
-            with one.connect() as conn:
-                for i in range(6):
-                    store.write("w-1", Numbered(number=i), conn=conn)
-                conn.rollback()
-                conn.exec_driver_sql(f'CREATE TEMP TABLE "x{round_}" (i int)')
-                conn.exec_driver_sql(f'DROP TABLE "x{round_}"')
-                store.write("w-1", Numbered(number=round_), conn=conn)
-                conn.commit()
-    finally:
-        one.dispose()
-    assert [m.message.number for m in store.read("w-1")] == list(range(8))
-
-
-def test_a_write_on_a_connection_not_yet_begun_commits_with_it(engine: sa.Engine, unique_name: str) -> None:
-    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Numbered))
-    with engine.connect() as conn:
-        store.write("w-1", Numbered(number=1), conn=conn)
-        assert conn.in_transaction()
-        conn.commit()
-    with engine.connect() as conn:
-        store.write("w-1", Numbered(number=2), conn=conn)
-        # closed without commit: rolled back
-    assert [m.message.number for m in store.read("w-1")] == [1]
-
-
-def test_a_failing_write_in_a_callers_transaction_raises_sqlalchemys_error(
-    engine: sa.Engine, unique_name: str
-) -> None:
-    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Numbered))
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'DROP FUNCTION "{unique_name}_write"')
-    with engine.connect() as conn:
-        with pytest.raises(sa.exc.ProgrammingError, match="does not exist"):
-            store.write("w-1", Numbered(number=1), conn=conn)
-        conn.rollback()
+def test_ack_and_release_is_fenced_and_always_releases(engine: sa.Engine, unique_name: str) -> None:
+    store, stream = _stream(engine, unique_name, partitions=1)
+    subscription = stream.subscription(
+        name=f"{unique_name}_sub", handlers=_Recorder(), ack_strategy=depeche_nb.AckStrategy.BATCHED
+    )
+    store.write_all("h-1", [Numbered(number=n) for n in range(3)])
+    stream.projector.step()
+    subscription.ensure_initialized()
+    claimed = subscription.claim_batch(0, 2)
+    assert claimed is not None
+    claim, _ = claimed
+    subscription.ack_and_release(claim, 1)
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
+    assert [p.position for p in subscription.progress()] == [1]
+    # A takeover bumped the token meanwhile: the ack is refused, the partition released anyway.
+    claimed = subscription.claim_batch(0, 2)
+    assert claimed is not None
+    stale, _ = claimed
+    subscription.state_provider.take(subscription.name, 0)  # type: ignore[attr-defined]
+    with pytest.raises(depeche_nb.PartitionLostError):
+        subscription.ack_and_release(stale, 2)
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
+    other = DbLockProvider(subscription.name, engine)
+    assert other.lock(stale.lock_name)
+    other.unlock(stale.lock_name)  # at once (closing the session releases it a moment later)
+    other.finalize()
+    assert [p.position for p in subscription.progress()] == [1]
+    # The batched runner ends each batch that way: everything handled, nothing held.
+    subscription.runner.run()
+    assert [p.position for p in subscription.progress()] == [2]
+    assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]

@@ -103,6 +103,8 @@ def test_whole_store_columns_dtypes_and_flattened_payload(bank: Bank) -> None:
     assert frame.dtypes["message_type"] == STR
     assert str(frame.dtypes["added_at"]) == TS
     assert frame.dtypes["account"] == STR
+    # The payload's own id holds the id column's very strings, not copies.
+    assert frame["message.message_id"].tolist() == frame["message_id"].tolist()
     assert frame.dtypes["amount"] == "Int64"  # integers, missing in the Opened rows
     assert frame.dtypes["owner"] == "object"  # nested objects stay dicts
     assert frame.dtypes["tags"] == "object"

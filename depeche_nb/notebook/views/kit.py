@@ -79,6 +79,56 @@ def typed_column(values: Sequence[Any], kind: str) -> Any:
     raise ValueError(f"unknown column kind {kind!r}")
 
 
+class SharedStrings:
+    """A string column built chunk by chunk from few distinct values (a store's streams and
+    message types): each value is turned into a code as it arrives and the column holds one
+    str object per distinct value, where the rows bring one object per row (from the driver
+    or the JSON parser): 8 bytes a row instead of about 60. None stays missing."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, int] = {}
+        self._chunks: list[Any] = []
+
+    def add(self, values: Sequence[str | None]) -> None:
+        import numpy as np
+
+        codes = self._codes
+        self._chunks.append(
+            np.fromiter(
+                (-1 if value is None else codes.setdefault(value, len(codes)) for value in values),
+                dtype=np.int32,
+                count=len(values),
+            )
+        )
+
+    def column(self) -> pd.Series[Any]:
+        """The values as a column of pandas' default string dtype."""
+        import numpy as np
+        import pandas as pd
+
+        codes = np.concatenate(self._chunks) if self._chunks else np.empty(0, dtype=np.int32)
+        self._chunks = []
+        # The distinct values, then None at index -1 for the missing ones.
+        distinct = np.array([*self._codes, None], dtype=object)
+        column: pd.Series[Any] = pd.Series(distinct.take(codes), dtype=string_dtype())
+        return column
+
+
+def shared_strings(column: pd.Series[Any]) -> pd.Series[Any]:
+    """`column` (str values, NaN/None where missing) with equal strings as one object each,
+    when at most half of them are distinct: a JSON parser makes an object per value."""
+    import numpy as np
+    import pandas as pd
+
+    codes, distinct = pd.factorize(column, use_na_sentinel=True)
+    if len(distinct) * 2 > len(column):
+        return column
+    values = np.asarray(distinct, dtype=object)
+    shared: pd.Series[Any] = pd.Series(values.take(codes), index=column.index, dtype=object)
+    shared[codes < 0] = None
+    return shared
+
+
 def frame_from_rows(rows: Sequence[Sequence[Any]], columns: Sequence[tuple[str, str]]) -> pd.DataFrame:
     """A DataFrame from row tuples, column i named and typed by `columns[i]` (also when empty)."""
     import pandas as pd
@@ -219,7 +269,7 @@ def infer_column_dtype(column: pd.Series[Any]) -> pd.Series[Any]:
         if kind == "boolean":
             return column.astype("boolean" if has_missing else "bool")
         if kind == "string":
-            return column.astype(string_dtype())
+            return shared_strings(column).astype(string_dtype())
     except (OverflowError, TypeError, ValueError):
         pass  # e.g. an integer beyond int64: keep the Python ints
     return column

@@ -30,13 +30,13 @@ from depeche_nb.notebook.views.kit import (
     PAYLOAD_PREFIX,
     STRING,
     Cut,
+    SharedStrings,
     check_limit,
     datetime_column,
     frame_from_rows,
     infer_column_dtype,
     since_condition,
     stream_chunks,
-    string_dtype,
     typed_as_datetime,
 )
 from depeche_nb.postgres.rawconn import autocommit_cursor
@@ -123,11 +123,12 @@ def messages_frame_from_chunks(
     meta_chunks: list[pd.DataFrame] = []
     payload_chunks: list[pd.DataFrame] = []
     raw_payloads: list[dict[str, Any]] = []
+    streams, types = SharedStrings(), SharedStrings()
     # closing(): release the cursor's transaction at once if building a chunk fails,
     # not when a notebook finally drops the traceback that keeps the generator alive.
     with contextlib.closing(chunks):
         for rows in cut.rows(chunks):
-            meta, payloads = _message_chunk(rows)
+            meta, payloads = _message_chunk(rows, streams, types)
             meta_chunks.append(meta)
             if flatten:
                 # dtype=object: keep the raw JSON values per chunk; types are decided
@@ -135,36 +136,47 @@ def messages_frame_from_chunks(
                 payload_chunks.append(pd.DataFrame(payloads, dtype=object))
             else:
                 raw_payloads.extend(payloads)
-    frame = _assemble(meta_chunks, payload_chunks, None if flatten else raw_payloads, datetime_fields or {})
+    frame = _assemble(
+        meta_chunks,
+        streams,
+        types,
+        payload_chunks,
+        None if flatten else raw_payloads,
+        datetime_fields or {},
+    )
     frame.attrs = {"more_available": cut.more}
     return frame
 
 
+# The fixed columns read from each row; `stream` and `message_type` are built beside them,
+# one str object per distinct value (see `SharedStrings`).
 _META_KINDS = (
     ("global_position", INT64),
-    ("stream", STRING),
     ("version", INT64),
     ("message_id", STRING),
     ("added_at", EPOCH_US),
 )
 
 
-def _message_chunk(rows: list[tuple[Any, ...]]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Metadata columns of a chunk, and its payloads as dicts with the type key taken out."""
-    import pandas as pd
-
+def _message_chunk(
+    rows: list[tuple[Any, ...]], streams: SharedStrings, types: SharedStrings
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Metadata columns of a chunk (the stream's and type's codes added to `streams` and
+    `types`), and its payloads as dicts with the type key taken out."""
     texts = [row[5] for row in rows]
     # One parse per chunk instead of one per row: the per-call overhead of
     # json.loads is a large part of the cost for small payloads.
     payloads: list[dict[str, Any]] = json.loads("[" + ",".join(texts) + "]")
-    types = [payload.pop(TYPE_KEY, None) if isinstance(payload, dict) else None for payload in payloads]
-    meta = frame_from_rows([row[:5] for row in rows], _META_KINDS)
-    meta["message_type"] = pd.Series(types, dtype=object)
+    types.add([payload.pop(TYPE_KEY, None) if isinstance(payload, dict) else None for payload in payloads])
+    streams.add([row[1] for row in rows])
+    meta = frame_from_rows([(row[0], row[2], row[3], row[4]) for row in rows], _META_KINDS)
     return meta, payloads
 
 
 def _assemble(
     meta_chunks: list[pd.DataFrame],
+    streams: SharedStrings,
+    types: SharedStrings,
     payload_chunks: list[pd.DataFrame],
     raw_payloads: list[dict[str, Any]] | None,
     datetime_fields: dict[str, frozenset[str]],
@@ -173,28 +185,46 @@ def _assemble(
     given (not flattened), one `message` column of dicts."""
     import pandas as pd
 
-    if meta_chunks:
-        meta = pd.concat(meta_chunks, ignore_index=True)
-    else:
-        meta = frame_from_rows([], _META_KINDS)
-        meta["message_type"] = pd.Series([], dtype=object)
-    meta["message_type"] = meta["message_type"].astype(string_dtype())
-    columns: dict[str, Any] = {str(name): meta[name] for name in meta.columns}
+    meta = pd.concat(meta_chunks, ignore_index=True) if meta_chunks else frame_from_rows([], _META_KINDS)
+    message_type = types.column()
+    columns: dict[str, Any] = {
+        "global_position": meta["global_position"],
+        "stream": streams.column(),
+        "version": meta["version"],
+        "message_id": meta["message_id"],
+        "added_at": meta["added_at"],
+        "message_type": message_type,
+    }
     if raw_payloads is not None:
         columns["message"] = pd.Series(raw_payloads, dtype=object)
     elif payload_chunks:
         payload = pd.concat(payload_chunks, ignore_index=True, sort=False)
-        for key in payload.columns:
+        payload_chunks.clear()
+        for key in list(payload.columns):
             name = str(key)
             while name in columns:
                 name = PAYLOAD_PREFIX + name
-            column = payload[key]
-            if typed_as_datetime(str(key), column, meta["message_type"], datetime_fields):
+            column = payload.pop(key)
+            if typed_as_datetime(str(key), column, message_type, datetime_fields):
                 columns[name] = datetime_column(column)
+            elif key == "message_id" and _same_strings(column, meta["message_id"]):
+                # The message's own id, as the serializer wrote it (pydantic models carry it):
+                # the id column's strings, not a second copy of each.
+                columns[name] = meta["message_id"].copy(deep=False)
             else:
                 columns[name] = infer_column_dtype(column)
-    frame: pd.DataFrame = pd.DataFrame(columns)
+    frame: pd.DataFrame = pd.DataFrame(columns, copy=False)
     return frame
+
+
+def _same_strings(column: pd.Series[Any], ids: pd.Series[Any]) -> bool:
+    """Whether a payload column holds exactly the row's message ids, as strings."""
+    try:
+        return bool(
+            len(column) == len(ids) and (column.to_numpy(dtype=object) == ids.to_numpy(dtype=object)).all()
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def streams_dataframe(store: MessageStore[Any], limit: int | None = STREAMS_LIMIT) -> pd.DataFrame:
