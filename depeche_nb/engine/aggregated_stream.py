@@ -19,6 +19,7 @@ from depeche_nb.core.interfaces import (
     SubscriptionStartPoint,
 )
 from depeche_nb.core.messages import StoredMessage
+from depeche_nb.engine.decoded import RecentlyDecoded
 from depeche_nb.engine.definitions import check_aggregated_stream
 from depeche_nb.engine.projector import StreamProjector
 from depeche_nb.engine.protocols import StoreSource
@@ -27,7 +28,7 @@ from depeche_nb.engine.subscription import SubscriptionFactory
 from depeche_nb.postgres.rawconn import autocommit_cursor, callers_or_own
 from depeche_nb.postgres.state_table import StateTable
 from depeche_nb.postgres.stream_tables import StreamNames, StreamStatements, StreamViews, ensure_stream_schema
-from depeche_nb.store.reading import to_stored_or_unreadable
+from depeche_nb.store.reading import stored_or_unreadable_decoder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -111,6 +112,8 @@ class AggregatedStream(RichRepr, Generic[E]):
             self, partitioner, wildcards, batch_size=batch_size
         )
         self.statements = StreamStatements(names)
+        # Filled by the projector while an Executor links it to runners in this process.
+        self.recently_decoded: RecentlyDecoded[E] = RecentlyDecoded()
 
     def _beside(self, names: StreamNames) -> AggregatedStream[E]:
         """This stream's definition projected into other tables (`names`, which must exist):
@@ -125,6 +128,7 @@ class AggregatedStream(RichRepr, Generic[E]):
             beside, self.projector.partitioner, self.stream_wildcards, batch_size=self.projector.batch_size
         )
         beside.statements = StreamStatements(names)
+        beside.recently_decoded = RecentlyDecoded()
         return beside
 
     def rebuild(self, *, progress: bool | None = None) -> RebuildReport:
@@ -206,10 +210,18 @@ class AggregatedStream(RichRepr, Generic[E]):
 
     def slice_from_rows(self, rows: list[Any]) -> list[tuple[int, int, StoredMessage[E]]]:
         """Rows (partition, position, message row...) as (partition, position, stored message)."""
-        serializer = self.store.serializer
+        decode = stored_or_unreadable_decoder(self.store.serializer)
         # A payload that cannot be deserialised travels as an `UnreadableMessage`, so the
         # runner's retry and parking decide on it instead of every read failing.
-        return [(row[0], row[1], to_stored_or_unreadable(row[2:], serializer)) for row in rows]
+        recent = self.recently_decoded
+        if not len(recent):
+            return [(row[0], row[1], decode(row[2:])) for row in rows]
+        batch = []
+        for row in rows:
+            message_row = row[2:]
+            stored = recent.take(message_row)
+            batch.append((row[0], row[1], stored if stored is not None else decode(message_row)))
+        return batch
 
     def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
         from depeche_nb.engine.reader import AggregatedStreamReader

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 from depeche_nb.engine.aggregated_stream import AggregatedStreamFactory
 from depeche_nb.engine.trace import MessageTrace, trace_message
-from depeche_nb.store.reading import MessageStoreReader, to_stored_message
+from depeche_nb.store.reading import MessageStoreReader, stored_message_decoder
 
 E = TypeVar("E")
 # Rows per round trip when a read streams from a server-side cursor.
@@ -208,9 +208,9 @@ class MessageStore(RichRepr, Generic[E]):
         with autocommit_cursor(self.engine) as cursor:
             execute_prepared(cursor, self._storage.statements.text_read, (stream, min_version or 0))
             rows = cursor.fetchall()
-        serializer = self._serializer
+        decode = stored_message_decoder(self._serializer)
         for row in rows:
-            yield to_stored_message(row, serializer)
+            yield decode(row)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         """Messages of every stream matching the SQL LIKE pattern, in global order.
@@ -230,11 +230,11 @@ class MessageStore(RichRepr, Generic[E]):
             with dbapi.cursor(name=f"depeche_nb_{uuid.uuid4().hex}") as cursor:
                 cursor.itersize = _STREAM_CHUNK_ROWS
                 cursor.execute(sql, params)
-                serializer = self._serializer
+                decode = stored_message_decoder(self._serializer)
                 # fetchmany: iterating a named cursor row by row costs a Python call per row.
                 while rows := cursor.fetchmany(_STREAM_CHUNK_ROWS):
                     for row in rows:
-                        yield to_stored_message(row, serializer)
+                        yield decode(row)
             dbapi.commit()
         finally:
             raw.close()

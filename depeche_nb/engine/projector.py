@@ -97,7 +97,7 @@ from depeche_nb.postgres.driver import script_value
 from depeche_nb.postgres.names import text_array_literal
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.postgres.stream_tables import StreamStatements
-from depeche_nb.store.reading import to_stored_message
+from depeche_nb.store.reading import stored_message_decoder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -363,6 +363,12 @@ class StreamProjector(NotificationDriven, Generic[E]):
         else:
             advance = {"seen": pending, "pending": None, "after": None}
         columns = _columns(placed)
+        if self._step_listeners:
+            # Runners in this process would decode these same messages again (see
+            # `engine.decoded`). Before the commit, so that a runner reading the new rows
+            # as soon as they are visible finds them; a message is the same whether or
+            # not this step commits.
+            self.stream.recently_decoded.add(p.stored for p in placed)
         heads = script_value(
             cursor.connection,
             self._sql.project_commit_sql,
@@ -407,13 +413,14 @@ class StreamProjector(NotificationDriven, Generic[E]):
         projected out of order."""
         placed: list[_Placement[E]] = []
         letters: dict[str, list[Any]] = collections.defaultdict(list)
+        decode = stored_message_decoder(self.stream.store.serializer)
         for row in rows:
             stream = row[1]
             if stream in blocked:
                 _add_letter(letters, row, HELD, None)
                 continue
             try:
-                placed.append(self._place(row))
+                placed.append(self._place(decode, row))
             except Exception as exc:  # the policy: any failure here parks the message
                 blocked.add(stream)
                 _add_letter(letters, row, PARKED, f"{type(exc).__name__}: {exc}")
@@ -433,9 +440,11 @@ class StreamProjector(NotificationDriven, Generic[E]):
             report.dead_lettered += len(letters["gps"])
         return placed
 
-    def _place(self, row: Sequence[Any]) -> _Placement[E]:
+    def _place(
+        self, decode: Callable[[Sequence[Any]], StoredMessage[E]], row: Sequence[Any]
+    ) -> _Placement[E]:
         """Deserialise and partition one row (raises what went wrong)."""
-        stored: StoredMessage[E] = to_stored_message(row, self.stream.store.serializer)
+        stored = decode(row)
         try:
             partition = self.partitioner.get_partition(stored)
         except Exception as exc:
@@ -487,6 +496,9 @@ class StreamProjector(NotificationDriven, Generic[E]):
     def remove_step_listener(self, listener: Callable[[dict[int, int]], None]) -> None:
         with contextlib.suppress(ValueError):
             self._step_listeners.remove(listener)
+        if not self._step_listeners:
+            # Nobody left in this process to take them.
+            self.stream.recently_decoded.clear()
 
     # -- dead letters -------------------------------------------------------------------------
 
@@ -539,6 +551,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             streams = list(cursor.fetchone()[0])
         else:
             streams = [origin_stream]
+        decode = stored_message_decoder(self.stream.store.serializer)
         for stream in streams:
             cursor.execute(letters.stream_letters_sql, (stream,))
             positions = [row[0] for row in cursor.fetchall()]
@@ -548,7 +561,7 @@ class StreamProjector(NotificationDriven, Generic[E]):
             placed: list[_Placement[E]] = []
             for row in cursor.fetchall():
                 try:
-                    placed.append(self._place(row))
+                    placed.append(self._place(decode, row))
                 except Exception as exc:
                     cursor.execute(letters.repark_sql, (f"{type(exc).__name__}: {exc}", row[4]))
                     break

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from depeche_nb.core.interfaces import LockProvider, SubscriptionStateProvider
     from depeche_nb.core.messages import MessageSerializer, StoredMessage
     from depeche_nb.engine.acks import AckOp
+    from depeche_nb.engine.decoded import RecentlyDecoded
     from depeche_nb.engine.error_handlers import RetryPolicy
     from depeche_nb.engine.parking import ParkedMessages
     from depeche_nb.postgres.state_table import StateTable
@@ -65,6 +66,7 @@ class StreamSource(Protocol[E]):
     statements: StreamStatements
     views: StreamViews
     projector: Any  # StreamProjector[E]; Any keeps this module free of the projector
+    recently_decoded: RecentlyDecoded[E]
 
     @property
     def engine(self) -> sa.Engine: ...

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
@@ -21,61 +21,87 @@ from depeche_nb.store.storage import (
     Storage,
 )
 
-if TYPE_CHECKING:
-    pass
-
 E = TypeVar("E")
 
 
 def deserialize_payload(payload: Any, serializer: MessageSerializer[E]) -> E:
     """A payload as JSON text (fast path where the serializer parses JSON itself) or a dict."""
-    if isinstance(payload, str):
-        from_text = getattr(serializer, "deserialize_text", None)
-        if from_text is not None:
-            return from_text(payload)  # type: ignore[no-any-return]
-        payload = json.loads(payload)
-    return serializer.deserialize(payload)
+    return payload_decoder(serializer)(payload)
+
+
+def payload_decoder(serializer: MessageSerializer[E]) -> Callable[[Any], E]:
+    """`deserialize_payload` for one serializer, its method lookups done once (reads call
+    it per row)."""
+    from_text = getattr(serializer, "deserialize_text", None)
+    from_dict = serializer.deserialize
+
+    def decode(payload: Any) -> E:
+        if isinstance(payload, str):
+            if from_text is not None:
+                return from_text(payload)  # type: ignore[no-any-return]
+            payload = json.loads(payload)
+        return from_dict(payload)
+
+    return decode
 
 
 def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[E]:
     """Build a `StoredMessage` from a row in `messages_table.ROW_COLUMNS` order (payload as
     a dict or JSON text)."""
-    message_id, stream, version, payload, global_position, added_at = row
-    message = deserialize_payload(payload, serializer)
-    # The message carries its own id (the store wrote exactly that one), which
-    # spares parsing the column's text for every row.
-    own_id = getattr(message, "get_message_id", None)
-    parsed_id = own_id() if own_id is not None else None
-    if isinstance(message_id, uuid.UUID):
-        parsed_id = message_id
-    elif not (isinstance(parsed_id, uuid.UUID) and str(parsed_id) == message_id):
-        parsed_id = uuid.UUID(message_id)
-    return StoredMessage(
-        message_id=parsed_id,
-        stream=stream,
-        version=version,
-        message=message,
-        global_position=global_position,
-        added_at=added_at,
-    )
+    return stored_message_decoder(serializer)(row)
+
+
+def stored_message_decoder(serializer: MessageSerializer[E]) -> Callable[[Sequence[Any]], StoredMessage[E]]:
+    """`to_stored_message` for one serializer: build it once per read, call it per row."""
+    decode_payload = payload_decoder(serializer)
+
+    def decode(row: Sequence[Any]) -> StoredMessage[E]:
+        message_id, stream, version, payload, global_position, added_at = row
+        message = decode_payload(payload)
+        # The message carries its own id (the store wrote exactly that one), which
+        # spares parsing the column's text for every row.
+        if not isinstance(message_id, uuid.UUID):
+            own_id = getattr(message, "get_message_id", None)
+            parsed_id = own_id() if own_id is not None else None
+            if isinstance(parsed_id, uuid.UUID) and str(parsed_id) == message_id:
+                message_id = parsed_id
+            else:
+                message_id = uuid.UUID(message_id)
+        return StoredMessage(message_id, stream, version, message, global_position, added_at)
+
+    return decode
 
 
 def to_stored_or_unreadable(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[Any]:
     """`to_stored_message`, except that a payload that cannot be deserialised gives a
     `StoredMessage` holding an `UnreadableMessage` (for subscriptions, see there)."""
-    try:
-        return to_stored_message(row, serializer)
-    except Exception as exc:
-        message_id, stream, version, _, global_position, added_at = row
-        error = UnreadableMessageError(
-            f"message {message_id} (stream {stream!r}, version {version}, global position "
-            f"{global_position}) cannot be deserialised: {type(exc).__name__}: {exc}"
-        )
-        error.__cause__ = exc
-        message_uuid = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
-        return StoredMessage(
-            message_uuid, stream, version, UnreadableMessage(error), global_position, added_at
-        )
+    return stored_or_unreadable_decoder(serializer)(row)
+
+
+def stored_or_unreadable_decoder(
+    serializer: MessageSerializer[E],
+) -> Callable[[Sequence[Any]], StoredMessage[Any]]:
+    """`to_stored_or_unreadable` for one serializer: build it once per read, call it per row."""
+    decode = stored_message_decoder(serializer)
+
+    def decode_or_placeholder(row: Sequence[Any]) -> StoredMessage[Any]:
+        try:
+            return decode(row)
+        except Exception as exc:
+            return _unreadable(row, exc)
+
+    return decode_or_placeholder
+
+
+def _unreadable(row: Sequence[Any], exc: Exception) -> StoredMessage[Any]:
+    message_id, stream, version, _, global_position, added_at = row
+    error = UnreadableMessageError(
+        f"message {message_id} (stream {stream!r}, version {version}, global position "
+        f"{global_position}) cannot be deserialised: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    message_uuid = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
+    return StoredMessage(message_uuid, stream, version, UnreadableMessage(error), global_position, added_at)
 
 
 class MessageStoreReader(Generic[E]):
@@ -85,17 +111,18 @@ class MessageStoreReader(Generic[E]):
         self._conn = conn
         self._storage = storage
         self._serializer = serializer
+        self._decode = stored_message_decoder(serializer)
 
     def get_message_by_id(self, message_id: uuid.UUID) -> StoredMessage[E]:
         row = self._storage.get_message_by_id(self._conn, message_id)
         if row is None:
             raise MessageNotFound(f"no message with id {message_id} in store {self._storage.name!r}")
-        return to_stored_message(row, self._serializer)
+        return self._decode(row)
 
     def get_messages_by_ids(self, message_ids: Sequence[uuid.UUID]) -> Iterator[StoredMessage[E]]:
         """The stored messages among `message_ids`, in global order; unknown ids are skipped."""
         for row in self._storage.get_messages_by_ids(self._conn, message_ids):
-            yield to_stored_message(row, self._serializer)
+            yield self._decode(row)
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         validate_stream(stream)
@@ -103,12 +130,19 @@ class MessageStoreReader(Generic[E]):
         # small stream's read (see `rawconn.execute_in`).
         rows = execute_in(self._conn, self._storage.statements.text_read_sql, (stream, min_version or 0))
         for row in rows:
-            yield to_stored_message(row, self._serializer)
+            yield self._decode(row)
 
     def read_wildcard(self, stream_wildcard: str) -> Iterator[StoredMessage[E]]:
         pattern = validate_wildcard(stream_wildcard)
         for row in self._conn.exec_driver_sql(self._storage.statements.text_wildcard_sql, (pattern,)):
-            yield to_stored_message(row, self._serializer)
+            yield self._decode(row)
 
 
-__all__ = ["MessageStoreReader", "to_stored_message", "to_stored_or_unreadable"]
+__all__ = [
+    "MessageStoreReader",
+    "payload_decoder",
+    "stored_message_decoder",
+    "stored_or_unreadable_decoder",
+    "to_stored_message",
+    "to_stored_or_unreadable",
+]

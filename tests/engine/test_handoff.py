@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 import depeche_nb
 from depeche_nb.engine import health
+from depeche_nb.engine.decoded import RecentlyDecoded
 from depeche_nb.postgres.locks import DbLockProvider
 from depeche_nb.tools import PydanticMessageSerializer, StreamNamePartitioner
 from tests.support import Numbered
@@ -266,3 +267,83 @@ def test_ack_and_release_is_fenced_and_always_releases(engine: sa.Engine, unique
     subscription.runner.run()
     assert [p.position for p in subscription.progress()] == [2]
     assert subscription.lock_provider.held() == frozenset()  # type: ignore[attr-defined]
+
+
+class _CountingSerializer(PydanticMessageSerializer[Numbered]):
+    """Counts the payloads it decodes (rows read by the projector and by runners)."""
+
+    def __init__(self) -> None:
+        super().__init__(Numbered)
+        self.decoded = 0
+
+    def deserialize_text(self, text: str) -> Numbered:
+        self.decoded += 1
+        return super().deserialize_text(text)
+
+
+def test_executor_decodes_each_message_once_for_projector_and_runner(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    """The runner takes the messages its projector just decoded instead of decoding them
+    again; what it delivers is still what its claim read, in partition order."""
+    serializer = _CountingSerializer()
+    store = depeche_nb.MessageStore(unique_name, engine, serializer)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(4), stream_wildcards=["h-%"]
+    )
+    handler = _Recorder()
+    subscription = stream.subscription(name=f"{unique_name}_sub", handlers=handler)
+    runner = subscription.runner
+    # Woken only by the hand-over, which comes after the projector kept what it decoded.
+    runner.interested_in_notification = lambda notification: False  # type: ignore[method-assign]
+    executor = depeche_nb.Executor(engine=engine, stimulation_interval=3600)
+    executor.register(stream.projector)
+    executor.register(runner)
+    count = 30
+    with executor:
+        _wait_until_idle(executor)
+        for number in range(count):
+            store.write(f"h-{number % 3}", Numbered(number=number))
+        assert handler.wait_for(count), handler.numbers
+    assert sorted(handler.numbers) == list(range(count))
+    for origin in range(3):  # each origin stream in its version order
+        mine = [n for n in handler.numbers if n % 3 == origin]
+        assert mine == sorted(mine)
+    assert serializer.decoded == count  # without the hand-over of decoded messages: 2 x count
+    # Stopped: nobody in this process takes them any more, nothing is kept.
+    assert len(stream.recently_decoded) == 0
+
+
+def test_without_an_executor_the_projector_keeps_nothing_decoded(engine: sa.Engine, unique_name: str) -> None:
+    serializer = _CountingSerializer()
+    store = depeche_nb.MessageStore(unique_name, engine, serializer)
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(2), stream_wildcards=["h-%"]
+    )
+    store.write_all("h-1", [Numbered(number=n) for n in range(5)])
+    stream.projector.run()
+    assert len(stream.recently_decoded) == 0
+    handler = _Recorder()
+    stream.subscription(name=f"{unique_name}_sub", handlers=handler).runner.run()
+    assert handler.numbers == list(range(5))
+    assert serializer.decoded == 10  # projector and runner each decoded every row
+
+
+def test_recently_decoded_gives_a_message_once_and_only_for_its_row(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Numbered))
+    store.write_all("h-1", [Numbered(number=n) for n in range(3)])
+    stored = list(store.read("h-1"))
+    cache: RecentlyDecoded[Numbered] = RecentlyDecoded(capacity=2)
+    cache.add(stored)
+    assert len(cache) == 2  # over capacity: the oldest went
+    first, second, third = (
+        (s.message_id, s.stream, s.version, "{}", s.global_position, s.added_at) for s in stored
+    )
+    assert cache.take(first) is None
+    assert cache.take(third) is stored[2]
+    assert cache.take(third) is None  # taken once
+    # Same global position, another message (a store emptied and refilled): decoded anew.
+    assert cache.take(("x", "h-2", second[2], "{}", second[4], second[5])) is None
+    assert len(cache) == 0
