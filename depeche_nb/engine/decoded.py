@@ -22,7 +22,7 @@ E = TypeVar("E")
 
 # A runner far behind its projector would never take the oldest entries: beyond this many,
 # the oldest are dropped (and decoded again by the runner, as without this cache).
-DEFAULT_CAPACITY = 20_000
+DEFAULT_CAPACITY = 5_000
 
 
 class RecentlyDecoded(Generic[E]):

@@ -17,7 +17,9 @@ are linked in process: after each step that committed, the projector hands the p
 it advanced ({partition: head}) to those runners and wakes them, so a write reaches its
 handler without waiting for the projector's NOTIFY and a second wake-up. The hand-off is
 a hint only: a runner still claims the partition (lock and fencing token) and reads under
-the claim what is committed. The projector still notifies, for runners elsewhere.
+the claim what is committed. The projector still notifies, for runners elsewhere. Linked
+runners also take the messages the projector just decoded instead of decoding the same
+rows again (`engine.decoded`).
 
 The worker's wait has a timeout, `stimulation_interval` (10 s by default).
 That timer is a safety net, not the way progress is made: the store sends its

@@ -270,3 +270,68 @@ def test_a_stream_moved_to_another_store_starts_its_subscriptions_over(
     assert on_second.last_rebuild is not None and on_second.last_rebuild.started_over == [sub]
     on_second.subscription(name=sub, handlers=handlers).runner.run()
     assert sorted(handled[4:]) == sorted((m.stream, m.version) for m in second.read_wildcard("m-%"))
+
+
+def _sessions_waiting_on_advisory_locks(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            ).scalar_one()
+        )
+
+
+def test_the_switch_waits_for_a_batch_in_flight_and_keeps_its_ack(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    """A runner mid-batch holds its partition: the switch waits for it (instead of moving the
+    positions under it), and the batch's acknowledgement, made while the switch waits,
+    counts in the new projection: those messages are not delivered again, none is skipped."""
+    store = _store(engine, unique_name)
+    store.write_all("cart-1", [Numbered(number=n) for n in range(4)])
+    name = f"{unique_name}_agg"
+    old = store.aggregated_stream(
+        name=name, partitioner=StreamNamePartitioner(2), stream_wildcards=["cart-%"]
+    )
+    old.projector.update_full()
+    handlers, handled = _recorder()
+    subscription = old.subscription(name=f"{unique_name}_sub", handlers=handlers)
+    subscription.ensure_initialized()
+    (partition,) = _partitions_of_streams(engine, name)["cart-1"]
+    claimed = subscription.claim_batch(partition, 2)
+    assert claimed is not None
+    claim, batch = claimed
+    assert [stored.version for _, _, stored in batch] == [1, 2]
+
+    outcome: dict[str, object] = {}
+
+    def rebuild() -> None:
+        try:
+            outcome["stream"] = store.aggregated_stream(
+                name=name, partitioner=StreamNamePartitioner(3), stream_wildcards=["cart-%"], rebuild=True
+            )
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=rebuild, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while _sessions_waiting_on_advisory_locks(engine) == 0:
+        assert thread.is_alive(), f"the rebuild switched while a batch was in flight: {outcome}"
+        assert time.monotonic() < deadline, "the rebuild never waited for the partition in flight"
+        time.sleep(0.02)
+    assert thread.is_alive()
+
+    # The batch in flight ends: acknowledged up to its last message, then released.
+    subscription.ack_and_release(claim, batch[-1][1])
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    new = outcome["stream"]
+    assert isinstance(new, depeche_nb.AggregatedStream)
+    assert new.last_rebuild is not None
+
+    again_handlers, again = _recorder()
+    new.subscription(name=f"{unique_name}_sub", handlers=again_handlers).runner.run()
+    assert again == [("cart-1", 3), ("cart-1", 4)]
+    assert handled == []  # the batch was claimed by hand: nothing went through a handler
