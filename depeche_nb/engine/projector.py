@@ -111,7 +111,8 @@ DEFAULT_BATCH_SIZE = 1000
 _MAX_PARTITION = 2**31 - 1
 
 
-@_dc.dataclass(frozen=True)
+# slots: a catch-up run's report holds one of these per message.
+@_dc.dataclass(frozen=True, slots=True)
 class ProjectedMessage:
     """One message placed into a partition by a projector step."""
 

@@ -49,7 +49,8 @@ OUTCOMES = (HANDLED, NO_HANDLER, PARKED, IGNORED, ROLLED_BACK, FAILED)
 CONTENTION_RETRY_S = 0.5
 
 
-@_dc.dataclass(frozen=True)
+# slots: a catch-up run's report holds one of these per delivery.
+@_dc.dataclass(frozen=True, slots=True)
 class HandledMessage:
     """One message as a runner step dealt with it."""
 
@@ -419,10 +420,11 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
     ) -> int:
         subscription = self.subscription
         acked: int | None = None
+        batch_ack = BatchAck()  # holds nothing: one for the whole batch
         try:
             for partition, position, stored in batch:
                 self._check_claim(claim)
-                message = SubscriptionMessage(partition, position, stored, BatchAck())
+                message = SubscriptionMessage(partition, position, stored, batch_ack)
                 # A parked message is acknowledged with the rest of the batch below.
                 self._deliver(message, report, park_ack=None)
                 acked = position

@@ -516,3 +516,64 @@ def test_subscription_state_with_an_uninspectable_lock_provider(bank: Bank, uniq
     assert frame.dtypes["locked"] == "boolean"
     assert frame["locked"].isna().all()
     assert frame["lag"].tolist() == [2, 2]
+
+
+def _payload_rows(payloads: list[dict[str, Any]], start: int = 1) -> list[tuple[Any, ...]]:
+    """Rows as `frame_sql` selects them: position, stream, version, id, added_at (epoch us), JSON."""
+    import json
+
+    return [
+        (
+            start + i,
+            "s-1",
+            start + i,
+            str(uuid.uuid4()),
+            1_700_000_000_000_000,
+            json.dumps({**p, "__typename__": "T"}),
+        )
+        for i, p in enumerate(payloads)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "dtype", "values"),
+    [
+        ([1, 2], [3, 4], "int64", [1, 2, 3, 4]),
+        ([1, 2], [0.5, 1.5], "float64", [1.0, 2.0, 0.5, 1.5]),
+        ([1, 2], [None, 4], "Int64", [1, 2, pd.NA, 4]),
+        ([True, False], [True, None], "boolean", [True, False, True, pd.NA]),
+        (["a", "b"], ["c", "d"], STR, ["a", "b", "c", "d"]),
+        (["a", "b"], [1, 2], object, ["a", "b", 1, 2]),
+        ([1, 2], [2**70, 3], object, [1, 2, 2**70, 3]),
+    ],
+)
+def test_payload_columns_are_typed_over_all_chunks(
+    first: list[Any], second: list[Any], dtype: Any, values: list[Any]
+) -> None:
+    """Columns compacted chunk by chunk end up with the dtype the whole column calls for:
+    the same frame as from one chunk holding every row."""
+    from depeche_nb.notebook.views.store import messages_frame_from_chunks
+
+    rows = _payload_rows([{"v": v} for v in first]) + _payload_rows([{"v": v} for v in second], start=3)
+
+    def chunks(size: int) -> Any:
+        yield from (rows[i : i + size] for i in range(0, len(rows), size))
+
+    chunked = messages_frame_from_chunks(chunks(2), None, flatten=True)
+    whole = messages_frame_from_chunks(chunks(4), None, flatten=True)
+    assert chunked["v"].dtype == dtype
+    assert chunked["v"].tolist() == pd.Series(values, dtype=dtype).tolist()
+    pd.testing.assert_frame_equal(chunked, whole)
+
+
+def test_a_key_missing_from_a_whole_chunk_is_missing_there() -> None:
+    from depeche_nb.notebook.views.store import messages_frame_from_chunks
+
+    rows = (
+        _payload_rows([{"v": 1}, {"v": 2}])
+        + _payload_rows([{}, {}], start=3)
+        + _payload_rows([{"v": 5}], start=5)
+    )
+    frame = messages_frame_from_chunks((rows[i : i + 2] for i in range(0, 5, 2)), None, flatten=True)
+    assert frame["v"].dtype == "Int64"
+    assert frame["v"].tolist() == [1, 2, pd.NA, pd.NA, 5]

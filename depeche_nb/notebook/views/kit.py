@@ -230,6 +230,69 @@ def typed_frame_from_chunks(
     return frame
 
 
+def compact_columns(chunk: pd.DataFrame) -> tuple[int, dict[str, pd.Series[Any]]]:
+    """A chunk's payload columns (object dtype, one Python object per value) with each
+    column whose values are all of one plain kind already in its final dtype: integers
+    (int64), numbers (float64), booleans (bool) and, where pandas stores strings in Arrow
+    buffers, strings. Without this every value stays a Python object until all chunks are
+    read, and a large load peaks far above the frame it builds. A column with missing values,
+    mixed kinds or integers beyond int64 stays as it is; `join_columns` decides over all
+    chunks. Returns the chunk's row count with its columns."""
+    return len(chunk), {key: _compact(chunk[key]) for key in chunk.columns}
+
+
+def _compact(column: pd.Series[Any]) -> pd.Series[Any]:
+    import pandas as pd
+
+    kind = pd.api.types.infer_dtype(column, skipna=False)
+    try:
+        if kind == "integer":
+            return column.astype("int64")
+        if kind == "floating" and not column.isna().any():
+            return column.astype("float64")
+        if kind == "boolean":
+            return column.astype("bool")
+        if kind == "string" and _arrow_strings():
+            return column.astype(string_dtype())
+    except (OverflowError, TypeError, ValueError):
+        pass
+    return column
+
+
+def _arrow_strings() -> bool:
+    """Whether pandas' default string dtype keeps its values in Arrow buffers (pandas 3 with
+    pyarrow), so that converting early frees the Python strings."""
+    import pandas as pd
+
+    dtype = pd.Series([], dtype=string_dtype()).dtype
+    return getattr(dtype, "storage", None) == "pyarrow"
+
+
+def join_columns(
+    chunks: list[tuple[int, dict[str, pd.Series[Any]]]],
+) -> Iterator[tuple[str, pd.Series[Any]]]:
+    """Each key's column over all chunks (in the order keys first appear), emptying `chunks`
+    as it goes: the chunks' own dtype where all of them have the key in the same compact
+    dtype, else the values as Python objects (NaN where a chunk lacks the key), for
+    `infer_column_dtype` to decide as if no chunk had been compacted."""
+    import numpy as np
+    import pandas as pd
+
+    keys = list(dict.fromkeys(key for _, columns in chunks for key in columns))
+    lengths = [length for length, _ in chunks]
+    for key in keys:
+        parts = [columns.pop(key, None) for _, columns in chunks]
+        dtypes = {part.dtype for part in parts if part is not None}
+        if all(part is not None for part in parts) and len(dtypes) == 1 and dtypes != {np.dtype(object)}:
+            yield key, pd.concat(parts, ignore_index=True)
+            continue
+        objects = [
+            pd.Series(np.full(length, np.nan, dtype=object)) if part is None else part.astype(object)
+            for part, length in zip(parts, lengths, strict=True)
+        ]
+        yield key, pd.concat(objects, ignore_index=True) if objects else pd.Series([], dtype=object)
+
+
 def typed_as_datetime(
     key: str, column: pd.Series[Any], types: pd.Series[Any], datetime_fields: dict[str, frozenset[str]]
 ) -> bool:

@@ -32,9 +32,11 @@ from depeche_nb.notebook.views.kit import (
     Cut,
     SharedStrings,
     check_limit,
+    compact_columns,
     datetime_column,
     frame_from_rows,
     infer_column_dtype,
+    join_columns,
     since_condition,
     stream_chunks,
     typed_as_datetime,
@@ -121,7 +123,7 @@ def messages_frame_from_chunks(
 
     cut = Cut(row_limit)
     meta_chunks: list[pd.DataFrame] = []
-    payload_chunks: list[pd.DataFrame] = []
+    payload_chunks: list[tuple[int, dict[str, pd.Series[Any]]]] = []
     raw_payloads: list[dict[str, Any]] = []
     streams, types = SharedStrings(), SharedStrings()
     # closing(): release the cursor's transaction at once if building a chunk fails,
@@ -131,9 +133,9 @@ def messages_frame_from_chunks(
             meta, payloads = _message_chunk(rows, streams, types)
             meta_chunks.append(meta)
             if flatten:
-                # dtype=object: keep the raw JSON values per chunk; types are decided
-                # once over all chunks (see `infer_column_dtype`).
-                payload_chunks.append(pd.DataFrame(payloads, dtype=object))
+                # dtype=object: the raw JSON values; types are decided once over all
+                # chunks (see `infer_column_dtype`), plain ones compacted per chunk.
+                payload_chunks.append(compact_columns(pd.DataFrame(payloads, dtype=object)))
             else:
                 raw_payloads.extend(payloads)
     frame = _assemble(
@@ -177,7 +179,7 @@ def _assemble(
     meta_chunks: list[pd.DataFrame],
     streams: SharedStrings,
     types: SharedStrings,
-    payload_chunks: list[pd.DataFrame],
+    payload_chunks: list[tuple[int, dict[str, pd.Series[Any]]]],
     raw_payloads: list[dict[str, Any]] | None,
     datetime_fields: dict[str, frozenset[str]],
 ) -> pd.DataFrame:
@@ -198,21 +200,20 @@ def _assemble(
     if raw_payloads is not None:
         columns["message"] = pd.Series(raw_payloads, dtype=object)
     elif payload_chunks:
-        payload = pd.concat(payload_chunks, ignore_index=True, sort=False)
-        payload_chunks.clear()
-        for key in list(payload.columns):
+        for key, column in join_columns(payload_chunks):
             name = str(key)
             while name in columns:
                 name = PAYLOAD_PREFIX + name
-            column = payload.pop(key)
             if typed_as_datetime(str(key), column, message_type, datetime_fields):
                 columns[name] = datetime_column(column)
             elif key == "message_id" and _same_strings(column, meta["message_id"]):
                 # The message's own id, as the serializer wrote it (pydantic models carry it):
                 # the id column's strings, not a second copy of each.
                 columns[name] = meta["message_id"].copy(deep=False)
-            else:
+            elif column.dtype == object:
                 columns[name] = infer_column_dtype(column)
+            else:
+                columns[name] = column  # compacted in every chunk: its dtype is final
     frame: pd.DataFrame = pd.DataFrame(columns, copy=False)
     return frame
 
@@ -220,9 +221,12 @@ def _assemble(
 def _same_strings(column: pd.Series[Any], ids: pd.Series[Any]) -> bool:
     """Whether a payload column holds exactly the row's message ids, as strings."""
     try:
-        return bool(
-            len(column) == len(ids) and (column.to_numpy(dtype=object) == ids.to_numpy(dtype=object)).all()
-        )
+        if len(column) != len(ids):
+            return False
+        if column.dtype == ids.dtype != object:
+            # Compared in their buffers, without a Python object per value.
+            return bool(column.equals(ids))
+        return bool((column.to_numpy(dtype=object) == ids.to_numpy(dtype=object)).all())
     except (TypeError, ValueError):
         return False
 
