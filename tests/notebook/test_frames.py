@@ -577,3 +577,33 @@ def test_a_key_missing_from_a_whole_chunk_is_missing_there() -> None:
     frame = messages_frame_from_chunks((rows[i : i + 2] for i in range(0, 5, 2)), None, flatten=True)
     assert frame["v"].dtype == "Int64"
     assert frame["v"].tolist() == [1, 2, pd.NA, pd.NA, 5]
+
+
+@pytest.mark.skipif(int(pd.__version__.split(".")[0]) < 3, reason="pandas 2 has no default string dtype")
+def test_string_columns_live_in_arrow_buffers(bank: Bank) -> None:
+    """pandas 3 with pyarrow (a dependency): no Python str object per value."""
+    frame = bank.store.to_dataframe()
+    for name in ("stream", "message_id", "message_type", "account"):
+        assert getattr(frame.dtypes[name], "storage", None) == "pyarrow", (name, frame.dtypes[name])
+
+
+def test_plain_payload_columns_are_compacted_per_chunk() -> None:
+    from depeche_nb.notebook.views.kit import compact_columns
+
+    chunk = pd.DataFrame(
+        [{"i": 1, "f": 0.5, "b": True, "s": "x", "m": 1}, {"i": 2, "f": 1.5, "b": False, "s": "y", "m": "z"}],
+        dtype=object,
+    )
+    length, columns = compact_columns(chunk)
+    assert length == 2
+    assert {key: str(column.dtype) for key, column in columns.items() if key != "s"} == {
+        "i": "int64",
+        "f": "float64",
+        "b": "bool",
+        "m": "object",  # mixed kinds: decided over all chunks
+    }
+    if int(pd.__version__.split(".")[0]) >= 3:
+        assert getattr(columns["s"].dtype, "storage", None) == "pyarrow"
+    else:  # pandas 2 keeps strings as objects: nothing to gain early
+        assert columns["s"].dtype == object
+    assert columns["s"].tolist() == ["x", "y"]
