@@ -335,6 +335,7 @@ def read_operations(
             if store is None or owner in by_stream
         ]
         catalog = StateTableCatalog(cursor)
+        catalog.locate([name for name, _ in recorded])
         positions = [
             _positions(cursor, name, by_stream.get(owner), catalog, known) for name, owner in recorded
         ]
@@ -508,6 +509,11 @@ def _positions(
         else:
             tables, custom_state = [], state
     table, initialized = None, False
+    if subscription is None and catalog.has_located:
+        located = catalog.located(name)
+        if located is not None:
+            table, initialized = located
+        tables = []
     for candidate in tables:
         cursor.execute(candidate.summary_sql, (name,))
         has_rows, initialized_row = cursor.fetchone()

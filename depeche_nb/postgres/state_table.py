@@ -63,6 +63,34 @@ class StateTableCatalog:
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
         self._tables: list[StateTable] | None = None
+        # subscription -> (the table holding its rows, initialized), from `locate`.
+        self._located: dict[str, tuple[StateTable, bool]] | None = None
+
+    def locate(self, subscriptions: list[str]) -> None:
+        """Find, with one statement per state table, where each of `subscriptions` has rows
+        (asking table after table per subscription costs subscriptions x tables statements:
+        seconds in a database of a few hundred). `located` then answers for them."""
+        if self._tables is None:
+            self._tables = state_tables(self._cursor)
+        holding: dict[str, list[tuple[StateTable, bool]]] = {}
+        for table in self._tables:
+            self._cursor.execute(table.summaries_sql, (subscriptions,))
+            for name, initialized in self._cursor.fetchall():
+                holding.setdefault(name, []).append((table, bool(initialized)))
+        self._located = {}
+        for name, found in holding.items():
+            default = StateTable(name).name
+            # The order of `candidates`: the default provider's table first.
+            self._located[name] = next((f for f in found if f[0].name == default), found[0])
+
+    def located(self, subscription: str) -> tuple[StateTable, bool] | None:
+        """Where `locate` found the subscription's rows (None: nowhere); `locate` first."""
+        assert self._located is not None, "locate() first"
+        return self._located.get(subscription)
+
+    @property
+    def has_located(self) -> bool:
+        return self._located is not None
 
     def candidates(self, subscription: str) -> list[StateTable]:
         """Where a subscription's state can be: the default provider's table (named like the
@@ -102,6 +130,11 @@ class StateTable:
         )
         # (subscription): whether the subscription has any row here and is initialised; its
         # rows are one per partition, read by the primary key.
+        # (subscription, initialized) for those of the names (one text[]) with rows here.
+        self.summaries_sql = (
+            f"SELECT subscription_name, bool_or(partition = {INIT_PARTITION}) FROM {table} "
+            "WHERE subscription_name = ANY(%s::text[]) GROUP BY subscription_name"
+        )
         self.summary_sql = (
             f"SELECT count(*) > 0, coalesce(bool_or(partition = {INIT_PARTITION}), false) FROM {table} "
             "WHERE subscription_name = %s"

@@ -761,3 +761,55 @@ def test_live_follows_notifications_and_the_idle_timer_catches_acks(ops: Ops) ->
     finally:
         console.close()
     assert thread is not None and not thread.is_alive() and not console.live
+
+
+def _scans_of(engine: sa.Engine, tables: list[str]) -> int:
+    """Scans of `tables` so far, this thread's pooled session (the one read_operations uses)
+    flushing its statistics first."""
+    from depeche_nb.postgres.rawconn import autocommit_cursor
+
+    with autocommit_cursor(engine) as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")  # flushed once this statement ends
+        cursor.execute(
+            "SELECT coalesce(sum(seq_scan + coalesce(idx_scan, 0)), 0) FROM pg_stat_user_tables "
+            "WHERE relid = ANY(%s::regclass[])",
+            ([quote_ident(t) for t in tables],),
+        )
+        return int(cursor.fetchone()[0])
+
+
+def test_reading_the_operations_looks_in_each_state_table_a_bounded_number_of_times(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    """Subscriptions whose state is not in their default table (a named state provider) were
+    looked for table after table: subscriptions x tables statements, seconds in a database of
+    a few hundred. Now each state table is asked once for all of them, then once for the
+    positions of each subscription it holds."""
+    from depeche_nb.tools import DbSubscriptionStateProvider, StreamNamePartitioner
+
+    count = 8
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Numbered))
+    store.write_all("o-1", [Numbered(number=n) for n in range(3)])
+    stream = store.aggregated_stream(
+        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(2), stream_wildcards=["o-%"]
+    )
+    stream.projector.run()
+    tables = []
+    for i in range(count):
+        provider = DbSubscriptionStateProvider(f"{unique_name}_p{i}", engine)
+        subscription = stream.subscription(
+            name=f"{unique_name}_s{i}", handlers=MessageHandlerRegister(), state_provider=provider
+        )
+        subscription.runner.step(max_messages=i % 3 + 1)
+        tables.append(f"{unique_name}_p{i}_subscription_state")
+    before = _scans_of(engine, tables)
+    operations = read_operations(engine)
+    scans = _scans_of(engine, tables) - before
+    mine = {s.name: s for s in operations.subscriptions if s.name.startswith(f"{unique_name}_s")}
+    assert len(mine) == count
+    for i in range(count):  # and the positions are those of each one's own table
+        handled = i % 3 + 1
+        assert sum(p.position + 1 for p in mine[f"{unique_name}_s{i}"].partitions) == handled
+    # Here about 2 x count (other sessions' late statistics may add a few); table after
+    # table, about count x count / 2 + count (44 and more).
+    assert scans <= 4 * count, scans
