@@ -213,15 +213,9 @@ class AggregatedStream(RichRepr, Generic[E]):
         decode = stored_or_unreadable_decoder(self.store.serializer)
         # A payload that cannot be deserialised travels as an `UnreadableMessage`, so the
         # runner's retry and parking decide on it instead of every read failing.
-        recent = self.recently_decoded
-        if not len(recent):
-            return [(row[0], row[1], decode(row[2:])) for row in rows]
-        batch = []
-        for row in rows:
-            message_row = row[2:]
-            stored = recent.take(message_row)
-            batch.append((row[0], row[1], stored if stored is not None else decode(message_row)))
-        return batch
+        # A message its projector just decoded in this process is taken, not decoded again.
+        take = self.recently_decoded.take
+        return [(row[0], row[1], take(row[2:]) or decode(row[2:])) for row in rows]
 
     def reader(self, start_point: SubscriptionStartPoint | None = None) -> AggregatedStreamReader[E]:
         from depeche_nb.engine.reader import AggregatedStreamReader

@@ -499,7 +499,7 @@ def _positions(
     subscription = (known or {}).get(name)
     lock_provider: str | None = name
     custom_state = None
-    tables = catalog.candidates(name)
+    tables: list[StateTable] | None = None  # unknown: wherever the catalog finds its rows
     if subscription is not None:
         locks = subscription.lock_provider
         lock_provider = locks.name if isinstance(locks, DbLockProvider) else None
@@ -508,18 +508,8 @@ def _positions(
             tables = [StateTable(state.name)]
         else:
             tables, custom_state = [], state
-    table, initialized = None, False
-    if subscription is None and catalog.has_located:
-        located = catalog.located(name)
-        if located is not None:
-            table, initialized = located
-        tables = []
-    for candidate in tables:
-        cursor.execute(candidate.summary_sql, (name,))
-        has_rows, initialized_row = cursor.fetchone()
-        if has_rows:
-            table, initialized = candidate, bool(initialized_row)
-            break
+    held = catalog.holding(name, tables)
+    table, initialized = held if held is not None else (None, False)
     rows: list[tuple[int, int, int, _dt.datetime | None]] = []
     if stream is not None and not stream.tables_missing:
         names = StreamNames(stream.name, StoreNames(stream.store))

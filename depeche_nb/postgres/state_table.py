@@ -67,13 +67,11 @@ class StateTableCatalog:
         self._located: dict[str, tuple[StateTable, bool]] | None = None
 
     def locate(self, subscriptions: list[str]) -> None:
-        """Find, with one statement per state table, where each of `subscriptions` has rows
-        (asking table after table per subscription costs subscriptions x tables statements:
-        seconds in a database of a few hundred). `located` then answers for them."""
-        if self._tables is None:
-            self._tables = state_tables(self._cursor)
+        """Find, with one statement per state table, where each of `subscriptions` has rows,
+        for `holding` to answer without a statement per (subscription, table): seconds in a
+        database of a few hundred subscriptions."""
         holding: dict[str, list[tuple[StateTable, bool]]] = {}
-        for table in self._tables:
+        for table in self._all():
             self._cursor.execute(table.summaries_sql, (subscriptions,))
             for name, initialized in self._cursor.fetchall():
                 holding.setdefault(name, []).append((table, bool(initialized)))
@@ -83,22 +81,30 @@ class StateTableCatalog:
             # The order of `candidates`: the default provider's table first.
             self._located[name] = next((f for f in found if f[0].name == default), found[0])
 
-    def located(self, subscription: str) -> tuple[StateTable, bool] | None:
-        """Where `locate` found the subscription's rows (None: nowhere); `locate` first."""
-        assert self._located is not None, "locate() first"
-        return self._located.get(subscription)
+    def holding(
+        self, subscription: str, tables: list[StateTable] | None = None
+    ) -> tuple[StateTable, bool] | None:
+        """The table holding the subscription's rows, among `tables` (default: its
+        `candidates`), and whether it is initialised; None if none holds any."""
+        if tables is None and self._located is not None:
+            return self._located.get(subscription)
+        for table in self.candidates(subscription) if tables is None else tables:
+            self._cursor.execute(table.summary_sql, (subscription,))
+            has_rows, initialized = self._cursor.fetchone()
+            if has_rows:
+                return table, bool(initialized)
+        return None
 
-    @property
-    def has_located(self) -> bool:
-        return self._located is not None
+    def _all(self) -> list[StateTable]:
+        if self._tables is None:
+            self._tables = state_tables(self._cursor)
+        return self._tables
 
     def candidates(self, subscription: str) -> list[StateTable]:
         """Where a subscription's state can be: the default provider's table (named like the
         subscription) first, then every other state table."""
-        if self._tables is None:
-            self._tables = state_tables(self._cursor)
         default = StateTable(subscription).name
-        return sorted(self._tables, key=lambda table: table.name != default)
+        return sorted(self._all(), key=lambda table: table.name != default)
 
 
 class StateTable:
@@ -128,13 +134,13 @@ class StateTable:
             f"max(position) FILTER (WHERE partition = %s) FROM {table} "
             f"WHERE subscription_name = %s AND partition IN (%s, {INIT_PARTITION})"
         )
-        # (subscription): whether the subscription has any row here and is initialised; its
-        # rows are one per partition, read by the primary key.
-        # (subscription, initialized) for those of the names (one text[]) with rows here.
+        # (subscription, initialised) for those of the names (one text[]) with rows here.
         self.summaries_sql = (
             f"SELECT subscription_name, bool_or(partition = {INIT_PARTITION}) FROM {table} "
             "WHERE subscription_name = ANY(%s::text[]) GROUP BY subscription_name"
         )
+        # (subscription): whether the subscription has any row here and is initialised; its
+        # rows are one per partition, read by the primary key.
         self.summary_sql = (
             f"SELECT count(*) > 0, coalesce(bool_or(partition = {INIT_PARTITION}), false) FROM {table} "
             "WHERE subscription_name = %s"

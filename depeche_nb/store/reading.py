@@ -24,40 +24,22 @@ from depeche_nb.store.storage import (
 E = TypeVar("E")
 
 
-def deserialize_payload(payload: Any, serializer: MessageSerializer[E]) -> E:
-    """A payload as JSON text (fast path where the serializer parses JSON itself) or a dict."""
-    return payload_decoder(serializer)(payload)
-
-
-def payload_decoder(serializer: MessageSerializer[E]) -> Callable[[Any], E]:
-    """`deserialize_payload` for one serializer, its method lookups done once (reads call
-    it per row)."""
+def stored_message_decoder(serializer: MessageSerializer[E]) -> Callable[[Sequence[Any]], StoredMessage[E]]:
+    """Rows in `messages_table.ROW_COLUMNS` order (payload as JSON text or a dict) to
+    `StoredMessage`s: build it once per read, call it per row (the serializer's methods are
+    looked up once; JSON text goes to its own parser where it has one)."""
     from_text = getattr(serializer, "deserialize_text", None)
     from_dict = serializer.deserialize
 
-    def decode(payload: Any) -> E:
-        if isinstance(payload, str):
-            if from_text is not None:
-                return from_text(payload)  # type: ignore[no-any-return]
-            payload = json.loads(payload)
-        return from_dict(payload)
-
-    return decode
-
-
-def to_stored_message(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[E]:
-    """Build a `StoredMessage` from a row in `messages_table.ROW_COLUMNS` order (payload as
-    a dict or JSON text)."""
-    return stored_message_decoder(serializer)(row)
-
-
-def stored_message_decoder(serializer: MessageSerializer[E]) -> Callable[[Sequence[Any]], StoredMessage[E]]:
-    """`to_stored_message` for one serializer: build it once per read, call it per row."""
-    decode_payload = payload_decoder(serializer)
-
     def decode(row: Sequence[Any]) -> StoredMessage[E]:
         message_id, stream, version, payload, global_position, added_at = row
-        message = decode_payload(payload)
+        if isinstance(payload, str):
+            if from_text is not None:
+                message = from_text(payload)
+            else:
+                message = from_dict(json.loads(payload))
+        else:
+            message = from_dict(payload)
         # The message carries its own id (the store wrote exactly that one), which
         # spares parsing the column's text for every row.
         if not isinstance(message_id, uuid.UUID):
@@ -72,16 +54,11 @@ def stored_message_decoder(serializer: MessageSerializer[E]) -> Callable[[Sequen
     return decode
 
 
-def to_stored_or_unreadable(row: Sequence[Any], serializer: MessageSerializer[E]) -> StoredMessage[Any]:
-    """`to_stored_message`, except that a payload that cannot be deserialised gives a
-    `StoredMessage` holding an `UnreadableMessage` (for subscriptions, see there)."""
-    return stored_or_unreadable_decoder(serializer)(row)
-
-
 def stored_or_unreadable_decoder(
     serializer: MessageSerializer[E],
 ) -> Callable[[Sequence[Any]], StoredMessage[Any]]:
-    """`to_stored_or_unreadable` for one serializer: build it once per read, call it per row."""
+    """`stored_message_decoder`, except that a payload that cannot be deserialised gives a
+    `StoredMessage` holding an `UnreadableMessage` (for subscriptions, see there)."""
     decode = stored_message_decoder(serializer)
 
     def decode_or_placeholder(row: Sequence[Any]) -> StoredMessage[Any]:
@@ -140,9 +117,6 @@ class MessageStoreReader(Generic[E]):
 
 __all__ = [
     "MessageStoreReader",
-    "payload_decoder",
     "stored_message_decoder",
     "stored_or_unreadable_decoder",
-    "to_stored_message",
-    "to_stored_or_unreadable",
 ]

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.both_drivers
 WAIT_S = 20.0
 
 
-def _stream(engine: sa.Engine, name: str, partitions: int = 4) -> Any:
-    store = depeche_nb.MessageStore(name, engine, PydanticMessageSerializer(Numbered))
+def _stream(engine: sa.Engine, name: str, partitions: int = 4, serializer: Any = None) -> Any:
+    store = depeche_nb.MessageStore(name, engine, serializer or PydanticMessageSerializer(Numbered))
     return store, store.aggregated_stream(
         name=f"{name}_agg", partitioner=StreamNamePartitioner(partitions), stream_wildcards=["h-%"]
     )
@@ -287,10 +287,7 @@ def test_executor_decodes_each_message_once_for_projector_and_runner(
     """The runner takes the messages its projector just decoded instead of decoding them
     again; what it delivers is still what its claim read, in partition order."""
     serializer = _CountingSerializer()
-    store = depeche_nb.MessageStore(unique_name, engine, serializer)
-    stream = store.aggregated_stream(
-        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(4), stream_wildcards=["h-%"]
-    )
+    store, stream = _stream(engine, unique_name, serializer=serializer)
     handler = _Recorder()
     subscription = stream.subscription(name=f"{unique_name}_sub", handlers=handler)
     runner = subscription.runner
@@ -316,10 +313,7 @@ def test_executor_decodes_each_message_once_for_projector_and_runner(
 
 def test_without_an_executor_the_projector_keeps_nothing_decoded(engine: sa.Engine, unique_name: str) -> None:
     serializer = _CountingSerializer()
-    store = depeche_nb.MessageStore(unique_name, engine, serializer)
-    stream = store.aggregated_stream(
-        name=f"{unique_name}_agg", partitioner=StreamNamePartitioner(2), stream_wildcards=["h-%"]
-    )
+    store, stream = _stream(engine, unique_name, partitions=2, serializer=serializer)
     store.write_all("h-1", [Numbered(number=n) for n in range(5)])
     stream.projector.run()
     assert len(stream.recently_decoded) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses as _dc
 import datetime as _dt
+import functools
 import numbers
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -259,6 +260,7 @@ def _compact(column: pd.Series[Any]) -> pd.Series[Any]:
     return column
 
 
+@functools.cache
 def _arrow_strings() -> bool:
     """Whether pandas' default string dtype keeps its values in Arrow buffers (pandas 3 with
     pyarrow), so that converting early frees the Python strings."""
@@ -290,7 +292,7 @@ def join_columns(
             pd.Series(np.full(length, np.nan, dtype=object)) if part is None else part.astype(object)
             for part, length in zip(parts, lengths, strict=True)
         ]
-        yield key, pd.concat(objects, ignore_index=True) if objects else pd.Series([], dtype=object)
+        yield key, pd.concat(objects, ignore_index=True)
 
 
 def typed_as_datetime(
