@@ -607,3 +607,149 @@ def test_plain_payload_columns_are_compacted_per_chunk() -> None:
     else:  # pandas 2 keeps strings as objects: nothing to gain early
         assert columns["s"].dtype == object
     assert columns["s"].tolist() == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00.123456Z", None],  # as pydantic writes UTC
+        ["2024-05-01T14:00:00+02:00", "2024-05-01T12:00:00.5-05:30"],  # other offsets
+        ["2024-05-01T12:00:00", "2024-05-01T12:00:00.25"],  # naive: taken as UTC
+        ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00"],  # aware and naive mixed
+        ["2024-05-01T12:00:00.123456789Z"],  # nanoseconds, cut to microseconds
+        ["2024-05-01", "20240501T120000Z", " 2024-05-01T12:00:00Z"],  # forms Arrow does not parse
+    ],
+)
+def test_datetime_strings_parse_as_pandas_parses_them(values: list[Any]) -> None:
+    """Arrow-backed string columns are parsed in their buffers where Arrow can, else by
+    pandas; either way each value comes out as pandas' ISO 8601 parser makes it."""
+    from depeche_nb.notebook.views.kit import datetime_column, string_column
+
+    column = string_column(values)
+    expected = pd.to_datetime(pd.Series(values, dtype=object), utc=True, format="ISO8601").astype(TS)
+    parsed = datetime_column(column)
+    assert str(parsed.dtype) == TS
+    pd.testing.assert_series_equal(parsed, expected, check_names=False)
+
+
+def test_strings_that_are_no_datetimes_stay_strings() -> None:
+    from depeche_nb.notebook.views.kit import datetime_column, string_column
+
+    parsed = datetime_column(string_column(["2024-05-01T12:00:00Z", "soon"]))
+    assert parsed.dtype == STR and parsed.tolist() == ["2024-05-01T12:00:00Z", "soon"]
+
+
+@pytest.mark.skipif(int(pd.__version__.split(".")[0]) < 3, reason="pandas 2 has no default string dtype")
+def test_a_load_builds_its_arrow_buffers_outside_arrows_default_pool(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    """Arrow's default pool (mimalloc) keeps the pages of freed buffers, and a chunked load
+    frees many: the frame's strings come from the system allocator, so a large load peaks
+    near the frame it builds (bench/bench_frames.py measures how near)."""
+    import pyarrow as pa
+
+    store = depeche_nb.MessageStore(unique_name, engine, PydanticMessageSerializer(Deposited))
+    for n in range(4):
+        store.write_all(
+            f"account-{n}", [_msg(Deposited, 1000 * n + i, account=f"a{i}", amount=i) for i in range(500)]
+        )
+    pool = pa.default_memory_pool()
+    before = pool.bytes_allocated()
+    frame = store.to_dataframe(limit=None)
+    held = sum(
+        column.array._pa_array.nbytes for _, column in frame.items() if hasattr(column.array, "_pa_array")
+    )
+    assert held > 100_000  # stream, message_id, message_type, account
+    # None of the frame's buffers: what grows, if anything, is a kernel's scratch space.
+    assert pool.bytes_allocated() - before < held / 100
+
+
+def test_the_payload_id_is_the_id_column_not_a_copy(bank: Bank) -> None:
+    """A pydantic message carries its id in the payload too: a load holds each id once."""
+    frame = bank.store.to_dataframe(limit=None)
+    assert frame["message.message_id"].tolist() == frame["message_id"].tolist() == [str(i) for i in bank.ids]
+    if int(pd.__version__.split(".")[0]) >= 3:
+        ids, payload_ids = frame["message_id"].array._pa_array, frame["message.message_id"].array._pa_array
+        assert [c.buffers()[2].address for c in ids.chunks] == [
+            c.buffers()[2].address for c in payload_ids.chunks
+        ]
+
+
+@pytest.mark.skipif(int(pd.__version__.split(".")[0]) < 3, reason="pandas 2 has no default string dtype")
+def test_datetime_strings_in_arrow_are_parsed_without_a_python_object_each() -> None:
+    """pandas' own parser makes a Python object per value (about 100 bytes each)."""
+    import tracemalloc
+
+    from depeche_nb.notebook.views.kit import datetime_column, string_column
+
+    base = dt.datetime(2024, 5, 1, tzinfo=UTC)
+    column = string_column([(base + dt.timedelta(seconds=i)).isoformat() for i in range(100_000)])
+    tracemalloc.start()
+    try:
+        parsed = datetime_column(column)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed[99_999] == pd.Timestamp(base + dt.timedelta(seconds=99_999))
+    assert peak < 2_000_000, f"{peak:,} bytes traced for 100,000 values"
+
+
+def test_a_chunks_payload_ids_are_its_id_column_while_loading() -> None:
+    """Held once from the first chunk on, not a second copy until the columns are joined."""
+    import json
+
+    import pandas as pd
+
+    from depeche_nb.notebook.views.kit import compact_columns
+    from depeche_nb.notebook.views.store import _MetaColumns
+
+    ids = [str(uuid.UUID(int=n)) for n in range(3)]
+    rows = [
+        (n, "s-1", n, ids[n], 0, json.dumps({"message_id": ids[n], "__typename__": "T"})) for n in range(3)
+    ]
+    meta = _MetaColumns()
+    _, columns = compact_columns(pd.DataFrame(meta.add(rows), dtype=object))
+    shared = meta.share_ids(columns)["message_id"]
+    assert shared is meta._parts["message_id"][-1]
+    # Other ids stay the payload's own.
+    other = [(n, "s-1", n, ids[n], 0, json.dumps({"message_id": "x", "__typename__": "T"})) for n in range(3)]
+    _, columns = compact_columns(pd.DataFrame(meta.add(other), dtype=object))
+    assert meta.share_ids(columns)["message_id"].tolist() == ["x"] * 3
+
+
+def test_freed_heap_holes_go_back_to_the_system() -> None:
+    """What lets a load join its columns without keeping the parts' memory (glibc). In a
+    fresh interpreter, whose heap has no holes yet for the survivors to fill."""
+    import subprocess
+    import sys
+
+    from depeche_nb.notebook.views import kit
+
+    if kit._malloc_trim() is None:
+        pytest.skip("not glibc: nothing to hand back")
+    script = """
+import numpy as np
+from depeche_nb.notebook.views.kit import return_freed_memory
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+# 40 KB parts (below glibc's mmap threshold, so in its heap), each pinned by a survivor of
+# the same size, which no small hole left by the interpreter's start can take instead.
+parts, survivors = [], []
+for _ in range(2000):
+    parts.append(np.ones(5000, dtype=np.int64))
+    survivors.append(np.ones(5000, dtype=np.int64))
+before = resident()
+del parts
+freed = resident()
+return_freed_memory()
+print(before - freed, freed - resident())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    kept_by_glibc, handed_back = map(int, done.stdout.split())
+    assert kept_by_glibc < 20_000_000  # glibc kept the holes ...
+    assert handed_back > 60_000_000  # ... until handed back (80 MB were freed)

@@ -10,7 +10,11 @@ Loading is built for large stores:
   chunk, pandas builds the payload columns from the resulting dicts, and
   `added_at` arrives as epoch microseconds, converted vectorised;
 * the payload columns get their dtype once, after all chunks are joined, so
-  a column does not change type because one chunk lacked a key.
+  a column does not change type because one chunk lacked a key (plain ones
+  are compacted chunk by chunk on the way);
+* the columns are joined one at a time, each one's chunk parts dropped (and
+  their heap pages handed back) before the next, and strings and datetimes
+  stay in Arrow buffers, so a load peaks near the frame it builds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from depeche_nb.core.identifiers import validate_stream
 from depeche_nb.notebook.views.kit import (
     EPOCH_US,
     INT64,
+    MESSAGE_COLUMNS,
     PAYLOAD_PREFIX,
     STRING,
     Cut,
@@ -37,9 +42,11 @@ from depeche_nb.notebook.views.kit import (
     frame_from_rows,
     infer_column_dtype,
     join_columns,
+    return_freed_memory,
     since_condition,
     stream_chunks,
     typed_as_datetime,
+    typed_column,
 )
 from depeche_nb.postgres.rawconn import autocommit_cursor
 from depeche_nb.store.serializers import TYPE_KEY
@@ -122,63 +129,92 @@ def messages_frame_from_chunks(
     import pandas as pd
 
     cut = Cut(row_limit)
-    meta_chunks: list[pd.DataFrame] = []
+    meta = _MetaColumns()
     payload_chunks: list[tuple[int, dict[str, pd.Series[Any]]]] = []
     raw_payloads: list[dict[str, Any]] = []
-    streams, types = SharedStrings(), SharedStrings()
     # closing(): release the cursor's transaction at once if building a chunk fails,
     # not when a notebook finally drops the traceback that keeps the generator alive.
     with contextlib.closing(chunks):
         for rows in cut.rows(chunks):
-            meta, payloads = _message_chunk(rows, streams, types)
-            meta_chunks.append(meta)
+            payloads = meta.add(rows)
             if flatten:
                 # dtype=object: the raw JSON values; types are decided once over all
                 # chunks (see `infer_column_dtype`), plain ones compacted per chunk.
-                payload_chunks.append(compact_columns(pd.DataFrame(payloads, dtype=object)))
+                length, columns = compact_columns(pd.DataFrame(payloads, dtype=object))
+                payload_chunks.append((length, meta.share_ids(columns)))
             else:
                 raw_payloads.extend(payloads)
-    frame = _assemble(
-        meta_chunks,
-        streams,
-        types,
-        payload_chunks,
-        None if flatten else raw_payloads,
-        datetime_fields or {},
-    )
+            del payloads
+    frame = _assemble(meta, payload_chunks, None if flatten else raw_payloads, datetime_fields or {})
     frame.attrs = {"more_available": cut.more}
     return frame
 
 
-# The fixed columns read from each row; `stream` and `message_type` are built beside them,
-# one str object per distinct value (see `SharedStrings`).
+class _MetaColumns:
+    """The fixed columns of a load, chunk by chunk, each kept as its own list of parts until
+    `take` joins it and drops them: joined one column at a time, a load peaks at about the
+    frame plus one column, where joining per-chunk frames holds every column twice. The
+    stream and the type hold one str object per distinct value (see `SharedStrings`)."""
+
+    def __init__(self) -> None:
+        self.streams, self.types = SharedStrings(), SharedStrings()
+        self._parts: dict[str, list[Any]] = {name: [] for name, _ in _META_KINDS}
+
+    def add(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """Take a chunk's fixed columns; returns its payloads as dicts, the type key taken out."""
+        texts = [row[5] for row in rows]
+        # One parse per chunk instead of one per row: the per-call overhead of
+        # json.loads is a large part of the cost for small payloads.
+        payloads: list[dict[str, Any]] = json.loads("[" + ",".join(texts) + "]")
+        del texts
+        self.types.add(
+            [payload.pop(TYPE_KEY, None) if isinstance(payload, dict) else None for payload in payloads]
+        )
+        self.streams.add([row[1] for row in rows])
+        for index, (name, kind) in zip(_META_ROW_INDEX, _META_KINDS, strict=True):
+            self._parts[name].append(typed_column([row[index] for row in rows], kind))
+        return payloads
+
+    def share_ids(self, payload: dict[str, pd.Series[Any]]) -> dict[str, pd.Series[Any]]:
+        """`payload` (the last chunk's compacted payload columns) with a `message_id` column
+        that holds exactly the chunk's message ids (pydantic models carry their id) being the
+        id column's part itself, so a load holds each id string once."""
+        ids = payload.get("message_id")
+        part = self._parts["message_id"][-1]
+        if ids is not None and ids.dtype == part.dtype != object and bool(ids.equals(part)):
+            payload["message_id"] = part
+        return payload
+
+    def take(self, name: str) -> pd.Series[Any]:
+        """Column `name` (of `MESSAGE_COLUMNS`) over all chunks; its parts are dropped."""
+        import pandas as pd
+
+        if name == "stream":
+            return self.streams.column()
+        if name == "message_type":
+            return self.types.column()
+        parts = [pd.Series(part) for part in self._parts.pop(name)]
+        column: pd.Series[Any]
+        if not parts:
+            column = pd.Series(typed_column([], dict(_META_KINDS)[name]))
+            return column
+        column = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+        return column
+
+
+# The fixed columns read from each row (at `_META_ROW_INDEX`); `stream` and `message_type`
+# are built beside them (see `_MetaColumns`).
 _META_KINDS = (
     ("global_position", INT64),
     ("version", INT64),
     ("message_id", STRING),
     ("added_at", EPOCH_US),
 )
-
-
-def _message_chunk(
-    rows: list[tuple[Any, ...]], streams: SharedStrings, types: SharedStrings
-) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Metadata columns of a chunk (the stream's and type's codes added to `streams` and
-    `types`), and its payloads as dicts with the type key taken out."""
-    texts = [row[5] for row in rows]
-    # One parse per chunk instead of one per row: the per-call overhead of
-    # json.loads is a large part of the cost for small payloads.
-    payloads: list[dict[str, Any]] = json.loads("[" + ",".join(texts) + "]")
-    types.add([payload.pop(TYPE_KEY, None) if isinstance(payload, dict) else None for payload in payloads])
-    streams.add([row[1] for row in rows])
-    meta = frame_from_rows([(row[0], row[2], row[3], row[4]) for row in rows], _META_KINDS)
-    return meta, payloads
+_META_ROW_INDEX = (0, 2, 3, 4)
 
 
 def _assemble(
-    meta_chunks: list[pd.DataFrame],
-    streams: SharedStrings,
-    types: SharedStrings,
+    meta: _MetaColumns,
     payload_chunks: list[tuple[int, dict[str, pd.Series[Any]]]],
     raw_payloads: list[dict[str, Any]] | None,
     datetime_fields: dict[str, frozenset[str]],
@@ -187,16 +223,11 @@ def _assemble(
     given (not flattened), one `message` column of dicts."""
     import pandas as pd
 
-    meta = pd.concat(meta_chunks, ignore_index=True) if meta_chunks else frame_from_rows([], _META_KINDS)
-    message_type = types.column()
-    columns: dict[str, Any] = {
-        "global_position": meta["global_position"],
-        "stream": streams.column(),
-        "version": meta["version"],
-        "message_id": meta["message_id"],
-        "added_at": meta["added_at"],
-        "message_type": message_type,
-    }
+    columns: dict[str, Any] = {}
+    for name in MESSAGE_COLUMNS:
+        columns[name] = meta.take(name)
+        return_freed_memory()  # of its parts, before the next column is joined
+    message_type, ids = columns["message_type"], columns["message_id"]
     if raw_payloads is not None:
         columns["message"] = pd.Series(raw_payloads, dtype=object)
     elif payload_chunks:
@@ -206,14 +237,17 @@ def _assemble(
                 name = PAYLOAD_PREFIX + name
             if typed_as_datetime(str(key), column, message_type, datetime_fields):
                 columns[name] = datetime_column(column)
-            elif key == "message_id" and _same_strings(column, meta["message_id"]):
+            elif key == "message_id" and _same_strings(column, ids):
                 # The message's own id, as the serializer wrote it (pydantic models carry it):
                 # the id column's strings, not a second copy of each.
-                columns[name] = meta["message_id"].copy(deep=False)
+                columns[name] = ids.copy(deep=False)
             elif column.dtype == object:
                 columns[name] = infer_column_dtype(column)
             else:
                 columns[name] = column  # compacted in every chunk: its dtype is final
+            del column
+            return_freed_memory()
+    # copy=False: the columns as they are, not consolidated into blocks (a copy of each).
     frame: pd.DataFrame = pd.DataFrame(columns, copy=False)
     return frame
 
