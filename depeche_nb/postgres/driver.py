@@ -20,6 +20,7 @@ import functools
 import os
 import select
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the embedded server uses this module without SQLAlchemy installed
@@ -182,6 +183,27 @@ def server_has_spoken(connection: Any) -> bool:
     return bool(readable)
 
 
+def socket_watch(connection: Any) -> Callable[[], bool]:
+    """`server_has_spoken(connection)` bound to the connection's socket: where the platform
+    has poll(), one poll() of a file descriptor registered once, without looking the socket
+    up through the driver on every call (a runner asks before each message it delivers)."""
+    make_poller = getattr(select, "poll", None)
+    if make_poller is None:  # Windows
+        return lambda: server_has_spoken(connection)
+    try:
+        descriptor = connection.fileno()
+    except (OSError, ValueError):
+        return lambda: True  # closed already
+    poller = make_poller()
+    # Errors, hang-ups and a descriptor closed under us (POLLNVAL) are reported without asking.
+    poller.register(descriptor, select.POLLIN | select.POLLPRI)
+
+    def spoken() -> bool:
+        return bool(poller.poll(0))
+
+    return spoken
+
+
 def backend_pid(connection: Any) -> int:
     info = getattr(connection, "info", None)
     pid = getattr(info, "backend_pid", None)
@@ -327,6 +349,7 @@ __all__ = [
     "pending_notifications",
     "script_value",
     "server_has_spoken",
+    "socket_watch",
     "sqlstate",
     "with_driver",
 ]

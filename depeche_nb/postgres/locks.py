@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, server_has_spoken
+from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, socket_watch
 from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor, execute_prepared, open_dbapi_connection
 
 _MASK32 = 0xFFFFFFFF
@@ -117,6 +117,7 @@ class DbLockProvider:
         self.name = validate_name(name, "lock provider name")
         self._engine = engine
         self._connection: Any = None
+        self._server_has_spoken: Callable[[], bool] = lambda: True  # of `_connection`
         self._held: set[str] = set()
         self._lost: set[str] = set()
         self._mutex = threading.Lock()
@@ -129,6 +130,7 @@ class DbLockProvider:
         if self._connection is None or is_closed(self._connection):
             self._forget_session()
             self._connection = open_dbapi_connection(self._engine)
+            self._server_has_spoken = socket_watch(self._connection)
             # Asynchronous commit: what commits on this session (a claim's fencing token, see
             # `lock_with`) needs no flush of its own; the acknowledgement that depends on it
             # commits synchronously elsewhere, which flushes it too.
@@ -153,7 +155,7 @@ class DbLockProvider:
         if connection is None or is_closed(connection):
             return False
         try:
-            if not server_has_spoken(connection):
+            if not self._server_has_spoken():
                 return True
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")
