@@ -615,7 +615,7 @@ def test_plain_payload_columns_are_compacted_per_chunk() -> None:
         ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00.123456Z", None],  # as pydantic writes UTC
         ["2024-05-01T14:00:00+02:00", "2024-05-01T12:00:00.5-05:30"],  # other offsets
         ["2024-05-01T12:00:00", "2024-05-01T12:00:00.25"],  # naive: taken as UTC
-        ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00"],  # aware and naive mixed
+        ["2024-05-01T14:00:00+02:00", None, "2024-05-01T12:00:00"],  # aware and naive mixed
         ["2024-05-01T12:00:00.123456789Z"],  # nanoseconds, cut to microseconds
         ["2024-05-01", "20240501T120000Z", " 2024-05-01T12:00:00Z"],  # forms Arrow does not parse
     ],
@@ -626,7 +626,11 @@ def test_datetime_strings_parse_as_pandas_parses_them(values: list[Any]) -> None
     from depeche_nb.notebook.views.kit import datetime_column, string_column
 
     column = string_column(values)
-    expected = pd.to_datetime(pd.Series(values, dtype=object), utc=True, format="ISO8601").astype(TS)
+    # Value by value: pandas 2 reads a naive value after an aware one in the wrong offset.
+    expected = pd.Series(
+        [pd.to_datetime(pd.Series([v], dtype=object), utc=True, format="ISO8601")[0] for v in values],
+        dtype=TS,
+    )
     parsed = datetime_column(column)
     assert str(parsed.dtype) == TS
     pd.testing.assert_series_equal(parsed, expected, check_names=False)
@@ -710,7 +714,9 @@ def test_a_chunks_payload_ids_are_its_id_column_while_loading() -> None:
     meta = _MetaColumns()
     _, columns = compact_columns(pd.DataFrame(meta.add(rows), dtype=object))
     shared = meta.share_ids(columns)["message_id"]
-    assert shared is meta._parts["message_id"][-1]
+    assert shared.tolist() == ids
+    if int(pd.__version__.split(".")[0]) >= 3:  # pandas 2 keeps Python str objects anyway
+        assert shared is meta._parts["message_id"][-1]
     # Other ids stay the payload's own.
     other = [(n, "s-1", n, ids[n], 0, json.dumps({"message_id": "x", "__typename__": "T"})) for n in range(3)]
     _, columns = compact_columns(pd.DataFrame(meta.add(other), dtype=object))

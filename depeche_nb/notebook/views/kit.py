@@ -361,10 +361,21 @@ def datetime_column(column: pd.Series[Any]) -> pd.Series[Any]:
     if parsed is not None:
         return parsed
     try:
-        converted: pd.Series[Any] = pd.to_datetime(column, utc=True, format="ISO8601")
+        # Apart: pandas 2 reads a value without an offset in the offset of the aware value
+        # before it, where it means UTC.
+        aware = column.astype(object).str.contains(_UTC_OFFSET_AT_END, regex=True, na=False)
+        converted: pd.Series[Any] = pd.Series(pd.NaT, index=column.index, dtype="datetime64[us, UTC]")
+        for group in (aware, ~aware):
+            if group.any():
+                times = pd.to_datetime(column[group], utc=True, format="ISO8601")
+                converted[group] = times.astype("datetime64[us, UTC]")
     except (TypeError, ValueError, OverflowError):
         return infer_column_dtype(column)  # not what the model promised (an edited row): keep it
-    return converted.astype("datetime64[us, UTC]")
+    return converted
+
+
+# A time followed by its offset from UTC, in ISO 8601's extended or basic form.
+_UTC_OFFSET_AT_END = r"(?:\d\d:\d\d(?::\d\d)?|T\d{4}(?:\d\d)?)(?:[.,]\d+)?\s*(?:[Zz]|[+-]\d\d(?::?\d\d)?)\s*$"
 
 
 def _arrow_datetimes(column: pd.Series[Any]) -> pd.Series[Any] | None:
