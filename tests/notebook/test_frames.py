@@ -759,3 +759,22 @@ print(before - freed, freed - resident())
     kept_by_glibc, handed_back = map(int, done.stdout.split())
     assert kept_by_glibc < 20_000_000  # glibc kept the holes ...
     assert handed_back > 60_000_000  # ... until handed back (80 MB were freed)
+
+
+def test_only_a_load_of_several_chunks_hands_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trim walks the whole heap (milliseconds in a big notebook process): a one-chunk load,
+    such as every repr's, has no parts to free and must not pay for it."""
+    from depeche_nb.notebook.views import store as views
+
+    trims: list[int] = []
+    monkeypatch.setattr(views, "return_freed_memory", lambda: trims.append(1))
+    rows = _payload_rows([{"v": n} for n in range(4)])
+
+    def chunks(size: int) -> Any:
+        yield from (rows[i : i + size] for i in range(0, len(rows), size))
+
+    views.messages_frame_from_chunks(chunks(4), None, flatten=True)
+    assert trims == []
+    frame = views.messages_frame_from_chunks(chunks(2), None, flatten=True)
+    assert frame["v"].tolist() == [0, 1, 2, 3]
+    assert len(trims) == len(frame.columns)  # after each column is joined

@@ -159,9 +159,11 @@ class _MetaColumns:
     def __init__(self) -> None:
         self.streams, self.types = SharedStrings(), SharedStrings()
         self._parts: dict[str, list[Any]] = {name: [] for name, _ in _META_KINDS}
+        self.chunks = 0
 
     def add(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """Take a chunk's fixed columns; returns its payloads as dicts, the type key taken out."""
+        self.chunks += 1
         texts = [row[5] for row in rows]
         # One parse per chunk instead of one per row: the per-call overhead of
         # json.loads is a large part of the cost for small payloads.
@@ -223,10 +225,13 @@ def _assemble(
     given (not flattened), one `message` column of dicts."""
     import pandas as pd
 
+    # The memory of a column's parts handed back before the next column is joined; one
+    # chunk has no parts to free (a trim walks the heap: milliseconds in a big process).
+    freed = return_freed_memory if meta.chunks > 1 else _nothing
     columns: dict[str, Any] = {}
     for name in MESSAGE_COLUMNS:
         columns[name] = meta.take(name)
-        return_freed_memory()  # of its parts, before the next column is joined
+        freed()
     message_type, ids = columns["message_type"], columns["message_id"]
     if raw_payloads is not None:
         columns["message"] = pd.Series(raw_payloads, dtype=object)
@@ -246,10 +251,14 @@ def _assemble(
             else:
                 columns[name] = column  # compacted in every chunk: its dtype is final
             del column
-            return_freed_memory()
+            freed()
     # copy=False: the columns as they are, not consolidated into blocks (a copy of each).
     frame: pd.DataFrame = pd.DataFrame(columns, copy=False)
     return frame
+
+
+def _nothing() -> None:
+    pass
 
 
 def _same_strings(column: pd.Series[Any], ids: pd.Series[Any]) -> bool:
