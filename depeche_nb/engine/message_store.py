@@ -200,7 +200,7 @@ class MessageStore(RichRepr, Generic[E]):
     @contextlib.contextmanager
     def reader(self, conn: sa.Connection | None = None) -> Iterator[MessageStoreReader[E]]:
         with self._connection(conn) as c:
-            yield MessageStoreReader(c, self._storage, self._serializer)
+            yield MessageStoreReader(c, self._storage, self._serializer, owned=conn is None)
 
     def read(self, stream: str, min_version: int | None = None) -> Iterator[StoredMessage[E]]:
         """The stream's messages in version order (from `min_version` on, if given)."""

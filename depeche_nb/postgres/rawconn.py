@@ -186,6 +186,7 @@ class Prepared:
 
 # connection -> names of the statements prepared in its session
 DUPLICATE_PREPARED_STATEMENT = "42P05"
+UNDEFINED_PREPARED_STATEMENT = "26000"
 _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
@@ -224,12 +225,38 @@ def execute_in(conn: sa.Connection, sql: str, params: Any) -> list[Any]:
     first (so `conn.commit()` commits it) and errors come as SQLAlchemy's, as from
     `conn.exec_driver_sql` (a lost connection invalidated); what passes by is
     SQLAlchemy's cursor events."""
+    return _rows_in(conn, sql, params, lambda cursor: execute_repeated(cursor, sql, params))
+
+
+def execute_prepared_in(conn: sa.Connection, statement: Prepared, params: Any) -> list[Any]:
+    """`execute_in` with `statement` prepared once per session (`Prepared`), also on
+    psycopg2, which has no prepared statements of its own: for a connection that we opened
+    and whose transaction holds nothing but our reads. The session may have lost the
+    statement behind our back when it was someone else's in between (DEALLOCATE or DISCARD
+    on a pooled connection): then that transaction, ours, is rolled back and the statement
+    prepared again. On a caller's connection such an error would abort their transaction."""
+
+    def run(cursor: Any) -> None:
+        execute_prepared(cursor, statement, params)
+
+    dbapi = conn.connection.driver_connection
+    try:
+        return _rows_in(conn, statement.sql, params, run)
+    except sa.exc.DBAPIError as error:
+        if error.orig is None or sqlstate(error.orig) != UNDEFINED_PREPARED_STATEMENT or conn.invalidated:
+            raise
+    conn.rollback()
+    _prepared.pop(dbapi, None)
+    return _rows_in(conn, statement.sql, params, run)
+
+
+def _rows_in(conn: sa.Connection, sql: str, params: Any, run: Callable[[Any], None]) -> list[Any]:
     if not conn.in_transaction():
         conn.begin()
     dbapi = conn.connection.driver_connection
     try:
         with dbapi.cursor() as cursor:  # type: ignore[union-attr]
-            execute_repeated(cursor, sql, params)
+            run(cursor)
             return list(cursor.fetchall())
     except Exception as exc:
         if not is_driver_error(exc):

@@ -169,6 +169,47 @@ def test_reader_on_caller_conn_sees_uncommitted_data(engine: sa.Engine, store: M
         conn.rollback()
 
 
+def _prepared_reads(conn: sa.Connection, store: MessageStore) -> int:
+    """How many statements named like ours this session holds that read the store's table."""
+    return int(
+        conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'depeche\\_nb\\_%%' "
+            "AND statement LIKE %s",
+            (f"%{store._storage.names.messages_table}%",),
+        ).scalar_one()
+    )
+
+
+def test_a_store_opened_reader_reads_with_a_prepared_statement_and_survives_its_loss(
+    store: MessageStore,
+) -> None:
+    """psycopg2 has no prepared statements of its own: on the connection the store opened for
+    the reader, the read is prepared once, so the server does not plan it again per stream
+    (psycopg 3 prepares by itself). If the session loses it in between (DEALLOCATE ALL, as a
+    pooler's DISCARD does), the next read prepares it again instead of failing."""
+    fill(store, ["a", "b", "a"])
+    psycopg2 = store.engine.dialect.driver == "psycopg2"
+    with store.reader() as reader:
+        assert [m.version for m in reader.read("a")] == [1, 2]
+        assert _prepared_reads(reader._conn, store) == (1 if psycopg2 else 0)
+        reader._conn.exec_driver_sql("DEALLOCATE ALL")
+        assert [m.version for m in reader.read("a")] == [1, 2]
+        assert [m.version for m in reader.read("b")] == [1]
+        assert _prepared_reads(reader._conn, store) == (1 if psycopg2 else 0)
+
+
+def test_a_reader_on_a_callers_connection_prepares_nothing_there(
+    engine: sa.Engine, store: MessageStore
+) -> None:
+    """A lost prepared statement would abort the caller's transaction, so none is made there."""
+    fill(store, ["a"])
+    with engine.connect() as conn:
+        with store.reader(conn=conn) as reader:
+            assert [m.version for m in reader.read("a")] == [1]
+        assert _prepared_reads(conn, store) == 0
+        conn.rollback()
+
+
 # -- lookups by id --------------------------------------------------------------------------------
 
 
