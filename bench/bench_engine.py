@@ -52,6 +52,7 @@ from bench.common import (
     describe_code,
     describe_server,
     load_average,
+    paced_writes,
     print_table,
     resolve_server,
 )
@@ -280,13 +281,9 @@ def latency(server: Server, driver: str, name: str, count: int, rate: float) -> 
         if not ready.wait(60):
             raise RuntimeError("executor process did not start")
         time.sleep(0.5)
-        sent: dict[int, float] = {}
-        wrote: dict[int, float] = {}
-        for number in range(count):
-            sent[number] = time.monotonic()
-            store.write(f"lat-{number % 50}", BenchEvent(number=number))
-            wrote[number] = time.monotonic()
-            time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - sent[number])))
+        sent, wrote = paced_writes(
+            count, rate, lambda number: store.write(f"lat-{number % 50}", BenchEvent(number=number))
+        )
         received, notified, projected = results.get(timeout=120)
     finally:
         child.join(timeout=30)

@@ -111,6 +111,7 @@ from bench.common import (
     describe_code,
     describe_server,
     load_average,
+    paced_writes,
     parse_drivers,
     resolve_server,
     run_in_processes,
@@ -237,39 +238,25 @@ def es_environment(server: Server, schema: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class EsConfig:
     env: dict[str, str]
+    events_per_save: int = 1
 
 
-def es_save_one(index: int, config: EsConfig) -> Step:
-    """One command on one of AGGREGATES aggregates, one `app.save()`: one event per transaction."""
+def es_saves(index: int, config: EsConfig) -> Step:
+    """`events_per_save` commands on one of AGGREGATES aggregates, one `app.save()`: that
+    many events per transaction."""
     app = EsWrites(config.env)
     aggregates = [Series() for _ in range(AGGREGATES)]
     app.save(*aggregates)
     counter = itertools.count()
+    per_save = config.events_per_save
 
     def step() -> int:
         n = next(counter)
         aggregate = aggregates[n % AGGREGATES]
-        aggregate.add(n)
+        for i in range(per_save):
+            aggregate.add(n * per_save + i)
         app.save(aggregate)
-        return 1
-
-    return step
-
-
-def es_save_batch(index: int, config: EsConfig) -> Step:
-    """BATCH commands on one aggregate, one `app.save()`: BATCH events per transaction."""
-    app = EsWrites(config.env)
-    aggregates = [Series() for _ in range(AGGREGATES)]
-    app.save(*aggregates)
-    counter = itertools.count()
-
-    def step() -> int:
-        n = next(counter)
-        aggregate = aggregates[n % AGGREGATES]
-        for i in range(BATCH):
-            aggregate.add(n * BATCH + i)
-        app.save(aggregate)
-        return BATCH
+        return per_save
 
     return step
 
@@ -342,15 +329,13 @@ def es_latency(env: dict[str, str], name: str, count: int, rate: float) -> dict[
         if not ready.wait(60):
             raise RuntimeError("eventsourcing's runner process did not start")
         time.sleep(0.5)  # as bench_engine's latency(): its listener is up
-        sent: dict[int, float] = {}
-        wrote: dict[int, float] = {}
-        for number in range(count):
-            sent[number] = time.monotonic()
+
+        def save(number: int) -> None:
             aggregate = aggregates[number % LATENCY_AGGREGATES]
             aggregate.add(number)
             app.save(aggregate)
-            wrote[number] = time.monotonic()
-            time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - sent[number])))
+
+        sent, wrote = paced_writes(count, rate, save)
         received: dict[int, float] = results.get(timeout=120)
     finally:
         child.join(timeout=30)
@@ -464,7 +449,7 @@ class Bench:
             ).engine.dispose()
         tables = [quote_ident(StoreNames(self.store_name("w", d)).messages_table) for d in self.drivers]
         tables.append(self.es_table(EsWrites))
-        es = EsConfig(self.env)
+        es_one, es_batch = EsConfig(self.env), EsConfig(self.env, events_per_save=BATCH)
         single = Figure("single appends, 1 event/txn", "events/s", {}, [])
         write_all = Figure(f"{BATCH} events/txn: write_all vs save()", "events/s", {}, [])
         in_txn = Figure(f"{BATCH} events/txn: {BATCH} x write(conn) vs save()", "events/s", {}, [])
@@ -475,7 +460,7 @@ class Bench:
         plan: list[tuple[Figure, str, str, WorkerFactory, Callable[[str], Any]]] = []
         for driver in self.drivers:
             plan.append((single, driver, f"ours[{driver}] store.write()", ours_write, ours))
-        plan.append((single, THEIRS, "eventsourcing app.save(1 new event)", es_save_one, lambda _: es))
+        plan.append((single, THEIRS, "eventsourcing app.save(1 new event)", es_saves, lambda _: es_one))
         for driver in self.drivers:
             plan.append((write_all, driver, f"ours[{driver}] store.write_all({BATCH})", ours_write_all, ours))
             plan.append(
@@ -488,7 +473,7 @@ class Bench:
                 )
             )
         plan.append(
-            (write_all, THEIRS, f"eventsourcing app.save({BATCH} new events)", es_save_batch, lambda _: es)
+            (write_all, THEIRS, f"eventsourcing app.save({BATCH} new events)", es_saves, lambda _: es_batch)
         )
         print(
             f"writes, 1 process, {self.args.duration:g} s each, {AGGREGATES} streams / aggregates round robin"

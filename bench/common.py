@@ -324,6 +324,22 @@ def run_in_processes(factory: WorkerFactory, config: Any, processes: int, durati
 # -- reporting --------------------------------------------------------------------------------
 
 
+def paced_writes(
+    count: int, rate: float, write: Callable[[int], None]
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Call `write(number)` for number 0..count-1 at `rate` calls per second; returns when each
+    call started and when it returned (`time.monotonic()`), by number: the writer's side of a
+    write-to-handler latency figure."""
+    sent: dict[int, float] = {}
+    wrote: dict[int, float] = {}
+    for number in range(count):
+        sent[number] = time.monotonic()
+        write(number)
+        wrote[number] = time.monotonic()
+        time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - sent[number])))
+    return sent, wrote
+
+
 @dataclass(frozen=True)
 class Target:
     """What a figure should reach: a ratio to the baseline, or an absolute rate."""
