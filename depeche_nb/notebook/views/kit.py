@@ -395,7 +395,7 @@ def _arrow_datetimes(column: pd.Series[Any]) -> pd.Series[Any] | None:
             parsed = pc.cast(array, target, memory_pool=pool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             continue
-        times = parsed.to_pandas(types_mapper=None)
+        times = parsed.to_pandas()
         if target.tz is None:
             times = times.dt.tz_localize("UTC")
         result: pd.Series[Any] = times.astype("datetime64[us, UTC]")

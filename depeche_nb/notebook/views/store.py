@@ -227,7 +227,7 @@ def _assemble(
 
     # The memory of a column's parts handed back before the next column is joined; one
     # chunk has no parts to free (a trim walks the heap: milliseconds in a big process).
-    freed = return_freed_memory if meta.chunks > 1 else _nothing
+    freed = return_freed_memory if meta.chunks > 1 else lambda: None
     columns: dict[str, Any] = {}
     for name in MESSAGE_COLUMNS:
         columns[name] = meta.take(name)
@@ -255,10 +255,6 @@ def _assemble(
     # copy=False: the columns as they are, not consolidated into blocks (a copy of each).
     frame: pd.DataFrame = pd.DataFrame(columns, copy=False)
     return frame
-
-
-def _nothing() -> None:
-    pass
 
 
 def _same_strings(column: pd.Series[Any], ids: pd.Series[Any]) -> bool:
