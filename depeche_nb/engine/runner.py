@@ -139,6 +139,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         self._keep_running = True
         # The claim `_handle_batch` released itself (with its last ack, see the batched runner).
         self._released: PartitionClaim | None = None
+        # The claim whose batch was just handled, with the position its batch still has to
+        # acknowledge (None: nothing): the next claim of the step takes them along.
+        self._handing_over: tuple[PartitionClaim, int | None] | None = None
         # Partitions a projector in this process just advanced (see `take_handoff`).
         self._hinted: dict[int, int] = {}
         self._hint_lock = threading.Lock()
@@ -249,35 +252,53 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             partitions = [candidate.partition for candidate in subscription.partitions_with_work()]
         else:
             partitions = hinted
-        for partition in partitions:
-            if remaining is not None and remaining <= 0:
-                break
-            if not self._keep_running:
-                break
-            count = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            handled = self._handle_partition(partition, count, report)
-            if remaining is not None:
-                remaining -= handled
+        try:
+            for partition in partitions:
+                if remaining is not None and remaining <= 0:
+                    break
+                if not self._keep_running:
+                    break
+                count = self.batch_size if remaining is None else min(self.batch_size, remaining)
+                handled = self._handle_partition(partition, count, report)
+                if remaining is not None:
+                    remaining -= handled
+        finally:
+            handing_over, self._handing_over = self._handing_over, None
+            if handing_over is not None:
+                claim, position = handing_over
+                if not subscription.release_after(claim, position):
+                    report.lost_partitions.append(claim.partition)
         return report
 
     def _handle_partition(self, partition: int, count: int, report: RunnerReport) -> int:
         subscription = self.subscription
         # The state is read under the claim: another runner may have moved on meanwhile.
-        claimed = subscription.claim_batch(partition, count)
+        handing_over, self._handing_over = self._handing_over, None
+        if handing_over is None:
+            claimed = subscription.claim_batch(partition, count)
+        else:
+            # The previous partition's ack and release go in the same round trip.
+            acked, claimed = subscription.hand_over(*handing_over, partition, count)
+            if not acked:
+                report.lost_partitions.append(handing_over[0].partition)
         if claimed is None:
             report.contended_partitions.append(partition)
             return 0
         claim, batch = claimed
         handled_before = len(report.handled)
         try:
-            return self._handle_batch(claim, batch, report)
-        except PartitionLostError:
+            handled, to_ack = self._handle_batch(claim, batch, report)
+        except BaseException as error:
+            if self._released is not claim:
+                subscription.release(claim)
+            if not isinstance(error, PartitionLostError):
+                raise
             # Whoever holds the partition now delivers the rest (and the refused ack's message).
             report.lost_partitions.append(partition)
             return len(report.handled) - handled_before
-        finally:
-            if self._released is not claim:
-                subscription.release(claim)
+        # Acknowledged and released with the next partition's claim, or at the step's end.
+        self._handing_over = (claim, to_ack)
+        return handled
 
     def _check_claim(self, claim: PartitionClaim) -> None:
         """Before each delivery: a claim whose lock session ended is abandoned at once."""
@@ -289,7 +310,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
 
     def _handle_batch(
         self, claim: PartitionClaim, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport
-    ) -> int:
+    ) -> tuple[int, int | None]:
+        """Deliver `batch` under `claim`: how many messages it delivered, and the position
+        still to acknowledge when the claim is released (None: nothing left to)."""
         subscription = self.subscription
         for done, (partition, position, stored) in enumerate(batch):
             self._check_claim(claim)
@@ -298,10 +321,10 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             if not self._deliver(message, report, park_ack=ack.execute):
                 # Not acknowledged (the handler rolled it back, or its own transaction did
                 # not commit within the retry policy): it comes again.
-                return done + 1
+                return done + 1, None
             if not ack.executed:
                 ack.execute()
-        return len(batch)
+        return len(batch), None
 
     def _deliver(self, message: SubscriptionMessage[E], report: RunnerReport, park_ack: Any) -> bool:
         """Call the handler with retries and record the outcome; False if the message must
@@ -417,7 +440,7 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
 
     def _handle_batch(
         self, claim: PartitionClaim, batch: list[tuple[int, int, StoredMessage[E]]], report: RunnerReport
-    ) -> int:
+    ) -> tuple[int, int | None]:
         subscription = self.subscription
         acked: int | None = None
         batch_ack = BatchAck()  # holds nothing: one for the whole batch
@@ -425,17 +448,18 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
             for partition, position, stored in batch:
                 self._check_claim(claim)
                 message = SubscriptionMessage(partition, position, stored, batch_ack)
-                # A parked message is acknowledged with the rest of the batch below.
+                # A parked message is acknowledged with the rest of the batch.
                 self._deliver(message, report, park_ack=None)
                 acked = position
-        finally:
+        except BaseException:
             # Also on EXIT: what was handled stays handled (never rewind to -1). Fenced:
             # after a takeover this raises PartitionLostError and the new holder re-delivers.
             # The ack and the release go in one round trip.
             if acked is not None:
                 self._released = claim
                 subscription.ack_and_release(claim, acked)
-        return len(batch)
+            raise
+        return len(batch), acked
 
 
 __all__ = [

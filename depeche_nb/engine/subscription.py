@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from depeche_nb.core.display import RichRepr, run_view
-from depeche_nb.core.errors import AckRolledback
+from depeche_nb.core.errors import AckRolledback, PartitionLostError
 from depeche_nb.core.identifiers import check_positive_int, validate_name
 from depeche_nb.core.interfaces import (
     CallMiddleware,
@@ -240,9 +240,15 @@ class Subscription(RichRepr, Generic[E]):
         )
         if rows is None:
             return None
+        return self._claimed_from_rows(partition, lock_name, rows)
+
+    def _claimed_from_rows(
+        self, partition: int, lock_name: str, rows: list[Any]
+    ) -> tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]]:
+        """The claim and batch in the rows of `claim_slice_sql`, whose lock was granted."""
         claim = PartitionClaim(partition, lock_name, int(rows[0][1]))
         try:
-            batch = self._stream.slice_from_rows([row[3:] for row in rows if row[3] is not None])
+            batch = self._stream.slice_from_rows([row[4:] for row in rows if row[4] is not None])
         except BaseException:
             self.release(claim)
             raise
@@ -286,6 +292,65 @@ class Subscription(RichRepr, Generic[E]):
                 self.release(claim)
             return
         check_fenced(int(row[1]), self.name, claim.partition, position, claim.token)
+
+    def hand_over(
+        self, claim: PartitionClaim, position: int | None, partition: int, count: int
+    ) -> tuple[bool, tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None]:
+        """A runner done with `claim`'s batch goes on to the next partition:
+        `ack_and_release(claim, position)` (only `release(claim)` when `position` is None),
+        then `claim_batch(partition, count)`. With the database's providers (see
+        `claim_batch`) all in one round trip on the lock session. Returns whether the
+        acknowledgement held (False: the partition was lost, as `PartitionLostError` from
+        `ack_and_release` says) and the claim, None if another runner holds `partition`."""
+        provider = self._lock_provider
+        statement = self._claim_statement()
+        token = claim.token
+        lock_name = self.partition_lock_name(partition)
+        rows = None
+        if statement is not None and token is not None and isinstance(provider, DbLockProvider):
+            if position is None:
+                params: tuple[Any, ...] = ()
+
+                def build(cursor: Any) -> str:
+                    return "SELECT pg_advisory_unlock(%s::bigint)"
+            else:
+                sql = self._state_provider.sql  # type: ignore[attr-defined]
+                params = (position, self.name, claim.partition, token, position)
+
+                def build(cursor: Any) -> str:
+                    return str(sql.ack_then_unlock_sql(prepared_sql(cursor, sql.fenced_recording)))
+
+            rows = provider.run_then_unlock_and_lock_with(
+                claim.lock_name,
+                build,
+                params,
+                lock_name,
+                statement,
+                {"subscription": self.name, "partition": partition, "count": count},
+            )
+        if rows is None or token is None:
+            return self.release_after(claim, position), self.claim_batch(partition, count)
+        acked = True
+        if position is not None:
+            try:
+                check_fenced(int(rows[0][3]), self.name, claim.partition, position, token)
+            except PartitionLostError:
+                acked = False
+        if not rows[0][0]:
+            return acked, None
+        return acked, self._claimed_from_rows(partition, lock_name, rows)
+
+    def release_after(self, claim: PartitionClaim, position: int | None) -> bool:
+        """`ack_and_release(claim, position)`, only `release(claim)` when `position` is None;
+        False when the acknowledgement was refused (`PartitionLostError`)."""
+        if position is None:
+            self.release(claim)
+            return True
+        try:
+            self.ack_and_release(claim, position)
+        except PartitionLostError:
+            return False
+        return True
 
     def release(self, claim: PartitionClaim) -> None:
         self._lock_provider.unlock(claim.lock_name)

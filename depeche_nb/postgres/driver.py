@@ -140,6 +140,18 @@ def script_value(connection: Any, sql: str, params: tuple[Any, ...]) -> str | No
     return None if value is None else value.decode(encoding)
 
 
+def render(cursor: Any, sql: str, params: Any) -> str:
+    """`sql` with `params` bound as the cursor binds them (on the client, see the module
+    docstring), as text to join with other rendered statements into one script; run the
+    script without parameters, so nothing in it is taken for a placeholder again."""
+    text = cursor.mogrify(sql, params)
+    if isinstance(text, bytes):  # psycopg2
+        import psycopg2.extensions
+
+        return text.decode(psycopg2.extensions.encodings[cursor.connection.encoding])
+    return str(text)
+
+
 def _literal(value: Any, escape: Any, encoding: str) -> str:
     if value is None:
         return "NULL"

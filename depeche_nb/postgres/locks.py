@@ -28,8 +28,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, socket_watch
-from depeche_nb.postgres.rawconn import Prepared, autocommit_cursor, execute_prepared, open_dbapi_connection
+from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, render, socket_watch
+from depeche_nb.postgres.rawconn import (
+    Prepared,
+    autocommit_cursor,
+    execute_prepared,
+    open_dbapi_connection,
+    prepared_sql,
+)
 
 _MASK32 = 0xFFFFFFFF
 _HELD_SQL = """
@@ -55,6 +61,21 @@ _HOLDERS_SQL = """
         AND l.classid = u.hi::oid AND l.objid = u.lo::oid
     LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 """
+
+
+# Set once on every lock session:
+# - no idle timeouts, which would end the session (and its locks) between batches;
+# - asynchronous commit: what commits on this session (a claim's fencing token, see
+#   `DbLockProvider.lock_with`) needs no flush of its own; the acknowledgement that depends
+#   on it commits synchronously, which flushes it too;
+# - no bitmap scans: a claim reads a partition's next rows with ORDER BY position LIMIT n.
+#   On a table not yet analysed (a fresh stream, a bulk import) the planner expects a few
+#   rows and prefers a bitmap scan of every row after the position plus a sort, so each
+#   batch would read the rest of its partition. The ordered index scan stops after n.
+LOCK_SESSION_SETTINGS = (
+    "SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0; "
+    "SET synchronous_commit = off; SET enable_bitmapscan = off"
+)
 
 
 @_dc.dataclass(frozen=True)
@@ -131,14 +152,8 @@ class DbLockProvider:
             self._forget_session()
             self._connection = open_dbapi_connection(self._engine)
             self._server_has_spoken = socket_watch(self._connection)
-            # Asynchronous commit: what commits on this session (a claim's fencing token, see
-            # `lock_with`) needs no flush of its own; the acknowledgement that depends on it
-            # commits synchronously elsewhere, which flushes it too.
             with self._connection.cursor() as cursor:
-                cursor.execute(
-                    "SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0; "
-                    "SET synchronous_commit = off"
-                )
+                cursor.execute(LOCK_SESSION_SETTINGS)
         return self._connection.cursor()
 
     def _forget_session(self) -> None:
@@ -264,6 +279,48 @@ class DbLockProvider:
                 self._forget_session()
                 self._lost.discard(name)
                 raise
+
+    def run_then_unlock_and_lock_with(
+        self,
+        release: str,
+        build: Callable[[Any], str],
+        params: tuple[Any, ...],
+        take: str,
+        statement: Prepared,
+        take_params: dict[str, Any],
+    ) -> list[Any] | None:
+        """`run_then_unlock(release, build, params)` and then `lock_with(take, statement,
+        take_params)`, in one round trip on the lock session: a runner hands one partition
+        back (with its batch's acknowledgement) and claims the next. Returns the rows of
+        `statement`, whose first value says whether `take` was granted (it is then held),
+        or None, running nothing, when `release` went with its session or `take` is held
+        here already: then do both the usual way. If the script fails, the session is
+        closed, as in `run_then_unlock`, and neither lock is held."""
+        with self._mutex:
+            if release in self._lost or take in self._held:
+                return None
+            if release not in self._held:
+                raise KeyError(f"lock {release!r} is not held by this provider")
+            self._held.discard(release)
+            self._lost.discard(take)
+            take_key = advisory_key(self.name, take)
+            try:
+                with self._cursor() as cursor:
+                    handing_back = render(cursor, build(cursor), (*params, advisory_key(self.name, release)))
+                    take_params = {**take_params, "lock_key": take_key}
+                    taking = render(cursor, prepared_sql(cursor, statement), take_params)
+                    cursor.execute(f"{handing_back}; {taking}")
+                    rows = list(cursor.fetchall())
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
+                self._forget_session()
+                self._lost.discard(release)
+                self._lost.discard(take)
+                raise
+            if rows and rows[0][0]:
+                self._held.add(take)
+            return rows
 
     def unlock(self, name: str) -> None:
         with self._mutex:

@@ -386,13 +386,18 @@ class StreamStatements:
         (`%(lock_key)s`, taken without waiting), then, only if granted, the fencing token's
         bump (`StateTable.take_if_got_sql`) and the `%(count)s` messages after the
         acknowledged position that bump returns. Rows: (got the lock, token, acknowledged
-        position, partition, position, message row...), one row without a message when
-        there is none (or no lock). The messages come from the statement's snapshot, taken
-        before the lock: all of them committed, possibly fewer than committed by now."""
+        position, outcome of the acknowledgement before it, partition, position, message
+        row...), one row without a message when there is none (or no lock). The outcome is
+        the session's `depeche_nb.acked` setting (`StateTable.fenced_recording`), for a
+        script that acknowledges another partition's batch first
+        (`DbLockProvider.run_then_unlock_and_lock_with`). The messages come from the
+        statement's snapshot, taken before the lock: all of them committed, possibly fewer
+        than committed by now."""
         return (
             "WITH got AS MATERIALIZED (SELECT pg_try_advisory_lock(%(lock_key)s::bigint) AS ok), "
             f"taken AS ({state.take_if_got_sql}) "
-            f"SELECT got.ok, t.token, t.position, s.partition, s.position, {text_row_columns('m')} "
+            "SELECT got.ok, t.token, t.position, current_setting('depeche_nb.acked', true), "
+            f"s.partition, s.position, {text_row_columns('m')} "
             "FROM got LEFT JOIN taken t ON true "
             f"LEFT JOIN LATERAL (SELECT partition, position, global_position FROM {self._table} "
             "WHERE partition = %(partition)s AND position > t.position ORDER BY position "

@@ -281,6 +281,101 @@ def test_reset_of_one_partition_does_not_touch_another_one_being_worked_on(
     assert {p.partition: p.position for p in sub.progress()} == {0: 5, 1: 0}
 
 
+class TwoPartitions:
+    """Partition 0 (eight messages) is handled first, then partition 1 (three)."""
+
+    def __init__(self, engine: sa.Engine, name: str) -> None:
+        self.engine = engine
+        self.store = depeche_nb.MessageStore(
+            name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered)
+        )
+        self.stream = self.store.aggregated_stream(
+            name=f"{name}_agg", partitioner=ByStreamNumber(), stream_wildcards=["p-%"]
+        )
+        self.store.write_all("p-0", [Numbered(number=n) for n in range(MESSAGES)])
+        self.store.write_all("p-1", [Numbered(number=100 + n) for n in range(3)])
+        self.stream.projector.run()
+        self.name = name
+
+    def subscription(self, handle: Any, **kwargs: Any) -> Any:
+        register: MessageHandlerRegister[Numbered] = MessageHandlerRegister()
+        register.register(handle)
+        return self.stream.subscription(name=f"{self.name}_sub", handlers=register, **kwargs)
+
+    def positions(self, subscription: Any) -> dict[int, int]:
+        return {p.partition: p.position for p in subscription.progress()}
+
+
+class ByStreamNumber:
+    def get_partition(self, message: Any) -> int:
+        return int(message.stream.rsplit("-", 1)[1])
+
+
+@pytest.mark.parametrize("ack_strategy", [AckStrategy.SINGLE, AckStrategy.BATCHED])
+def test_an_ack_refused_on_the_way_to_the_next_partition_loses_only_its_own(
+    engine: sa.Engine, unique_name: str, ack_strategy: AckStrategy
+) -> None:
+    """A runner hands partition 0 back (its batch's ack, its unlock) in the round trip that
+    claims partition 1. Partition 0 was taken over meanwhile, as another runner's claim
+    does it (the fencing token bumped): its ack is refused and reported, nothing of it is
+    stored, and partition 1 is handled as usual."""
+    two = TwoPartitions(engine, unique_name)
+    delivered: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        number = message.stored_message.message.number
+        delivered.append(number)
+        if number == MESSAGES - 1:
+            state_table = holder["sub"].state_provider.sql.table
+            with engine.begin() as conn:
+                conn.exec_driver_sql(
+                    f"UPDATE {state_table} SET token = token + 1 "
+                    "WHERE subscription_name = %s AND partition = 0",
+                    (holder["sub"].name,),
+                )
+
+    sub = two.subscription(handle, ack_strategy=ack_strategy)
+    holder["sub"] = sub
+    report = sub.runner.step()
+    assert delivered == [*range(MESSAGES), 100, 101, 102]
+    assert report.lost_partitions == [0], report
+    # One ack per message: only the last one, made after the takeover, is refused. The
+    # batch's one ack is refused as a whole.
+    single = ack_strategy is AckStrategy.SINGLE
+    assert two.positions(sub) == {0: MESSAGES - 2 if single else -1, 1: 2}
+    assert not sub.lock_provider.held()
+
+
+def test_a_hand_over_to_a_partition_another_runner_holds_acks_and_leaves_it(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    two = TwoPartitions(engine, unique_name)
+    delivered: list[int] = []
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        delivered.append(message.stored_message.message.number)
+
+    sub = two.subscription(handle, ack_strategy=AckStrategy.BATCHED)
+    # Another runner of the subscription, with a lock session of its own.
+    other = two.subscription(
+        handle, ack_strategy=AckStrategy.BATCHED, lock_provider=DbLockProvider(f"{unique_name}_sub", engine)
+    )
+    sub.ensure_initialized()
+    held = other.claim(1)
+    assert held is not None
+    try:
+        report = sub.runner.step()
+    finally:
+        other.release(held)
+    assert delivered == list(range(MESSAGES))
+    assert report.contended_partitions == [1] and report.lost_partitions == []
+    assert two.positions(sub) == {0: MESSAGES - 1, 1: -1}
+    assert not sub.lock_provider.held()
+    sub.runner.run()
+    assert delivered == [*range(MESSAGES), 100, 101, 102]
+
+
 def test_concurrent_replays_of_one_parked_message_run_the_handler_once(setup: Setup) -> None:
     engine = setup.engine
     failing = {"on": True}

@@ -7,6 +7,7 @@ module are real objects, except where a test spells out a string annotation.
 """
 
 import datetime as dt
+import json
 import logging
 import sys
 import threading
@@ -33,6 +34,8 @@ from depeche_nb import (
     StartAtPointInTime,
     SubscriptionMessage,
 )
+from depeche_nb.postgres.locks import LOCK_SESSION_SETTINGS
+from depeche_nb.postgres.rawconn import Prepared
 from depeche_nb.tools import DbLockProvider
 from tests.engine.support import Env, ModuloPartitioner, positions, register
 from tests.support import Numbered
@@ -659,6 +662,49 @@ def test_step_handles_at_most_max_messages_and_reports_a_typed_dataframe(env: En
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError):
             subscription.runner.step(max_messages=bad)
+
+
+def _rows_read_from(plan: dict[str, Any], table: str) -> int:
+    """Rows the scans of `table` returned in an EXPLAIN ANALYZE JSON plan, over all loops."""
+    own = 0
+    if plan.get("Relation Name") == table:
+        own = int(plan["Actual Rows"] * plan.get("Actual Loops", 1))
+    return own + sum(_rows_read_from(child, table) for child in plan.get("Plans", []))
+
+
+def test_a_claim_reads_its_batch_not_the_rest_of_an_unanalysed_partition(env: Env) -> None:
+    # A fresh stream has no statistics: the planner expects a handful of rows per partition
+    # and, unless the lock session rules it out, scans every row after the position with a
+    # bitmap and sorts them, for every batch: quadratic in the partition's size.
+    env.numbers(0, range(2000))
+    env.project()
+    stream_table = env.stream.names.table
+    with env.engine.begin() as conn:
+        conn.exec_driver_sql(f'ALTER TABLE "{stream_table}" SET (autovacuum_enabled = false)')
+        analysed = conn.exec_driver_sql(
+            "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables WHERE relname = %s",
+            (stream_table,),
+        ).one()
+    assert analysed == (None, None)
+    subscription = env.subscription(register(FlakyNumbers().handle), batch_size=100)
+    subscription.ensure_initialized()
+    provider = subscription.lock_provider
+    assert isinstance(provider, DbLockProvider)
+    # The lock session runs with LOCK_SESSION_SETTINGS...
+    setting = Prepared("SELECT pg_try_advisory_lock(%(lock_key)s), current_setting('enable_bitmapscan')")
+    assert provider.lock_with("look", setting, {}) == [(True, "off")]
+    provider.unlock("look")
+    # ...under which the claim's plan reads one batch (and the row that ends it).
+    claim_sql = env.stream.statements.claim_slice_sql(subscription.state_provider.sql)
+    with env.engine.connect() as conn:
+        conn.exec_driver_sql(LOCK_SESSION_SETTINGS)
+        plan = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + claim_sql,
+            {"lock_key": 1, "subscription": subscription.name, "partition": 0, "count": 100},
+        ).scalar_one()
+        conn.rollback()
+    plan = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+    assert _rows_read_from(plan, stream_table) <= 101, "the claim read past its batch"
 
 
 # -- names ---------------------------------------------------------------------------------------
