@@ -39,6 +39,12 @@ class PartitionClaim:
     token: int | None
 
 
+# A claim and its batch: (partition, position, stored message) per message.
+Claimed = tuple[PartitionClaim, list[tuple[int, int, "StoredMessage[E]"]]]
+# A claim whose batch was handled, and the position still to acknowledge (None: nothing).
+HandingOver = tuple[PartitionClaim, "int | None"]
+
+
 class StoreSource(Protocol[E]):
     """A message store as the aggregated streams over it and the trace see it (the store
     itself, `engine.message_store.MessageStore`, makes both)."""
@@ -117,9 +123,7 @@ class ClaimSource(Protocol[E]):
 
     def claim(self, partition: int) -> PartitionClaim | None: ...
 
-    def claim_batch(
-        self, partition: int, count: int
-    ) -> tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None: ...
+    def claim_batch(self, partition: int, count: int) -> Claimed[E] | None: ...
 
     def release(self, claim: PartitionClaim) -> None: ...
 
@@ -129,7 +133,13 @@ class ClaimSource(Protocol[E]):
 
     def hand_over(
         self, claim: PartitionClaim, position: int | None, partition: int, count: int
-    ) -> tuple[bool, tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None]: ...
+    ) -> tuple[bool, Claimed[E] | None]: ...
+
+    def send_ahead(self, handing_over: HandingOver | None, partition: int | None, count: int) -> bool: ...
+
+    def collect_ahead(
+        self, handing_over: HandingOver | None, partition: int | None, count: int
+    ) -> tuple[bool, Claimed[E] | None]: ...
 
     def still_holds(self, claim: PartitionClaim) -> bool: ...
 
@@ -140,4 +150,4 @@ class ClaimSource(Protocol[E]):
     def next_batch(self, partition: int, count: int) -> list[tuple[int, int, StoredMessage[E]]]: ...
 
 
-__all__ = ["ClaimSource", "PartitionClaim", "StoreSource", "StreamSource"]
+__all__ = ["ClaimSource", "Claimed", "HandingOver", "PartitionClaim", "StoreSource", "StreamSource"]

@@ -36,7 +36,7 @@ from depeche_nb.engine.progress import open_progress
 if TYPE_CHECKING:
     import pandas as pd
 
-    from depeche_nb.engine.protocols import ClaimSource, PartitionClaim
+    from depeche_nb.engine.protocols import Claimed, ClaimSource, HandingOver, PartitionClaim
 
 E = TypeVar("E")
 
@@ -141,7 +141,10 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         self._released: PartitionClaim | None = None
         # The claim whose batch was just handled, with the position its batch still has to
         # acknowledge (None: nothing): the next claim of the step takes them along.
-        self._handing_over: tuple[PartitionClaim, int | None] | None = None
+        self._handing_over: HandingOver | None = None
+        # What was sent ahead to the lock session (see `_handle_partition`): the hand-over
+        # it carries, the partition it claims (None: none) and how many messages.
+        self._ahead: tuple[HandingOver | None, int | None, int] | None = None
         # Partitions a projector in this process just advanced (see `take_handoff`).
         self._hinted: dict[int, int] = {}
         self._hint_lock = threading.Lock()
@@ -252,17 +255,21 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
             partitions = [candidate.partition for candidate in subscription.partitions_with_work()]
         else:
             partitions = hinted
+        # Without a message limit, the next partition is claimed while this one is handled.
+        claim_ahead = remaining is None
         try:
-            for partition in partitions:
+            for index, partition in enumerate(partitions):
                 if remaining is not None and remaining <= 0:
                     break
                 if not self._keep_running:
                     break
                 count = self.batch_size if remaining is None else min(self.batch_size, remaining)
-                handled = self._handle_partition(partition, count, report)
+                following = partitions[index + 1] if claim_ahead and index + 1 < len(partitions) else None
+                handled = self._handle_partition(partition, count, report, following)
                 if remaining is not None:
                     remaining -= handled
         finally:
+            self._drop_ahead(report)
             handing_over, self._handing_over = self._handing_over, None
             if handing_over is not None:
                 claim, position = handing_over
@@ -270,25 +277,41 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
                     report.lost_partitions.append(claim.partition)
         return report
 
-    def _handle_partition(self, partition: int, count: int, report: RunnerReport) -> int:
+    def _handle_partition(
+        self, partition: int, count: int, report: RunnerReport, following: int | None
+    ) -> int:
+        """Claim `partition` and handle its batch; `following`: the partition to claim while
+        doing so, where the driver can send a script ahead (see `Subscription.send_ahead`)."""
         subscription = self.subscription
         # The state is read under the claim: another runner may have moved on meanwhile.
-        handing_over, self._handing_over = self._handing_over, None
-        if handing_over is None:
-            claimed = subscription.claim_batch(partition, count)
+        if self._ahead is not None and self._ahead[1] == partition:
+            claimed = self._collect_ahead(report)
         else:
-            # The previous partition's ack and release go in the same round trip.
-            acked, claimed = subscription.hand_over(*handing_over, partition, count)
-            if not acked:
-                report.lost_partitions.append(handing_over[0].partition)
+            self._drop_ahead(report)
+            handing_over, self._handing_over = self._handing_over, None
+            if handing_over is None:
+                claimed = subscription.claim_batch(partition, count)
+            else:
+                # The previous partition's ack and release go in the same round trip.
+                acked, claimed = subscription.hand_over(*handing_over, partition, count)
+                if not acked:
+                    report.lost_partitions.append(handing_over[0].partition)
         if claimed is None:
             report.contended_partitions.append(partition)
             return 0
         claim, batch = claimed
+        handing_over = self._handing_over
+        if (handing_over is not None or following is not None) and subscription.send_ahead(
+            handing_over, following, count
+        ):
+            # The server acknowledges the previous batch and claims the next one meanwhile.
+            self._ahead = (handing_over, following, count)
+            self._handing_over = None
         handled_before = len(report.handled)
         try:
             handled, to_ack = self._handle_batch(claim, batch, report)
         except BaseException as error:
+            self._drop_ahead(report)
             if self._released is not claim:
                 subscription.release(claim)
             if not isinstance(error, PartitionLostError):
@@ -299,6 +322,24 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         # Acknowledged and released with the next partition's claim, or at the step's end.
         self._handing_over = (claim, to_ack)
         return handled
+
+    def _collect_ahead(self, report: RunnerReport) -> Claimed[E] | None:
+        """The outcome of what was sent ahead: the previous batch's ack (a refused one is
+        reported) and the claim of the partition sent with it, if any and granted."""
+        sent, self._ahead = self._ahead, None
+        if sent is None:
+            return None
+        handing_over, partition, count = sent
+        acked, claimed = self.subscription.collect_ahead(handing_over, partition, count)
+        if not acked and handing_over is not None:
+            report.lost_partitions.append(handing_over[0].partition)
+        return claimed
+
+    def _drop_ahead(self, report: RunnerReport) -> None:
+        """`_collect_ahead` when the step does not go on to the partition claimed ahead."""
+        claimed = self._collect_ahead(report)
+        if claimed is not None:
+            self.subscription.release(claimed[0])
 
     def _check_claim(self, claim: PartitionClaim) -> None:
         """Before each delivery: a claim whose lock session ended is abandoned at once."""
@@ -454,7 +495,8 @@ class BatchedAckSubscriptionRunner(SubscriptionRunner[E]):
         except BaseException:
             # Also on EXIT: what was handled stays handled (never rewind to -1). Fenced:
             # after a takeover this raises PartitionLostError and the new holder re-delivers.
-            # The ack and the release go in one round trip.
+            # The ack and the release go in one round trip, once the lock session is free.
+            self._drop_ahead(report)
             if acked is not None:
                 self._released = claim
                 subscription.ack_and_release(claim, acked)

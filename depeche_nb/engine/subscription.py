@@ -38,11 +38,11 @@ from depeche_nb.engine.definitions import check_subscription
 from depeche_nb.engine.error_handlers import RetryPolicy
 from depeche_nb.engine.handlers import MessageHandlerRegister, SubscriptionMessageHandler
 from depeche_nb.engine.parking import DISCARDED, IGNORED, PARKED, REPLAYED, ParkedMessage, ParkedMessages
-from depeche_nb.engine.protocols import PartitionClaim
+from depeche_nb.engine.protocols import Claimed, HandingOver, PartitionClaim
 from depeche_nb.engine.runner import BatchedAckSubscriptionRunner, SubscriptionRunner
 from depeche_nb.engine.start_points import StartAtBeginning, StartAtNextMessage, StartAtPointInTime
 from depeche_nb.engine.state import DbSubscriptionStateProvider, check_fenced
-from depeche_nb.postgres.locks import DbLockProvider
+from depeche_nb.postgres.locks import DbLockProvider, Locking, Unlocking
 from depeche_nb.postgres.names import quote_ident
 from depeche_nb.postgres.rawconn import Prepared, prepared_sql
 
@@ -215,9 +215,7 @@ class Subscription(RichRepr, Generic[E]):
             raise
         return PartitionClaim(partition, lock_name, token)
 
-    def claim_batch(
-        self, partition: int, count: int
-    ) -> tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None:
+    def claim_batch(self, partition: int, count: int) -> Claimed[E] | None:
         """`claim(partition)` and then `next_batch(partition, count)` under it; None if
         another runner holds the partition. With the database's lock and state providers
         on the stream's database, both are one statement on the lock session
@@ -242,9 +240,7 @@ class Subscription(RichRepr, Generic[E]):
             return None
         return self._claimed_from_rows(partition, lock_name, rows)
 
-    def _claimed_from_rows(
-        self, partition: int, lock_name: str, rows: list[Any]
-    ) -> tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]]:
+    def _claimed_from_rows(self, partition: int, lock_name: str, rows: list[Any]) -> Claimed[E]:
         """The claim and batch in the rows of `claim_slice_sql`, whose lock was granted."""
         claim = PartitionClaim(partition, lock_name, int(rows[0][1]))
         try:
@@ -295,50 +291,94 @@ class Subscription(RichRepr, Generic[E]):
 
     def hand_over(
         self, claim: PartitionClaim, position: int | None, partition: int, count: int
-    ) -> tuple[bool, tuple[PartitionClaim, list[tuple[int, int, StoredMessage[E]]]] | None]:
+    ) -> tuple[bool, Claimed[E] | None]:
         """A runner done with `claim`'s batch goes on to the next partition:
         `ack_and_release(claim, position)` (only `release(claim)` when `position` is None),
         then `claim_batch(partition, count)`. With the database's providers (see
         `claim_batch`) all in one round trip on the lock session. Returns whether the
         acknowledgement held (False: the partition was lost, as `PartitionLostError` from
         `ack_and_release` says) and the claim, None if another runner holds `partition`."""
-        provider = self._lock_provider
-        statement = self._claim_statement()
-        token = claim.token
-        lock_name = self.partition_lock_name(partition)
+        provider = self._handing_over_provider(claim)
         rows = None
-        if statement is not None and token is not None and isinstance(provider, DbLockProvider):
-            if position is None:
-                params: tuple[Any, ...] = ()
-
-                def build(cursor: Any) -> str:
-                    return "SELECT pg_advisory_unlock(%s::bigint)"
-            else:
-                sql = self._state_provider.sql  # type: ignore[attr-defined]
-                params = (position, self.name, claim.partition, token, position)
-
-                def build(cursor: Any) -> str:
-                    return str(sql.ack_then_unlock_sql(prepared_sql(cursor, sql.fenced_recording)))
-
+        if provider is not None:
             rows = provider.run_then_unlock_and_lock_with(
-                claim.lock_name,
-                build,
-                params,
-                lock_name,
-                statement,
-                {"subscription": self.name, "partition": partition, "count": count},
+                self._unlocking(claim, position), self._locking(partition, count)
             )
-        if rows is None or token is None:
+        if rows is None:
             return self.release_after(claim, position), self.claim_batch(partition, count)
+        return self._handed_over((claim, position), partition, rows)
+
+    def send_ahead(self, handing_over: HandingOver | None, partition: int | None, count: int) -> bool:
+        """`hand_over` (or only its release, or only its claim when `handing_over` is None)
+        sent to the server without waiting, where the driver can (see
+        `DbLockProvider.send_ahead`): a runner claims its next partition while it handles
+        the current one. Take the outcome with `collect_ahead` before anything else on this
+        subscription's lock session. False when nothing was sent: do it the usual way."""
+        provider = self._handing_over_provider(None if handing_over is None else handing_over[0])
+        if provider is None or not provider.sends_ahead:
+            return False
+        return provider.send_ahead(
+            None if handing_over is None else self._unlocking(*handing_over),
+            None if partition is None else self._locking(partition, count),
+        )
+
+    def collect_ahead(
+        self, handing_over: HandingOver | None, partition: int | None, count: int
+    ) -> tuple[bool, Claimed[E] | None]:
+        """The outcome of `send_ahead` with these arguments, as `hand_over` returns it.
+        When the lock session ended meanwhile, it is done again the usual way (an
+        acknowledgement can be made twice: the position it stores stays the same)."""
+        provider = self._lock_provider
+        assert isinstance(provider, DbLockProvider)
+        rows = provider.collect_ahead()
+        if rows is None:
+            acked = True if handing_over is None else self.release_after(*handing_over)
+            return acked, None if partition is None else self.claim_batch(partition, count)
+        return self._handed_over(handing_over, partition, rows)
+
+    def _handing_over_provider(self, claim: PartitionClaim | None) -> DbLockProvider | None:
+        """The lock provider, when a hand-over can go in one script on its session."""
+        provider = self._lock_provider
+        if self._claim_statement() is None or not isinstance(provider, DbLockProvider):
+            return None
+        if claim is not None and claim.token is None:
+            return None
+        return provider
+
+    def _unlocking(self, claim: PartitionClaim, position: int | None) -> Unlocking:
+        if position is None:
+            return Unlocking(claim.lock_name, lambda cursor: "SELECT pg_advisory_unlock(%s::bigint)", ())
+        sql = self._state_provider.sql  # type: ignore[attr-defined]
+
+        def build(cursor: Any) -> str:
+            return str(sql.ack_then_unlock_sql(prepared_sql(cursor, sql.fenced_recording)))
+
+        params = (position, self.name, claim.partition, claim.token, position)
+        return Unlocking(claim.lock_name, build, params)
+
+    def _locking(self, partition: int, count: int) -> Locking:
+        statement = self._claim_statement()
+        assert statement is not None
+        params = {"subscription": self.name, "partition": partition, "count": count}
+        return Locking(self.partition_lock_name(partition), statement, params)
+
+    def _handed_over(
+        self, handing_over: HandingOver | None, partition: int | None, rows: list[Any]
+    ) -> tuple[bool, Claimed[E] | None]:
+        """`hand_over`'s outcome from the rows of its script: those of the claim, or without
+        one, those of `ack_then_unlock_sql` (or of the plain unlock)."""
         acked = True
-        if position is not None:
-            try:
-                check_fenced(int(rows[0][3]), self.name, claim.partition, position, token)
-            except PartitionLostError:
-                acked = False
-        if not rows[0][0]:
+        if handing_over is not None:
+            claim, position = handing_over
+            if position is not None:
+                outcome = rows[0][3] if partition is not None else rows[0][1]
+                try:
+                    check_fenced(int(outcome), self.name, claim.partition, position, claim.token or 0)
+                except PartitionLostError:
+                    acked = False
+        if partition is None or not rows[0][0]:
             return acked, None
-        return acked, self._claimed_from_rows(partition, lock_name, rows)
+        return acked, self._claimed_from_rows(partition, self.partition_lock_name(partition), rows)
 
     def release_after(self, claim: PartitionClaim, position: int | None) -> bool:
         """`ack_and_release(claim, position)`, only `release(claim)` when `position` is None;

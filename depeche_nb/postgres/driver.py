@@ -152,6 +152,52 @@ def render(cursor: Any, sql: str, params: Any) -> str:
     return str(text)
 
 
+def sends_ahead(connection: Any) -> bool:
+    """Whether `send_script` works on this connection: psycopg 3's libpq interface can
+    send a query and take its results later; psycopg2's blocking connections cannot."""
+    return type(connection).__module__.split(".")[0] == PSYCOPG
+
+
+def send_script(connection: Any, script: str) -> None:
+    """Send a script (statements rendered already, see `render`) on one of our psycopg 3
+    autocommit connections and return without waiting: the server runs it while the caller
+    works. Nothing else may run on the connection until `script_rows` took its results."""
+    from psycopg import generators
+
+    pgconn = connection.pgconn
+    pgconn.send_query(script.encode(connection.info.encoding))
+    connection.wait(generators.send(pgconn))
+
+
+def script_finished(connection: Any) -> bool:
+    """Whether the script `send_script` sent has all its results here, without blocking.
+    Raises the driver's error when the connection broke (the session ended)."""
+    pgconn = connection.pgconn
+    pgconn.consume_input()
+    return not pgconn.is_busy()
+
+
+def script_rows(connection: Any) -> list[tuple[Any, ...]]:
+    """The rows of the last statement of the script `send_script` sent, waiting for them;
+    the script's first error is raised as a cursor would raise it."""
+    from psycopg import generators, pq
+    from psycopg.adapt import Transformer
+    from psycopg.errors import error_from_result
+
+    pgconn = connection.pgconn
+    results = connection.wait(generators.fetch_many(pgconn))
+    encoding = connection.info.encoding
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise error_from_result(result, encoding=encoding)
+    last = results[-1]
+    if last.status != pq.ExecStatus.TUPLES_OK:
+        return []
+    transformer = Transformer(connection)
+    transformer.set_pgresult(last)
+    return transformer.load_rows(0, last.ntuples, tuple)
+
+
 def _literal(value: Any, escape: Any, encoding: str) -> str:
     if value is None:
         return "NULL"

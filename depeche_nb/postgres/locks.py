@@ -28,7 +28,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from depeche_nb.core.identifiers import validate_name
-from depeche_nb.postgres.driver import backend_pid, is_closed, is_driver_error, render, socket_watch
+from depeche_nb.postgres.driver import (
+    PSYCOPG,
+    backend_pid,
+    driver_of,
+    is_closed,
+    is_driver_error,
+    render,
+    script_finished,
+    script_rows,
+    send_script,
+    socket_watch,
+)
 from depeche_nb.postgres.rawconn import (
     Prepared,
     autocommit_cursor,
@@ -131,6 +142,26 @@ def advisory_key(namespace: str, name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+@_dc.dataclass(frozen=True)
+class Unlocking:
+    """A lock to release with a script that does something first: `build(cursor)` gives
+    the script, whose last statement calls `pg_advisory_unlock(%s)` with the lock's key,
+    passed after `params` (see `DbLockProvider.run_then_unlock`)."""
+
+    name: str
+    build: Callable[[Any], str]
+    params: tuple[Any, ...]
+
+
+@_dc.dataclass(frozen=True)
+class Locking:
+    """A lock to take with the statement that needs it (see `DbLockProvider.lock_with`)."""
+
+    name: str
+    statement: Prepared
+    params: dict[str, Any]
+
+
 class DbLockProvider:
     """`lock(name)` -> True if acquired now (never blocks); `unlock(name)` releases it."""
 
@@ -141,6 +172,10 @@ class DbLockProvider:
         self._server_has_spoken: Callable[[], bool] = lambda: True  # of `_connection`
         self._held: set[str] = set()
         self._lost: set[str] = set()
+        # What `send_ahead` sent and `collect_ahead` has not taken yet, and its rows once
+        # they are here (None while it runs).
+        self._ahead: tuple[Unlocking | None, Locking | None] | None = None
+        self._ahead_rows: list[Any] | None = None
         self._mutex = threading.Lock()
 
     @property
@@ -148,18 +183,25 @@ class DbLockProvider:
         return self._engine
 
     def _cursor(self) -> Any:
+        return self._session().cursor()
+
+    def _session(self) -> Any:
+        """The lock session, opened (again) if need be."""
+        if self._ahead is not None:
+            raise RuntimeError(f"lock provider {self.name!r}: a script sent ahead was not collected")
         if self._connection is None or is_closed(self._connection):
             self._forget_session()
             self._connection = open_dbapi_connection(self._engine)
             self._server_has_spoken = socket_watch(self._connection)
             with self._connection.cursor() as cursor:
                 cursor.execute(LOCK_SESSION_SETTINGS)
-        return self._connection.cursor()
+        return self._connection
 
     def _forget_session(self) -> None:
         """The session is gone (or about to be replaced): whatever it held is lost."""
         self._lost |= self._held
         self._held.clear()
+        self._ahead = self._ahead_rows = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()
@@ -170,6 +212,12 @@ class DbLockProvider:
         if connection is None or is_closed(connection):
             return False
         try:
+            if self._ahead is not None and self._ahead_rows is None:
+                # The socket speaks for the script in flight too. Once it finished, its
+                # rows are taken, so that what comes next says what it says when idle.
+                if not self._server_has_spoken() or not script_finished(connection):
+                    return True
+                self._ahead_rows = script_rows(connection)
             if not self._server_has_spoken():
                 return True
             with connection.cursor() as cursor:
@@ -280,47 +328,111 @@ class DbLockProvider:
                 self._lost.discard(name)
                 raise
 
-    def run_then_unlock_and_lock_with(
-        self,
-        release: str,
-        build: Callable[[Any], str],
-        params: tuple[Any, ...],
-        take: str,
-        statement: Prepared,
-        take_params: dict[str, Any],
-    ) -> list[Any] | None:
-        """`run_then_unlock(release, build, params)` and then `lock_with(take, statement,
-        take_params)`, in one round trip on the lock session: a runner hands one partition
-        back (with its batch's acknowledgement) and claims the next. Returns the rows of
-        `statement`, whose first value says whether `take` was granted (it is then held),
-        or None, running nothing, when `release` went with its session or `take` is held
-        here already: then do both the usual way. If the script fails, the session is
-        closed, as in `run_then_unlock`, and neither lock is held."""
+    def run_then_unlock_and_lock_with(self, release: Unlocking, take: Locking) -> list[Any] | None:
+        """`run_then_unlock` of `release` and then `lock_with` of `take`, in one round trip
+        on the lock session: a runner hands one partition back (with its batch's
+        acknowledgement) and claims the next. Returns the rows of `take`'s statement, whose
+        first value says whether `take` was granted (it is then held), or None, running
+        nothing, when `release` went with its session or `take` is held here already: then
+        do both the usual way. If the script fails, the session is closed, as in
+        `run_then_unlock`, and neither lock is held."""
         with self._mutex:
-            if release in self._lost or take in self._held:
+            if not self._can_hand_over(release, take):
                 return None
-            if release not in self._held:
-                raise KeyError(f"lock {release!r} is not held by this provider")
-            self._held.discard(release)
-            self._lost.discard(take)
-            take_key = advisory_key(self.name, take)
             try:
                 with self._cursor() as cursor:
-                    handing_back = render(cursor, build(cursor), (*params, advisory_key(self.name, release)))
-                    take_params = {**take_params, "lock_key": take_key}
-                    taking = render(cursor, prepared_sql(cursor, statement), take_params)
-                    cursor.execute(f"{handing_back}; {taking}")
+                    cursor.execute(self._hand_over_script(cursor, release, take))
                     rows = list(cursor.fetchall())
             except Exception as exc:
                 if not is_driver_error(exc):
                     raise
                 self._forget_session()
-                self._lost.discard(release)
-                self._lost.discard(take)
+                self._lost.discard(release.name)
+                self._lost.discard(take.name)
                 raise
-            if rows and rows[0][0]:
-                self._held.add(take)
+            self._handed_over(release, take, rows)
             return rows
+
+    @property
+    def sends_ahead(self) -> bool:
+        """Whether `send_ahead` can work here (psycopg 3; see `driver.sends_ahead`)."""
+        return driver_of(self._engine) == PSYCOPG
+
+    def send_ahead(self, release: Unlocking | None, take: Locking | None) -> bool:
+        """`run_then_unlock_and_lock_with` (or only one of its halves) sent without waiting:
+        the server runs it while the caller works, and `collect_ahead` takes its rows.
+        Meanwhile `still_holds` still tells whether the session lives; anything else on
+        this provider is refused until then. False, sending nothing, where it cannot be
+        done (see `sends_ahead`, and `run_then_unlock_and_lock_with` for when it returns
+        None): do it the usual way."""
+        with self._mutex:
+            if not self.sends_ahead or (release is None and take is None):
+                return False
+            if not self._can_hand_over(release, take):
+                return False
+            if release is None and self._connection is not None and not self._session_alive():
+                self._forget_session()
+            try:
+                connection = self._session()
+                with connection.cursor() as cursor:
+                    script = self._hand_over_script(cursor, release, take)
+                send_script(connection, script)
+            except Exception as exc:
+                if not is_driver_error(exc):
+                    raise
+                self._forget_session()
+                return False
+            self._ahead = (release, take)
+            return True
+
+    def collect_ahead(self) -> list[Any] | None:
+        """The rows of what `send_ahead` sent (as from `run_then_unlock_and_lock_with`, or of
+        the unlock when nothing was taken), waiting for them; None when its outcome is
+        unknown: the session ended meanwhile or the script failed (the session is then
+        closed). Then neither lock is held here and whatever the script was to do must be
+        done again the usual way (a fenced acknowledgement can be made twice)."""
+        with self._mutex:
+            sent, self._ahead = self._ahead, None
+            rows, self._ahead_rows = self._ahead_rows, None
+            if sent is None or self._connection is None:
+                return None
+            release, take = sent
+            try:
+                if rows is None:
+                    rows = script_rows(self._connection)
+            except Exception as exc:
+                if not (is_driver_error(exc) or isinstance(exc, (OSError, ValueError))):
+                    raise
+                self._forget_session()  # `release` moves to the lost locks
+                return None
+            self._handed_over(release, take, rows)
+            return rows
+
+    def _can_hand_over(self, release: Unlocking | None, take: Locking | None) -> bool:
+        if release is not None:
+            if release.name in self._lost:
+                return False
+            if release.name not in self._held:
+                raise KeyError(f"lock {release.name!r} is not held by this provider")
+        return take is None or take.name not in self._held
+
+    def _hand_over_script(self, cursor: Any, release: Unlocking | None, take: Locking | None) -> str:
+        parts = []
+        if release is not None:
+            key = advisory_key(self.name, release.name)
+            parts.append(render(cursor, release.build(cursor), (*release.params, key)))
+        if take is not None:
+            params = {**take.params, "lock_key": advisory_key(self.name, take.name)}
+            parts.append(render(cursor, prepared_sql(cursor, take.statement), params))
+        return "; ".join(parts)
+
+    def _handed_over(self, release: Unlocking | None, take: Locking | None, rows: list[Any]) -> None:
+        if release is not None:
+            self._held.discard(release.name)
+        if take is not None:
+            self._lost.discard(take.name)
+            if rows and rows[0][0]:
+                self._held.add(take.name)
 
     def unlock(self, name: str) -> None:
         with self._mutex:
@@ -361,6 +473,7 @@ class DbLockProvider:
                 with contextlib.suppress(Exception):
                     self._connection.close()
             self._connection = None
+            self._ahead = self._ahead_rows = None
             self._held.clear()
             self._lost.clear()
 

@@ -25,6 +25,8 @@ from depeche_nb import (
     ReplayInProgressError,
     SubscriptionMessage,
 )
+from depeche_nb.postgres.driver import driver_of
+from depeche_nb.postgres.locks import advisory_key
 from depeche_nb.tools import DbLockProvider, PydanticMessageSerializer
 from tests.support import Numbered
 
@@ -281,10 +283,11 @@ def test_reset_of_one_partition_does_not_touch_another_one_being_worked_on(
     assert {p.partition: p.position for p in sub.progress()} == {0: 5, 1: 0}
 
 
-class TwoPartitions:
-    """Partition 0 (eight messages) is handled first, then partition 1 (three)."""
+class Partitions:
+    """Stream p-<n> in partition n; partition 0 (eight messages) is handled first, then the
+    others (three each, numbered 100 * n + i)."""
 
-    def __init__(self, engine: sa.Engine, name: str) -> None:
+    def __init__(self, engine: sa.Engine, name: str, partitions: int = 2) -> None:
         self.engine = engine
         self.store = depeche_nb.MessageStore(
             name=name, engine=engine, serializer=PydanticMessageSerializer(Numbered)
@@ -293,7 +296,8 @@ class TwoPartitions:
             name=f"{name}_agg", partitioner=ByStreamNumber(), stream_wildcards=["p-%"]
         )
         self.store.write_all("p-0", [Numbered(number=n) for n in range(MESSAGES)])
-        self.store.write_all("p-1", [Numbered(number=100 + n) for n in range(3)])
+        for partition in range(1, partitions):
+            self.store.write_all(f"p-{partition}", [Numbered(number=100 * partition + n) for n in range(3)])
         self.stream.projector.run()
         self.name = name
 
@@ -319,7 +323,7 @@ def test_an_ack_refused_on_the_way_to_the_next_partition_loses_only_its_own(
     claims partition 1. Partition 0 was taken over meanwhile, as another runner's claim
     does it (the fencing token bumped): its ack is refused and reported, nothing of it is
     stored, and partition 1 is handled as usual."""
-    two = TwoPartitions(engine, unique_name)
+    two = Partitions(engine, unique_name)
     delivered: list[int] = []
     holder: dict[str, Any] = {}
 
@@ -350,7 +354,7 @@ def test_an_ack_refused_on_the_way_to_the_next_partition_loses_only_its_own(
 def test_a_hand_over_to_a_partition_another_runner_holds_acks_and_leaves_it(
     engine: sa.Engine, unique_name: str
 ) -> None:
-    two = TwoPartitions(engine, unique_name)
+    two = Partitions(engine, unique_name)
     delivered: list[int] = []
 
     def handle(message: SubscriptionMessage[Numbered]) -> None:
@@ -374,6 +378,82 @@ def test_a_hand_over_to_a_partition_another_runner_holds_acks_and_leaves_it(
     assert not sub.lock_provider.held()
     sub.runner.run()
     assert delivered == [*range(MESSAGES), 100, 101, 102]
+
+
+def _holds(engine: sa.Engine, provider: DbLockProvider, lock_name: str) -> bool:
+    """Whether the provider's lock session holds `lock_name`, as pg_locks shows it."""
+    key = advisory_key(provider.name, lock_name)
+    with engine.connect() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s "
+                "AND classid = ((%s::bigint >> 32) & 4294967295)::oid "
+                "AND objid = (%s::bigint & 4294967295)::oid",
+                (provider.session_pid, key, key),
+            ).scalar()
+        )
+
+
+def test_a_runner_on_psycopg_3_claims_the_next_partition_while_it_handles_one(
+    engine: sa.Engine, unique_name: str
+) -> None:
+    """The server claims partition 1 while partition 0's batch is being handled (psycopg 3
+    sends the claim ahead; psycopg2 cannot, and claims it afterwards)."""
+    parts = Partitions(engine, unique_name)
+    seen: dict[int, bool] = {}
+    holder: dict[str, Any] = {}
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        number = message.stored_message.message.number
+        if number == MESSAGES - 1:  # the last of partition 0's batch
+            sub = holder["sub"]
+            deadline = time.monotonic() + 2
+            while not (held := _holds(engine, sub.lock_provider, sub.partition_lock_name(1))):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            seen[number] = held
+
+    sub = parts.subscription(handle, ack_strategy=AckStrategy.BATCHED)
+    holder["sub"] = sub
+    report = sub.runner.step()
+    assert len(report) == MESSAGES + 3
+    sends_ahead = driver_of(engine) == "psycopg"
+    assert seen == {MESSAGES - 1: sends_ahead}
+    assert parts.positions(sub) == {0: MESSAGES - 1, 1: 2}
+    assert not sub.lock_provider.held()
+
+
+@pytest.mark.parametrize("ack_strategy", [AckStrategy.SINGLE, AckStrategy.BATCHED])
+def test_a_lock_session_killed_while_the_next_claim_is_in_flight_loses_one_batch(
+    engine: sa.Engine, unique_name: str, ack_strategy: AckStrategy
+) -> None:
+    """Partition 1's handler ends the lock session while the script sent ahead (partition
+    0's ack and unlock, partition 2's claim) may still be on its way. Partition 1's batch is
+    abandoned; partition 0's ack stands (made again if it was lost), partition 2 is claimed
+    on a new session and handled; the next step delivers the rest of partition 1."""
+    parts = Partitions(engine, unique_name, partitions=3)
+    delivered: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        number = message.stored_message.message.number
+        delivered.append(number)
+        if number == 101:
+            _terminate(engine, holder["sub"].lock_provider.session_pid)
+
+    sub = parts.subscription(handle, ack_strategy=ack_strategy)
+    holder["sub"] = sub
+    report = sub.runner.step()
+    assert delivered == [*range(MESSAGES), 100, 101, 200, 201, 202]
+    assert report.lost_partitions == [1], report
+    single = ack_strategy is AckStrategy.SINGLE
+    assert parts.positions(sub) == {0: MESSAGES - 1, 1: 101 - 100 if single else 1, 2: 2}
+    assert not sub.lock_provider.held()
+    delivered.clear()
+    sub.runner.run()
+    assert delivered == [102]
+    assert parts.positions(sub) == {0: MESSAGES - 1, 1: 2, 2: 2}
 
 
 def test_concurrent_replays_of_one_parked_message_run_the_handler_once(setup: Setup) -> None:
