@@ -69,6 +69,21 @@ def _terminate(engine: sa.Engine, pid: int | None) -> None:
     raise AssertionError(f"backend {pid} did not exit")
 
 
+def _ending_the_lock_session_at(
+    number: int, engine: sa.Engine, delivered: list[int], holder: dict[str, Any]
+) -> Any:
+    """A handler that records each number it gets and, at `number`, ends the lock session of
+    the subscription in `holder["sub"]`."""
+
+    def handle(message: SubscriptionMessage[Numbered]) -> None:
+        got = message.stored_message.message.number
+        delivered.append(got)
+        if got == number:
+            _terminate(engine, holder["sub"].lock_provider.session_pid)
+
+    return handle
+
+
 class Setup:
     def __init__(self, engine: sa.Engine, name: str) -> None:
         self.engine = engine
@@ -160,17 +175,9 @@ def test_a_runner_whose_lock_session_died_cannot_ack_in_its_handlers_transaction
 
 def test_a_runner_notices_its_lost_lock_before_the_next_delivery(setup: Setup) -> None:
     """The lock session ends between two messages: the runner delivers nothing more."""
-    engine = setup.engine
     delivered: list[int] = []
     holder: dict[str, Any] = {}
-
-    def handle(message: SubscriptionMessage[Numbered]) -> None:
-        number = message.stored_message.message.number
-        delivered.append(number)
-        if number == 2:
-            _terminate(engine, holder["sub"].lock_provider.session_pid)
-
-    a = setup.subscription(handle)
+    a = setup.subscription(_ending_the_lock_session_at(2, setup.engine, delivered, holder))
     holder["sub"] = a
     report = a.runner.step()
     assert delivered == [0, 1, 2]
@@ -435,14 +442,9 @@ def test_a_lock_session_killed_while_the_next_claim_is_in_flight_loses_one_batch
     parts = Partitions(engine, unique_name, partitions=3)
     delivered: list[int] = []
     holder: dict[str, Any] = {}
-
-    def handle(message: SubscriptionMessage[Numbered]) -> None:
-        number = message.stored_message.message.number
-        delivered.append(number)
-        if number == 101:
-            _terminate(engine, holder["sub"].lock_provider.session_pid)
-
-    sub = parts.subscription(handle, ack_strategy=ack_strategy)
+    sub = parts.subscription(
+        _ending_the_lock_session_at(101, engine, delivered, holder), ack_strategy=ack_strategy
+    )
     holder["sub"] = sub
     report = sub.runner.step()
     assert delivered == [*range(MESSAGES), 100, 101, 200, 201, 202]
