@@ -284,10 +284,9 @@ class SubscriptionRunner(NotificationDriven, Generic[E]):
         doing so, where the driver can send a script ahead (see `Subscription.send_ahead`)."""
         subscription = self.subscription
         # The state is read under the claim: another runner may have moved on meanwhile.
-        if self._ahead is not None and self._ahead[1] == partition:
+        if self._ahead is not None:  # sent for this partition, the step's next one
             claimed = self._collect_ahead(report)
         else:
-            self._drop_ahead(report)
             handing_over, self._handing_over = self._handing_over, None
             if handing_over is None:
                 claimed = subscription.claim_batch(partition, count)
